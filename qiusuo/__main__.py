@@ -1,0 +1,7 @@
+"""`python -m qiusuo` is the `qiusuo` command."""
+
+import sys
+
+from qiusuo.cli import main
+
+sys.exit(main())

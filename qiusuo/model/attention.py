@@ -1,0 +1,155 @@
+"""Attention: grouped-query attention (Llama/Qwen2) and Multi-head Latent Attention (DeepSeek).
+
+Both read and write past states through a cache object (`qiusuo.model.cache`): the model owns
+the math, the cache owns the memory layout (contiguous here, paged in the engine). GQA caches
+per-head keys and values; MLA caches only the compressed latent c_kv and the shared RoPE key
+k_pe (reference/deepseek.md §2.3), so its cache is (kv_lora_rank + qk_rope_head_dim) per token
+per layer instead of 2 * H * head_dim.
+
+Dimension letters: B batch, T new positions, S visible positions (past + new), H query heads,
+Hk key/value heads, C kv_lora_rank, R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import RMSNorm, apply_rope
+
+
+def _sdpa(q, k, v, mask, scale, enable_gqa=False):
+    """q (B, H, T, d), k/v (B, Hk, S, d); mask None means causal when T == S, none when T == 1."""
+    T, S = q.shape[2], k.shape[2]
+    causal = mask is None and T > 1
+    assert not causal or T == S, f"causal attention needs an explicit mask when T={T} != S={S}"
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=enable_gqa
+    )
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE (half-split layout), optional q/k/v(/o) bias."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        qkv_bias = config.attention_bias
+        o_bias = config.attention_bias and config.model_type == "llama"
+        D, hd = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(D, self.num_heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(D, self.num_kv_heads * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(D, self.num_kv_heads * hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, D, bias=o_bias)
+        self.scale = hd**-0.5
+
+    def cache_dims(self) -> tuple[tuple[int, ...], ...]:
+        """Per-token shapes of what this layer caches: keys and values."""
+        return (self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hk, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, cos, sin, interleaved=False)
+        k = apply_rope(k, cos, sin, interleaved=False)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, S, Hk, hd)
+        y = _sdpa(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLAttention(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2/V3) with decoupled, pair-interleaved RoPE.
+
+    Prefill expands the latent into per-head keys and values; decode, where the cached prefix is
+    long and the new tokens few, uses weight absorption (reference/deepseek.md §2.4) and never
+    materialises per-head keys. The two paths are the same function (tests check it).
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = H = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.interleaved = config.rope_interleave
+        qk_head_dim = self.nope_dim + self.rope_dim
+        D, bias = config.hidden_size, config.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)  # eps 1e-6 whatever rms_norm_eps says (as HF)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=bias)
+        self.scale = qk_head_dim**-0.5
+
+    def cache_dims(self) -> tuple[tuple[int, ...], ...]:
+        """Per-token shapes of what this layer caches: the latent and the shared RoPE key."""
+        return (self.kv_lora_rank,), (self.rope_dim,)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        B, T, _ = x.shape
+        H, N, R, V = self.num_heads, self.nope_dim, self.rope_dim, self.v_head_dim
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, H, N + R)
+        q_nope, q_pe = q.split([N, R], dim=-1)  # (B, T, H, N), (B, T, H, R)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, R], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # (B, T, C)
+        q_pe = apply_rope(q_pe, cos, sin, self.interleaved)
+        k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.interleaved)[:, :, 0]  # (B, T, R)
+        if cache is not None:
+            c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe)  # (B, S, C), (B, S, R)
+        S = c_kv.shape[1]
+        if S > 2 * T:
+            y = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            y = self._expanded(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.o_proj(y.reshape(B, T, H * V))
+
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
+        B, S, _ = c_kv.shape
+        H, N, R = self.num_heads, self.nope_dim, self.rope_dim
+        kv = self.kv_b_proj(c_kv).view(B, S, H, N + self.v_head_dim)
+        k_nope, v = kv.split([N, self.v_head_dim], dim=-1)  # (B, S, H, N), (B, S, H, V)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, H, R)), dim=-1)  # (B, S, H, N+R)
+        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, N+R)
+        y = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
+        return y.transpose(1, 2)  # (B, T, H, V)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        H, N = self.num_heads, self.nope_dim
+        w = self.kv_b_proj.weight.view(H, N + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, :N], w[:, N:]  # (H, N, C), (H, V, C)
+        q_lat = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk)  # (B, H, T, C)
+        scores = torch.einsum("bhtc,bsc->bhts", q_lat, c_kv)
+        scores = scores + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)  # (B, H, T, S)
+        scores = scores * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        elif scores.shape[2] > 1:
+            T, S = scores.shape[2], scores.shape[3]
+            causal = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
+            scores = scores.masked_fill(~causal, float("-inf"))
+        p = torch.softmax(scores.float(), dim=-1).to(q_nope.dtype)
+        o_lat = torch.einsum("bhts,bsc->bthc", p, c_kv)  # (B, T, H, C)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, V)

@@ -1,0 +1,271 @@
+"""Checkpoints in the HF layout, both ways: `save_model` writes what transformers loads,
+`load_model` reads what transformers writes (Qwen2, Llama, DeepseekV3).
+
+Directory: config.json, model.safetensors (or shards + model.safetensors.index.json),
+tokenizer.json, tokenizer_config.json, generation_config.json, and qiusuo.json (stage,
+parent, metrics summary). No pickle: safetensors and JSON only.
+
+Two name mappings are needed; everything else is already HF's name in `Transformer`:
+- routed experts: stacked `mlp.experts.gate_up_proj (E, 2I, D)` / `down_proj (E, D, I)` in
+  memory, per expert `mlp.experts.{e}.{gate,up,down}_proj.weight` on disk (both 4.x and 5.x load it);
+- MTP depth k: `mtp.{k}.*` in memory, `model.layers.{num_hidden_layers + k}.*` on disk, plus the
+  copies of the embedding and output head DeepSeek's layout stores there (ignored on load).
+
+Saving is atomic: everything is written to a temporary sibling directory which is then renamed
+into place, so a crash never leaves a half-written directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .transformer import Transformer
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_IGNORED_ON_LOAD = re.compile(r"rotary_emb\.inv_freq$")
+
+
+# ---------------------------------------------------------------------- state-dict mapping
+def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    cfg = model.config
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("mtp."):
+            k, rest = name[4:].split(".", 1)
+            name = f"model.layers.{cfg.num_hidden_layers + int(k)}.{rest}"
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name.rsplit(".", 1)[0]
+            for e, w in enumerate(t):
+                gate, up = w.chunk(2, dim=0)  # (I, D) each
+                out[f"{prefix}.{e}.gate_proj.weight"] = gate
+                out[f"{prefix}.{e}.up_proj.weight"] = up
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name.rsplit(".", 1)[0]
+            for e, w in enumerate(t):
+                out[f"{prefix}.{e}.down_proj.weight"] = w
+        else:
+            out[name] = t
+    for k in range(len(model.mtp)):
+        prefix = f"model.layers.{cfg.num_hidden_layers + k}"
+        out[f"{prefix}.embed_tokens.weight"] = model.model.embed_tokens.weight.detach()
+        out[f"{prefix}.shared_head.head.weight"] = model.output_weight.detach()
+    # safetensors refuses shared storage: give every tensor its own contiguous copy.
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    L = cfg.num_hidden_layers
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name, t in hf.items():
+        if _IGNORED_ON_LOAD.search(name):
+            continue
+        m = _LAYER.match(name)
+        if m and int(m.group(1)) >= L:  # an MTP depth
+            k, rest = int(m.group(1)) - L, m.group(2)
+            if rest in ("embed_tokens.weight", "shared_head.head.weight"):
+                continue  # copies of the main embedding / head
+            name = f"mtp.{k}.{rest}"
+        m = _EXPERT.match(name) or _EXPERT.match(name.replace("mtp.", "model.layers.", 1))
+        if m:
+            prefix = name.rsplit(".", 3)[0]
+            experts.setdefault(prefix, {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # some writers keep the tied head; it is the embedding
+        out[name] = t
+    for prefix, by_index in experts.items():
+        E = cfg.n_routed_experts or 0
+        missing = [f"{prefix}.{e}.{p}.weight" for e in range(E) for p in ("gate_proj", "up_proj", "down_proj")
+                   if p not in by_index.get(e, {})]
+        extra = [f"{prefix}.{e}.*" for e in by_index if not 0 <= e < E]
+        if missing or extra:
+            raise ValueError(_key_error(missing, extra))
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat((by_index[e]["gate_proj"], by_index[e]["up_proj"])) for e in range(E)]
+        )
+        out[f"{prefix}.down_proj"] = torch.stack([by_index[e]["down_proj"] for e in range(E)])
+    return out
+
+
+def _key_error(missing, unexpected) -> str:
+    def show(keys):
+        keys = sorted(keys)
+        return ", ".join(keys[:20]) + (f" ... ({len(keys)} in all)" if len(keys) > 20 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing weights: {show(missing)}")
+    if unexpected:
+        parts.append(f"unexpected weights: {show(unexpected)}")
+    return "checkpoint does not match its config.json; " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------------- save
+def save_model(
+    model: Transformer,
+    tokenizer: Any,
+    path: str | os.PathLike,
+    *,
+    metadata: dict[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write `model` (and `tokenizer`, if given) as an HF checkpoint directory, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        cfg = model.config
+        config = cfg.to_hf_dict()
+        config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+        _write_json(tmp / "config.json", config)
+        _write_weights(to_hf_state_dict(model), tmp, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                      "pad_token_id": cfg.pad_token_id}
+        _write_json(tmp / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
+        from qiusuo import __version__
+
+        _write_json(tmp / "qiusuo.json", {"qiusuo_version": __version__, **(metadata or {})})
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _write_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(state):
+        nbytes = state[name].numel() * state[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state[name]
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], directory / WEIGHTS_NAME, metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / fname, metadata=meta)
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    _write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move tmp to path; an existing checkpoint at path is replaced only once tmp is complete."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------- load
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (single file or sharded); clear errors when corrupt."""
+    path = Path(path)
+    index = path / INDEX_NAME
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / WEIGHTS_NAME).exists():
+        files = [WEIGHTS_NAME]
+    else:
+        raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    tensors: dict[str, torch.Tensor] = {}
+    for fname in files:
+        fpath = path / fname
+        if not fpath.exists():
+            raise FileNotFoundError(f"{fpath} is listed in {INDEX_NAME} but does not exist")
+        try:
+            with safe_open(fpath, framework="pt") as f:
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"{fpath} is truncated or corrupt ({e}); re-save or re-download the checkpoint") from None
+    return tensors
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = "float32",
+) -> tuple[Transformer, Any]:
+    """Load an HF checkpoint directory -> (model in eval mode, tokenizer or None).
+
+    dtype: the compute dtype (default float32; None keeps the checkpoint's torch_dtype).
+    Loading is strict: missing, unexpected or mis-shaped weights raise a ValueError naming them.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+    cfg = ModelConfig.from_json(path / "config.json")
+    if dtype is None:
+        dtype = cfg.torch_dtype
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r}: use one of {', '.join(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    state = from_hf_state_dict(read_safetensors(path), cfg)
+    if cfg.is_deepseek and cfg.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in state):
+        # transformers writes num_nextn_predict_layers=1 but no MTP weights; MTP is optional at
+        # inference, so load the main model alone (a partial MTP layer still fails below).
+        cfg.num_nextn_predict_layers = 0
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    if missing or unexpected:
+        raise ValueError(_key_error(missing, unexpected))
+    for name, t in state.items():
+        if t.shape != expected[name].shape:
+            raise ValueError(
+                f"weight {name} has shape {tuple(t.shape)} but config.json implies "
+                f"{tuple(expected[name].shape)}; check the config's size fields"
+            )
+    model.to_empty(device=device)
+    model.init_buffers()
+    model.load_state_dict(state, strict=True)
+    model.to_dtype(dtype).eval()
+    tokenizer = None
+    if (path / "tokenizer.json").exists():
+        from qiusuo.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(path)
+    return model, tokenizer
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """qiusuo.json of a checkpoint ({} for checkpoints written by other tools)."""
+    f = Path(path) / "qiusuo.json"
+    return json.loads(f.read_text()) if f.exists() else {}
