@@ -1,0 +1,48 @@
+"""The model registry: checkpoints stored by name under `QIUSUO_HOME`, as Ollama stores models.
+
+`resolve_model` is what every `--model` option calls: a checkpoint directory is used as is, a
+registry name is materialized. Only the standard library is imported here (no torch), so
+commands that merely resolve a name stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .checkpoint_info import count_parameters, inspect_checkpoint, safetensors_header
+from .registry import (
+    DEFAULT_TAG, CorruptBlobError, FileEntry, ModelInfo, Registry, RegistryError, UnknownModelError,
+    default_home, parse_name,
+)
+
+__all__ = [
+    "DEFAULT_TAG", "CorruptBlobError", "FileEntry", "ModelInfo", "Registry", "RegistryError",
+    "UnknownModelError", "count_parameters", "default_home", "inspect_checkpoint", "parse_name",
+    "resolve_model", "safetensors_header",
+]
+
+
+def resolve_model(name_or_path: str | os.PathLike, *, home: str | os.PathLike | None = None) -> Path:
+    """A checkpoint directory for `name_or_path`: an existing directory with config.json, else a
+    registry name (NAME or NAME:TAG), materialized and verified. ValueError otherwise, listing the
+    registry's models (or saying how to import one when it is empty)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    registry = Registry(home)
+    ref = str(name_or_path)
+    try:
+        parse_name(ref)
+    except RegistryError:
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory but not a checkpoint (no config.json)") from None
+        raise ValueError(f"{ref!r} is neither a checkpoint directory (with config.json) nor a registry "
+                         f"model name; {registry.known_models_hint()}") from None
+    try:
+        return registry.materialize(ref)
+    except UnknownModelError as e:
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory but not a checkpoint (no config.json), "
+                             f"and not a registry name: {e}") from None
+        raise
