@@ -21,7 +21,9 @@ def default_threads() -> int:
         load = os.getloadavg()[0]
     except OSError:
         load = 0.0
-    return 1 if cores <= 2 and load > 1.5 else min(cores, 2) if cores <= 2 else max(1, cores - int(load))
+    if cores <= 2:
+        return 1 if load > 1.5 else cores
+    return max(1, cores - int(load))  # leave the cores a neighbour is using
 
 
 def apply_threads(threads: int | None) -> int:
