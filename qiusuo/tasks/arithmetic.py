@@ -1,0 +1,162 @@
+"""`arithmetic`: multi-digit + − × with column scratchpads, the task of the CPU demo.
+
+Difficulty is the number of digits of each operand. Subtraction orders its operands so the
+result is never negative. Compact prompt `347+285=`; completion
+`<think>7+5=12,4+8+1=13,3+2+1=6</think><answer>632</answer>` (reference/r1-zero-miniature.md).
+
+Scratchpads, least significant column first, each step one short equation:
+- `+`: `x+y(+1)=s`, the column sum with the incoming carry; digit s%10, carry s//10; the last
+  step's full sum leads the answer.           347+285 → 7+5=12,4+8+1=13,3+2+1=6 → 632
+- `-`: `x-y(-1)=s`, the column difference with the incoming borrow; a negative s means
+  "borrow": digit s+10.                        632-285 → 2-5=-3,3-8-1=-6,6-2-1=3 → 347
+- `*`: one partial product per digit of the second operand (already shifted), then their sum.
+                                               347*25 → 347*5=1735,347*20=6940,1735+6940=8675
+A "slip" solution is a scratchpad with one step off by one unit of its column, propagated
+consistently: every later step and the answer follow from the wrong value, as a model that
+slipped would write it. The answer is then a + b + δ·10^k, never the right one.
+"""
+
+from __future__ import annotations
+
+import random
+
+from qiusuo.rewards.accuracy import parse_number
+from qiusuo.tasks.base import Problem, Task
+from qiusuo.tasks.registry import register
+
+OPS = "+-*"
+
+
+def _digits(n: int) -> list[int]:
+    """Decimal digits, least significant first."""
+    return [int(c) for c in reversed(str(n))]
+
+
+def _join(last: int, lower: list[int]) -> int:
+    """The number whose top 'digit' is `last` (may be ≥ 10) above the lower digits (lsd first)."""
+    return int(str(last) + "".join(str(d) for d in reversed(lower)))
+
+
+def _slipped(value: int, rng: random.Random, lo: int, hi: int) -> int:
+    options = [v for v in (value - 1, value + 1) if lo <= v <= hi]
+    return rng.choice(options)
+
+
+def add_steps(a: int, b: int, slip_at: int | None = None, rng: random.Random | None = None) -> tuple[list[str], int]:
+    da, db = _digits(a), _digits(b)
+    width = max(len(da), len(db))
+    steps, lower, carry, last = [], [], 0, 0
+    for i in range(width):
+        x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+        s = x + y + carry
+        if i == slip_at:
+            s = _slipped(s, rng, 0, 19)  # ≤ 19 keeps the carry a single 1
+        steps.append(f"{x}+{y}{'+1' if carry else ''}={s}")
+        if i < width - 1:
+            lower.append(s % 10)
+            carry = s // 10
+        else:
+            last = s
+    return steps, _join(last, lower)
+
+
+def sub_steps(a: int, b: int, slip_at: int | None = None, rng: random.Random | None = None) -> tuple[list[str], int]:
+    assert a >= b, (a, b)
+    da, db = _digits(a), _digits(b)
+    width = len(da)
+    steps, lower, borrow, last = [], [], 0, 0
+    for i in range(width):
+        x, y = da[i], (db[i] if i < len(db) else 0)
+        s = x - y - borrow
+        if i == slip_at:
+            # the top column must stay ≥ 0 (the answer has no sign); lower ones range -10..9
+            s = _slipped(s, rng, 0 if i == width - 1 else -10, 9)
+        steps.append(f"{x}-{y}{'-1' if borrow else ''}={s}")
+        if i < width - 1:
+            lower.append(s % 10)
+            borrow = 1 if s < 0 else 0
+        else:
+            last = s
+    return steps, _join(last, lower)
+
+
+def mul_steps(a: int, b: int, slip_at: int | None = None, rng: random.Random | None = None) -> tuple[list[str], int]:
+    partials = []
+    steps = []
+    for i, d in enumerate(_digits(b)):
+        p = a * d * 10**i
+        if i == slip_at:
+            p = _slipped(p // 10**i, rng, 0, 10**12) * 10**i
+        partials.append(p)
+        steps.append(f"{a}*{d * 10**i}={p}")
+    total = sum(partials)
+    if len(partials) > 1:
+        steps.append("+".join(map(str, partials)) + f"={total}")
+    return steps, total
+
+
+STEP_FNS = {"+": add_steps, "-": sub_steps, "*": mul_steps}
+
+
+@register
+class Arithmetic(Task):
+    """Options: `digits` (default difficulty, 3), `ops` (any of "+-*", default "+": the demo)."""
+
+    name = "arithmetic"
+    difficulty_range = (1, 12)
+    solution_styles = ("direct", "scratchpad", "slip")
+
+    def __init__(self, digits: int = 3, ops: str = "+", **options):
+        super().__init__(**options)
+        if not ops or any(op not in OPS for op in ops):
+            raise ValueError(f"ops must be a non-empty string of characters from {OPS!r}, got {ops!r}")
+        self.ops = "".join(dict.fromkeys(ops))
+        lo, hi = self.difficulty_range
+        if not lo <= digits <= hi:
+            raise ValueError(f"digits must be in [{lo}, {hi}], got {digits}")
+        self.default_difficulty = digits
+
+    def sample(self, rng: random.Random, difficulty: int) -> tuple[str, str, dict]:
+        lo = 0 if difficulty == 1 else 10 ** (difficulty - 1)
+        a, b = rng.randint(lo, 10**difficulty - 1), rng.randint(lo, 10**difficulty - 1)
+        op = rng.choice(self.ops)
+        if op == "-" and a < b:
+            a, b = b, a
+        result = {"+": a + b, "-": a - b, "*": a * b}[op]
+        return f"{a}{op}{b}", str(result), {"op": op, "a": a, "b": b}
+
+    def split_key(self, question: str, metadata: dict) -> str:
+        a, b, op = metadata["a"], metadata["b"], metadata["op"]
+        if op in "+*":  # commutative: 285+347 is the same problem as 347+285
+            a, b = min(a, b), max(a, b)
+        return f"{a}{op}{b}"
+
+    def instruction(self, question: str, metadata: dict) -> str:
+        return f"What is {metadata['a']} {metadata['op']} {metadata['b']}?"
+
+    def compact_prompt(self, question: str, metadata: dict) -> str:
+        return f"{question}="
+
+    def check(self, problem: Problem, answer: str) -> float:
+        value = parse_number(answer)
+        return 1.0 if value is not None and value == int(problem.answer) else 0.0
+
+    def steps(self, problem: Problem, slip_at: int | None = None,
+              rng: random.Random | None = None) -> tuple[list[str], int]:
+        """The scratchpad steps and the answer they lead to (with a slip at step `slip_at`)."""
+        meta = problem.metadata
+        return STEP_FNS[meta["op"]](meta["a"], meta["b"], slip_at, rng)
+
+    def solution(self, problem: Problem, rng: random.Random, style: str) -> str:
+        if style == "direct":
+            return f"<think></think><answer>{problem.answer}</answer>"
+        if style == "scratchpad":
+            steps, answer = self.steps(problem)
+        elif style == "slip":
+            # "*" slips in a partial product; its last step (the sum) follows from them
+            meta = problem.metadata
+            n_slippable = len(_digits(meta["b"])) if meta["op"] == "*" else len(self.steps(problem)[0])
+            steps, answer = self.steps(problem, slip_at=rng.randrange(n_slippable), rng=rng)
+        else:
+            raise ValueError(f"style must be one of {self.solution_styles}, got {style!r}")
+        return f"<think>{','.join(steps)}</think><answer>{answer}</answer>"

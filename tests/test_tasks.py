@@ -1,0 +1,319 @@
+"""Tasks spec: registry, determinism, held-out disjointness, templates, scoring of hand-written
+completions (right, wrong, malformed, reward hacking), worked solutions, JSONL loading."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+
+import qiusuo.tasks as tasks
+from qiusuo.rewards import evaluate
+from qiusuo.tasks import Problem, Score, Task, score_batch
+
+GENERATED = ["arithmetic", "countdown", "linear_equations"]
+
+
+def c(think: str, answer: str) -> str:
+    return f"<think>{think}</think><answer>{answer}</answer>"
+
+
+# --- registry, determinism, splits -----------------------------------------------------------
+def test_registry_lists_builtins_and_accepts_user_tasks():
+    assert set(GENERATED + ["jsonl", "code"]) <= set(tasks.names())
+    with pytest.raises(ValueError, match="unknown task"):
+        tasks.get("no_such_task")
+
+    @tasks.register
+    class Parity(Task):
+        name = "test_parity"
+        difficulty_range = (1, 3)
+
+        def sample(self, rng, difficulty):
+            n = rng.randint(0, 10**difficulty)
+            return str(n), "even" if n % 2 == 0 else "odd", {}
+
+        def check(self, problem, answer):
+            return float(answer == problem.answer)
+
+    task = tasks.get("test_parity", template="compact")
+    p = task.generate(1, seed=0)[0]
+    assert task.score(p, c("", p.answer)).reward == 1.0
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_same_seed_same_problems(name):
+    task = tasks.get(name)
+    assert task.generate(20, seed=7) == task.generate(20, seed=7)
+    assert task.generate(20, seed=7) != task.generate(20, seed=8)
+    assert task.generate(20, seed=7, split="test") == tasks.get(name).generate(20, seed=7, split="test")
+
+
+@pytest.mark.parametrize("name,difficulty", [("arithmetic", 2), ("countdown", 2), ("linear_equations", 1)])
+def test_held_out_split_never_overlaps_training(name, difficulty):
+    task = tasks.get(name)
+    key = lambda p: task.split_key(p.question, p.metadata)  # noqa: E731
+    train = {key(p) for seed in range(5) for p in task.generate(1000, seed, "train", difficulty)}
+    test = {key(p) for p in task.generate(300, seed=1234, split="test", difficulty=difficulty)}
+    assert train.isdisjoint(test)
+    assert all(task.in_test_split(k) for k in test) and not any(task.in_test_split(k) for k in train)
+    # the partition is by problem identity, not by seed or draw order: a+b and b+a share a side
+    if name == "arithmetic":
+        p = task.generate(1, seed=0)[0]
+        a, b = p.metadata["a"], p.metadata["b"]
+        assert task.in_test_split(task.split_key("", {"a": b, "b": a, "op": "+"})) is False
+
+
+def test_difficulty_knob():
+    arith = tasks.get("arithmetic", ops="+-*")
+    for d in (1, 4, 7):
+        for p in arith.generate(30, seed=0, difficulty=d):
+            assert p.metadata["difficulty"] == d and len(str(p.metadata["a"])) == d
+    mixed = Counter(p.metadata["difficulty"] for p in arith.generate(300, seed=0, difficulty=[2, 5]))
+    assert set(mixed) == {2, 5}
+    for p in tasks.get("countdown").generate(20, seed=0, difficulty=5):
+        assert len(p.metadata["numbers"]) == 5
+    for p in tasks.get("linear_equations", unknowns=3).generate(10, seed=0):
+        assert p.answer.count("=") == 3
+    with pytest.raises(ValueError, match="difficulty"):
+        arith.generate(1, seed=0, difficulty=0)
+    with pytest.raises(ValueError, match="ops"):
+        tasks.get("arithmetic", ops="+/")
+    with pytest.raises(ValueError, match="template"):
+        tasks.get("arithmetic", template="llama")
+
+
+# --- templates --------------------------------------------------------------------------------
+def test_prompt_templates():
+    compact = tasks.get("arithmetic", template="compact").generate(1, seed=0)[0]
+    assert compact.prompt == f"{compact.question}=" and "+" in compact.question
+    r1 = tasks.get("arithmetic", template="r1").generate(1, seed=0)[0]
+    assert r1.prompt.startswith("A conversation between User and Assistant.")
+    assert "<think> reasoning process here </think> <answer> answer here </answer>" in r1.prompt
+    assert r1.prompt.endswith(f"User: What is {r1.metadata['a']} + {r1.metadata['b']}? Assistant:")
+    chat = tasks.get("countdown", template="chat").generate(1, seed=0)[0]
+    assert chat.messages == [{"role": "user", "content": chat.prompt}]
+    assert "<answer>" in chat.prompt and str(chat.metadata["target"]) in chat.prompt
+    # with the think tag in the prompt, the completion starts inside the think block
+    task = tasks.get("arithmetic", template="compact", think_in_prompt=True)
+    p = task.generate(1, seed=0)[0]
+    assert p.prompt.endswith("=<think>")
+    assert task.score(p, f"work</think><answer>{p.answer}</answer>").reward == 1.0
+
+
+# --- arithmetic -------------------------------------------------------------------------------
+def arith_problem(op: str, a: int, b: int) -> tuple[Task, Problem]:
+    task = tasks.get("arithmetic", ops="+-*", template="compact")
+    answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return task, task.make_problem(f"{a}{op}{b}", str(answer), {"op": op, "a": a, "b": b, "difficulty": 3})
+
+
+def test_arithmetic_scratchpads_match_the_demo_format():
+    task, p = arith_problem("+", 347, 285)
+    assert task.solution(p, random.Random(0), "scratchpad") == "<think>7+5=12,4+8+1=13,3+2+1=6</think><answer>632</answer>"
+    assert task.solution(p, random.Random(0), "direct") == "<think></think><answer>632</answer>"
+    task, p = arith_problem("-", 632, 285)
+    assert task.solution(p, random.Random(0), "scratchpad") == "<think>2-5=-3,3-8-1=-6,6-2-1=3</think><answer>347</answer>"
+    task, p = arith_problem("*", 347, 25)
+    assert task.solution(p, random.Random(0), "scratchpad") == "<think>347*5=1735,347*20=6940,1735+6940=8675</think><answer>8675</answer>"
+
+
+def test_arithmetic_scoring_of_hand_written_completions():
+    task, p = arith_problem("+", 347, 285)
+    cases = {
+        c("7+5=12,4+8+1=13,3+2+1=6", "632"): (1.0, 1.0, 1.0, "632"),
+        c("", "632"): (1.0, 1.0, 1.0, "632"),
+        c("", "633"): (0.1, 1.0, 0.0, "633"),  # well formed, wrong
+        c("", "six hundred"): (0.1, 1.0, 0.0, "six hundred"),
+        c("", "632 633"): (0.1, 1.0, 0.0, "632 633"),  # two answers in one block
+        "632": (0.0, 0.0, 0.0, None),
+        "<answer>632</answer>": (0.0, 0.0, 0.0, None),
+        c("", "632") + "<answer>632</answer>": (0.0, 0.0, 0.0, None),  # answer repeated
+        "<think><answer>632</answer></think><answer>1</answer>": (0.0, 0.0, 0.0, None),  # answer in think
+        c("", "632") + "\nActually 633": (0.0, 0.0, 0.0, None),  # text after </answer>
+        "<think></think><answer>631</answer><answer>632</answer>": (0.0, 0.0, 0.0, None),  # multiple answers
+    }
+    for completion, (reward, fmt, acc, parsed) in cases.items():
+        assert task.score(p, completion) == Score(reward, fmt, acc, parsed), completion
+
+
+@pytest.mark.parametrize("ops", ["+", "-", "*"])
+def test_arithmetic_slips_are_consistent_and_wrong(ops):
+    task = tasks.get("arithmetic", ops=ops, template="compact")
+    rng = random.Random(0)
+    for p in task.generate(200, seed=3, difficulty=[1, 2, 3, 4]):
+        assert task.score(p, task.solution(p, rng, "scratchpad")).accuracy == 1.0
+        slip = task.solution(p, rng, "slip")
+        assert task.score(p, slip) == Score(0.1, 1.0, 0.0, slip.split("<answer>")[1][:-9])
+        # exactly one step is arithmetically wrong; the later steps follow from its value
+        steps = slip[len("<think>"):].split("</think>")[0].split(",")
+        wrong = [st for st in steps if evaluate(st.split("=")[0], max_digits=20).value != int(st.split("=")[1])]
+        assert len(wrong) == 1, (p.question, slip)
+        if ops in "+-":  # the carry/borrow into each column comes from the written value before it
+            values = [int(st.split("=")[1]) for st in steps]
+            for prev, st in zip(values, steps[1:]):
+                has_carry = st.split("=")[0].count(ops) == 2  # x+y+1 / x-y-1
+                assert has_carry == (prev >= 10 if ops == "+" else prev < 0), (p.question, slip)
+
+
+def test_corpus_mix_and_determinism():
+    task = tasks.get("arithmetic", template="compact")
+    corpus = task.corpus(2000, seed=0)
+    assert corpus == task.corpus(2000, seed=0)
+    direct = sum(s.startswith("<think></think>") for _, s in corpus) / len(corpus)
+    wrong = sum(task.score(p, s).accuracy == 0.0 for p, s in corpus) / len(corpus)
+    assert 0.55 < direct < 0.65 and 0.09 < wrong < 0.15
+    assert not any(task.in_test_split(task.split_key(p.question, p.metadata)) for p, _ in corpus)
+    only = task.corpus(10, seed=0, mix={"scratchpad": 1.0})
+    assert all(task.score(p, s).reward == 1.0 and "," in s for p, s in only)
+    with pytest.raises(ValueError, match="mix"):
+        task.corpus(10, seed=0, mix={"essay": 1.0})
+
+
+# --- countdown --------------------------------------------------------------------------------
+def test_countdown_tinyzero_rule(tmp_path):
+    task = tasks.get("countdown")
+    p = task.make_problem("44,19,35->28", "(44-35)+19", {"numbers": [44, 19, 35], "target": 28})
+    marker = tmp_path / "pwned"
+    cases = {
+        c("44-35=9,9+19=28", "(44-35)+19"): 1.0,
+        c("", "19 - 35 + 44"): 1.0,
+        c("", "(44+19)/35"): 0.1,  # wrong value
+        c("", "44-35+19+19"): 0.1,  # 19 used twice
+        c("", "44-16"): 0.1,  # numbers not the given ones
+        c("", "28"): 0.1,  # just the target
+        c("", f"__import__('os').system('touch {marker}')"): 0.1,
+        c("", "9**9**9"): 0.1,
+        c("", "(" * 100 + "44-35+19" + ")" * 100): 0.1,  # nested past the depth limit
+        "(44-35)+19": 0.0,
+        c("", "(44-35)+19") + c("", "(44-35)+19"): 0.0,
+    }
+    for completion, reward in cases.items():
+        assert task.score(p, completion).reward == reward, completion
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("operands", [2, 3, 4])
+def test_countdown_solutions(operands):
+    task = tasks.get("countdown", operands=operands)
+    rng = random.Random(0)
+    for p in task.generate(25, seed=1):
+        assert task.score(p, p.metadata and c("", p.answer)).reward == 1.0  # the generating expression
+        for style, reward in (("scratchpad", 1.0), ("direct", 1.0), ("slip", 0.1)):
+            assert task.score(p, task.solution(p, rng, style)).reward == reward, (p.question, style)
+
+
+# --- linear equations ------------------------------------------------------------------------
+def test_linear_equations_scoring():
+    task = tasks.get("linear_equations", unknowns=2)
+    p = task.generate(1, seed=0)[0]
+    x, y = p.metadata["solution"]
+    for answer, reward in ((f"x={x},y={y}", 1.0), (f"y = {y}, x = {x}", 1.0), (f"x={x};y={y}", 1.0),
+                           (f"x={x},y={y + 1}", 0.1), (f"x={x}", 0.1), (f"x={x},x={x},y={y}", 0.1),
+                           (f"x={x},y={y},z=0", 0.1), ("no idea", 0.1)):
+        assert task.score(p, c("", answer)).reward == reward, answer
+    one = tasks.get("linear_equations", unknowns=1).generate(1, seed=0)[0]
+    assert task.score(one, c("", str(one.metadata["solution"][0]))).reward == 1.0
+
+
+@pytest.mark.parametrize("unknowns", [1, 2, 3])
+def test_linear_equation_derivations(unknowns):
+    task = tasks.get("linear_equations", unknowns=unknowns)
+    rng = random.Random(0)
+    for p in task.generate(30, seed=2):
+        assert task.score(p, task.solution(p, rng, "scratchpad")).reward == 1.0
+        assert task.score(p, task.solution(p, rng, "slip")).reward == 0.1
+
+
+# --- user rewards and batching -----------------------------------------------------------------
+def test_extra_rewards_and_score_batch():
+    def brevity(completions, **columns):
+        assert len(columns["answer"]) == len(completions)
+        return [-0.01 * len(x) / 10 for x in completions]
+
+    task = tasks.get("arithmetic", template="compact", extra_rewards=[brevity])
+    problems = task.generate(4, seed=0)
+    completions = [c("", p.answer) for p in problems]
+    scores = score_batch(task, problems, completions)
+    assert scores == [task.score(p, x) for p, x in zip(problems, completions)]
+    assert all(s.reward == pytest.approx(1.0 - 0.001 * len(x)) for s, x in zip(scores, completions))
+    with pytest.raises(ValueError):
+        score_batch(task, problems, completions[:2])
+
+
+def test_task_reward_function_has_the_trl_signature():
+    reward = tasks.get("countdown").reward_function()
+    completions = [c("", "(44-35)+19"), c("", "44+35+19"), "(44-35)+19"]
+    values = reward(completions, answer=["(44-35)+19"] * 3, numbers=[[44, 19, 35]] * 3, target=[28] * 3,
+                    prompts=["p"] * 3)
+    assert values == [1.0, 0.1, 0.0]
+
+
+# --- JSONL files ---------------------------------------------------------------------------------
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_gsm8k_file(tmp_path):
+    rows = [{"question": f"Q{i}: how many?", "answer": f"work...\n#### {1000 + i:,}"} for i in range(40)]
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", rows)
+    task = tasks.get("jsonl", path=str(path), answer_format="gsm8k", template="chat")
+    train, test = task.generate(100, seed=0), task.generate(100, seed=0, split="test")
+    assert len(train) + len(test) == 40 and {p.question for p in train}.isdisjoint(p.question for p in test)
+    p = train[0]
+    assert p.answer == str(1000 + int(p.question[1:].split(":")[0])) and "," not in p.answer
+    n = int(p.answer)
+    assert task.score(p, c("", f"{n:,}")).reward == 1.0
+    assert task.score(p, c("", f"#### {n}")).reward == 1.0
+    assert task.score(p, c("", f"\\boxed{{{n}}}")).reward == 1.0
+    assert task.score(p, c("", str(n + 1))).reward == 0.1
+    assert task.generate(5, seed=1) == task.generate(5, seed=1)
+
+
+def test_separate_test_file_and_plain_answers(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"q": "Capital of France?", "a": "Paris"}, {"q": "2+2?", "a": 4}])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"q": "Capital of Italy?", "a": "Rome"}])
+    task = tasks.get("jsonl", path=str(train), test_path=str(test), question_field="q", answer_field="a")
+    assert [p.answer for p in task.generate(5, seed=0, split="test")] == ["Rome"]
+    by_q = {p.question: p for p in task.generate(5, seed=0)}
+    assert task.score(by_q["Capital of France?"], c("", " paris ")).accuracy == 1.0
+    assert task.score(by_q["2+2?"], c("", "4.0")).accuracy == 1.0
+
+
+@pytest.mark.parametrize("bad_line,message", [
+    ('{"question": "q", "answer": "#### 1"', "not valid JSON"),
+    ('["question", "answer"]', "expected a JSON object"),
+    ('{"question": "q"}', "missing field"),
+    ('{"question": "q", "answer": "no marker 12"}', "####"),
+    ('{"question": "", "answer": "#### 3"}', "non-empty string"),
+    ('{"question": "q", "answer": "####   "}', "empty answer"),
+])  # fmt: skip
+def test_malformed_jsonl_names_file_and_line(tmp_path, bad_line, message):
+    good = json.dumps({"question": "q", "answer": "#### 1"})
+    path = write_jsonl(tmp_path / "data.jsonl", [good, "", bad_line, good])
+    with pytest.raises(ValueError, match=rf"data\.jsonl:3: .*{message}"):
+        tasks.get("jsonl", path=str(path), answer_format="gsm8k")
+
+
+def test_math_boxed_file(tmp_path):
+    rows = [{"problem": "Half of one?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
+            {"problem": "Root two squared over two?", "solution": "\\boxed{\\sqrt{2}}"}]
+    path = write_jsonl(tmp_path / "math.jsonl", rows)
+    task = tasks.get("jsonl", path=str(path), question_field="problem", answer_field="solution",
+                     answer_format="boxed", test_fraction=0.01, math_timeout_s=3.0)
+    try:
+        problems = sorted(task.generate(10, seed=0), key=lambda p: p.question)
+        assert [p.answer for p in problems] == ["\\frac{1}{2}", "\\sqrt{2}"]
+        half, root = problems
+        completions = [c("", "0.5"), c("", "\\boxed{\\frac{2}{4}}"), c("", "1/3"), "0.5", c("", "\\sqrt{2}")]
+        scores = score_batch(task, [half, half, half, half, root], completions)
+        assert [s.reward for s in scores] == [1.0, 1.0, 0.1, 0.0, 1.0]
+        assert task.num_timeouts == 0
+    finally:
+        task.close()
+    with pytest.raises(ValueError, match=r"math\.jsonl:1: unbalanced"):
+        write_jsonl(path, [{"problem": "p", "solution": "\\boxed{1"}])
+        tasks.get("jsonl", path=str(path), question_field="problem", answer_field="solution", answer_format="boxed")
