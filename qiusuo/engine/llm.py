@@ -1,0 +1,117 @@
+"""`LLM`: the offline API, like vLLM's: `generate`, `chat`, and `stream` for one request's deltas.
+
+`LLM("ckpt_dir")` loads a checkpoint; `LLM(model=<Transformer>, tokenizer=...)` wraps a live
+module without copying it (GRPO rollouts generate from the trainer's weights).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .config import EngineConfig
+from .llm_engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+Prompt = str | list[int]
+Messages = Sequence[Mapping[str, Any]]
+
+
+class LLM:
+    def __init__(self, model: str | Path | nn.Module, tokenizer: Any | None = None, *,
+                 device: str | torch.device | None = None, dtype: str = "auto", **engine_kwargs: Any):
+        """engine_kwargs are `EngineConfig` fields (kv_cache_bytes, block_size, num_threads, seed, ...)."""
+        if dtype != "auto" and dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r}: use 'auto', 'float32' or 'bfloat16'")
+        if isinstance(model, (str, Path)):
+            from qiusuo.model import load_model
+
+            model, loaded_tokenizer = load_model(model, device=device or "cpu",
+                                                 dtype="float32" if dtype == "auto" else dtype)
+            tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+        else:
+            # A live module is used as it is: moving or casting it would copy the trainer's weights.
+            if device is not None and torch.device(device) != model.device:
+                raise ValueError(f"the model is on {model.device}, not {device}; move it first or omit device=")
+            if dtype != "auto" and _DTYPES[dtype] != model.dtype:
+                raise ValueError(f"the model is {model.dtype}, not {dtype}; cast it first or use dtype='auto'")
+        self.llm_engine = LLMEngine(model, tokenizer, EngineConfig(**engine_kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any | None:
+        return self.llm_engine.tokenizer
+
+    # ------------------------------------------------------------------ offline
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """One `RequestOutput` per prompt, in the order given. Strings get the tokenizer's bos."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return self._run(list(prompts), sampling_params, add_special_tokens=True)
+
+    def chat(self, messages: Messages | Sequence[Messages],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, chat_template: str | None = None,
+             **template_kwargs: Any) -> list[RequestOutput]:
+        """Render each conversation with the checkpoint's chat template, then generate."""
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer with a chat template; this LLM has none")
+        if messages and isinstance(messages[0], Mapping):
+            messages = [messages]
+        texts = [tokenizer.apply_chat_template(list(m), add_generation_prompt=add_generation_prompt,
+                                               chat_template=chat_template, **template_kwargs) for m in messages]
+        return self._run(texts, sampling_params, add_special_tokens=False)  # the template has the bos
+
+    def _run(self, prompts: list[Prompt], sampling_params, add_special_tokens: bool) -> list[RequestOutput]:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts; give one or one each")
+        engine = self.llm_engine
+        ids = [f"llm-{next(self._ids)}" for _ in prompts]
+        try:
+            for rid, prompt, p in zip(ids, prompts, params):
+                engine.add_request(rid, prompt, p, add_special_tokens=add_special_tokens)
+        except ValueError:
+            engine.abort_request(ids)  # all or nothing: the engine keeps serving everyone else
+            raise
+        final: dict[str, RequestOutput] = {}
+        pending = set(ids)
+        try:
+            while pending:
+                for out in engine.step(finished_only=True):
+                    if out.request_id in pending:
+                        final[out.request_id] = out
+                        pending.discard(out.request_id)
+        finally:
+            if pending:  # interrupted: do not leave orphans holding KV blocks
+                engine.abort_request(list(pending))
+        return [final[rid] for rid in ids]
+
+    # ------------------------------------------------------------------ streaming
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+               add_special_tokens: bool = True) -> Iterator[RequestOutput]:
+        """Yield the request's output after every step it progresses (see `delta_text`)."""
+        engine = self.llm_engine
+        rid = f"llm-{next(self._ids)}"
+        engine.add_request(rid, prompt, sampling_params, add_special_tokens=add_special_tokens)
+        finished = False
+        try:
+            while not finished:
+                for out in engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                engine.abort_request(rid)

@@ -1,0 +1,78 @@
+"""`ModelRunner`: turns a scheduled step into model calls on the paged cache, then samples.
+
+A step runs up to two forwards: one for the decode rows (one new token each, (B, 1), no padding)
+and one for the prefill rows (right-padded to the longest new-token count). Keeping them apart
+avoids padding every decode row to the longest prompt; all prefills of a step share one forward,
+which the block manager's prefix sharing relies on (see block_manager.py). Prefill computes
+logits only at each row's last real position (`hidden_states` then `logits`).
+
+Dimension letters: B rows, T new tokens per row, D hidden, V vocabulary, nb blocks per row.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .paged_cache import PagedKVCache
+from .sampler import Sampler, SamplerOutput
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, cache_dtype: torch.dtype,
+                 sampler: Sampler):
+        self.model = model
+        self.device = model.device
+        self.block_size = block_size
+        self.cache = PagedKVCache(model, num_blocks, block_size, cache_dtype, self.device)
+        self.sampler = sampler
+
+    def run(self, prefill: list[Sequence], decode: list[Sequence]) -> SamplerOutput:
+        logits = []
+        if decode:
+            logits.append(self._decode(decode))
+        if prefill:
+            logits.append(self._prefill(prefill))
+        logits = logits[0] if len(logits) == 1 else torch.cat(logits)  # (B, V), decode rows first
+        return self.sampler(logits, decode + prefill)
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        nb = max(len(s.block_table) for s in seqs)
+        null = self.cache.null_block
+        rows = [s.block_table + [null] * (nb - len(s.block_table)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int64, device=self.device)  # (B, nb)
+
+    def _slot(self, seq: Sequence, pos: int) -> int:
+        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        B = len(seqs)
+        pos = [s.num_tokens - 1 for s in seqs]
+        input_ids = torch.tensor([s.token_ids[-1] for s in seqs], device=self.device).view(B, 1)
+        positions = torch.tensor(pos, device=self.device).view(B, 1)
+        slots = torch.tensor([self._slot(s, p) for s, p in zip(seqs, pos)], device=self.device)
+        self.cache.prepare(self._block_tables(seqs), positions, slots, None)
+        h = self.model.hidden_states(input_ids, positions, cache=self.cache)  # (B, 1, D)
+        return self.model.logits(h[:, 0])  # (B, V)
+
+    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        B = len(seqs)
+        lens = [s.num_tokens - s.num_computed_tokens for s in seqs]
+        T = max(lens)
+        ids, pos, slots, valid = [], [], [], []
+        for b, (s, n) in enumerate(zip(seqs, lens)):
+            start = s.num_computed_tokens
+            ids += s.token_ids[start:] + [0] * (T - n)
+            pos += list(range(start, start + n)) + [0] * (T - n)
+            slots += [self._slot(s, p) for p in range(start, start + n)]
+            valid += range(b * T, b * T + n)
+        input_ids = torch.tensor(ids, device=self.device).view(B, T)
+        positions = torch.tensor(pos, device=self.device).view(B, T)
+        padded = len(valid) < B * T
+        valid_t = torch.tensor(valid, device=self.device) if padded else None
+        self.cache.prepare(self._block_tables(seqs), positions, torch.tensor(slots, device=self.device), valid_t)
+        h = self.model.hidden_states(input_ids, positions, cache=self.cache)  # (B, T, D)
+        last = torch.tensor(lens, device=self.device) - 1
+        h_last = h[torch.arange(B, device=self.device), last]  # (B, D)
+        return self.model.logits(h_last)  # (B, V)

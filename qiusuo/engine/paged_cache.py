@@ -1,0 +1,81 @@
+"""`PagedKVCache`: the model's cache protocol (`qiusuo.model.cache`) over preallocated block pools.
+
+Per attention layer and per cached state (GQA: keys and values (Hk, hd); MLA: latent (C,) and RoPE
+key (R,)) one pool of shape (num_blocks + 1, block_size, *state_dims). The extra last block is the
+*null block*: zeros, never written, where padded block-table entries point, so every gathered value
+is finite and masked positions cannot turn into NaN (0 * NaN) inside attention.
+
+For each forward the model runner calls `prepare` with the batch's block tables, the positions of
+the new tokens and their slots; the model then calls `attn_mask` once and `update` per layer.
+`update` writes the new tokens' states into their slots (padding skipped) and gathers each row's
+blocks, so key j of row b is the state at position j of that sequence.
+
+Dimension letters: B rows, T new tokens per row (right-padded), S = nb * block_size visible
+positions, nb blocks per row (the longest block table in the batch), N real new tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def cache_dims(model: nn.Module) -> list[tuple[tuple[int, ...], ...]]:
+    """Per layer, the per-token shapes of the states its attention caches."""
+    return [layer.self_attn.cache_dims() for layer in model.model.layers]
+
+
+def bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token takes across all layers (MLA's is a fraction of GQA's)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for dims in cache_dims(model):
+        for d in dims:
+            n = 1
+            for x in d:
+                n *= x
+            total += n * elem
+    return total
+
+
+class PagedKVCache:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.block_size = block_size
+        self.null_block = num_blocks
+        self.pools: list[tuple[torch.Tensor, ...]] = []
+        for dims in cache_dims(model):
+            self.pools.append(tuple(torch.zeros((num_blocks + 1, block_size, *d), dtype=dtype, device=device)
+                                    for d in dims))
+        self._mask: torch.Tensor | None = None
+
+    def prepare(self, block_tables: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                valid: torch.Tensor | None) -> None:
+        """block_tables (B, nb), positions (B, T) (padding: 0), slots (N,) of the real new tokens,
+        valid (N,) their indices in the flattened (B*T) batch, or None when nothing is padded."""
+        B, nb = block_tables.shape
+        S = nb * self.block_size
+        self._block_ids = block_tables.reshape(-1)  # (B*nb,)
+        self._shape = (B, S)
+        self._slots = slots
+        self._valid = valid
+        # Key j is position j of the row: visible to the query at position p iff j <= p. A padded
+        # query sits at position 0 and sees key 0 only (finite, discarded later).
+        key_pos = torch.arange(S, device=positions.device)
+        self._mask = (key_pos <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+
+    def attn_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        assert self._mask is not None and self._mask.shape[2] == positions.shape[1], "call prepare() first"
+        return self._mask
+
+    def update(self, layer_idx: int, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        B, S = self._shape
+        out = []
+        for pool, new in zip(self.pools[layer_idx], states):
+            dims = pool.shape[2:]
+            new = new.reshape(-1, *dims)  # (B*T, ...)
+            if self._valid is not None:
+                new = new.index_select(0, self._valid)  # (N, ...)
+            pool.view(-1, *dims).index_copy_(0, self._slots, new.to(pool.dtype))
+            out.append(pool.index_select(0, self._block_ids).view(B, S, *dims))  # (B, S, ...)
+        return tuple(out)

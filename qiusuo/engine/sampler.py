@@ -1,0 +1,126 @@
+"""The sampler: temperature, top-k, top-p, greedy, per-request seeds and logprobs, batched.
+
+Sampling is Gumbel-max over the filtered, temperature-scaled logits: argmax(logits / t + g) with
+g = -log(-log u) draws from softmax(logits / t). The uniforms u are *counter-based*: a hash of
+(the sample's seed, the index of the token being generated, the vocabulary id). So a row's noise
+depends on nothing else in the batch: the same seed gives the same tokens whatever else is
+batched with it, across preemption and recomputation too, with no per-row torch.Generator calls.
+The hash is Chris Wellons' `lowbias32` on int64 tensors (values kept below 2^32).
+
+Logprobs are of the raw model distribution (log_softmax of the logits, before temperature and
+filtering), as vLLM returns them by default.
+
+Dimension letters: B rows, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .outputs import Logprob
+from .sequence import Sequence
+
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """seeds (B,) in [0, 2^63), counters (B,) -> uniforms (B, V) in (0, 1), float32 (24 bits)."""
+    key = _mix32((seeds & _M32) ^ _mix32((seeds >> 32) + _GOLDEN))
+    key = _mix32(key ^ _mix32(counters & _M32))  # (B,)
+    vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    h = _mix32(_mix32((key[:, None] + vocab * _GOLDEN) & _M32) ^ key[:, None])  # (B, V)
+    return ((h >> 8).float() + 0.5) / 2.0**24
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float | None]  # the sampled token's logprob, where asked
+    top_logprobs: list[dict[int, Logprob] | None]
+
+
+class Sampler:
+    def __init__(self, decode_token=None):
+        self.decode_token = decode_token  # id -> text, for Logprob.decoded_token (None: no tokenizer)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        logits = logits.float()  # (B, V)
+        greedy = logits.argmax(dim=-1)
+        params = [s.params for s in seqs]
+        if all(p.temperature == 0 for p in params):
+            tokens = greedy
+        else:
+            tokens = self._sample(logits, seqs, greedy)
+        token_list = tokens.tolist()
+        want = [p.logprobs for p in params]
+        if all(k is None for k in want):
+            n = len(seqs)
+            return SamplerOutput(token_list, [None] * n, [None] * n)
+        return self._logprobs(logits, tokens, token_list, want)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor) -> torch.Tensor:
+        B, V = logits.shape
+        device = logits.device
+        params = [s.params for s in seqs]
+        temp = torch.tensor([p.temperature for p in params], device=device)
+        scaled = logits / torch.where(temp > 0, temp, 1.0)[:, None]
+        top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
+        top_p = [p.top_p for p in params]
+        if any(k < V for k in top_k) or any(p < 1 for p in top_p):
+            scaled = _filter(scaled, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device))
+        seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=device)
+        counters = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64, device=device)
+        gumbel = -torch.log(-torch.log(uniform_noise(seeds, counters, V)))  # (B, V)
+        sampled = (scaled + gumbel).argmax(dim=-1)
+        return torch.where(temp > 0, sampled, greedy)
+
+    def _logprobs(self, logits, tokens, token_list, want) -> SamplerOutput:
+        logp = torch.log_softmax(logits, dim=-1)  # (B, V)
+        chosen = logp.gather(1, tokens[:, None])  # (B, 1)
+        ranks = ((logp > chosen).sum(dim=-1) + 1).tolist()
+        chosen = chosen[:, 0].tolist()
+        k_max = max(k or 0 for k in want)
+        top_vals, top_ids = logp.topk(k_max, dim=-1) if k_max else (None, None)
+        top_vals = top_vals.tolist() if k_max else None
+        top_ids = top_ids.tolist() if k_max else None
+        lps, tops = [], []
+        for b, k in enumerate(want):
+            if k is None:
+                lps.append(None)
+                tops.append(None)
+                continue
+            tok = token_list[b]
+            entry = {tok: Logprob(chosen[b], ranks[b], self._text(tok))}
+            for r in range(k):
+                tid = top_ids[b][r]
+                if tid not in entry:
+                    entry[tid] = Logprob(top_vals[b][r], r + 1, self._text(tid))
+            lps.append(chosen[b])
+            tops.append(entry)
+        return SamplerOutput(token_list, lps, tops)
+
+    def _text(self, token_id: int) -> str | None:
+        return None if self.decode_token is None else self.decode_token(token_id)
+
+
+def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask all but each row's top_k tokens and smallest set with mass >= top_p; (B, V) -> (B, V)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    rank = torch.arange(logits.shape[1], device=logits.device)
+    remove = rank[None, :] >= top_k[:, None]
+    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+    remove |= mass_before >= top_p[:, None]  # the most likely token always stays (mass_before = 0)
+    remove = torch.zeros_like(remove).scatter_(1, order, remove)  # back to vocabulary order
+    return logits.masked_fill(remove, float("-inf"))
