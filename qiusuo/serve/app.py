@@ -1,0 +1,225 @@
+"""`create_app`: the FastAPI app of the OpenAI-compatible server.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (503 while
+the model loads, 200 after; public, as llama.cpp's), GET /metrics (Prometheus). Every other
+route, /metrics and the OpenAPI pages included, needs the Bearer key when one is set (vLLM
+protects only /v1/*, its #18892). Every error a client can cause comes back in OpenAI's
+`{"error": {"message", "type", "param", "code"}}` shape with a 4xx; a body over the size limit
+is refused with 413 before it is parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from qiusuo.engine import LLMEngine
+
+from .async_engine import AsyncEngine
+from .chat import create_chat_completion
+from .completions import create_completion
+from .config import ServerConfig
+from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
+from .serving import ServerState
+
+log = logging.getLogger("qiusuo.serve")
+
+EngineSource = LLMEngine | Callable[[], LLMEngine]
+
+
+def create_app(engine: EngineSource, *, served_model_name: str, **options: Any) -> FastAPI:
+    """`engine`: an `LLMEngine` (or an `LLM`), or a zero-argument function that loads one; a function
+    runs on a thread at startup while /health answers 503. `options` are the other `ServerConfig`
+    fields (api_key, max_queue, max_body_bytes, max_tokens_cap, default_thinking_budget, ...).
+    The engine thread starts and stops with the app (its lifespan)."""
+    config = ServerConfig(served_model_name=served_model_name, **options)
+    state = ServerState(config)
+
+    def attach(eng: Any, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            async_engine = AsyncEngine(getattr(eng, "llm_engine", eng))  # an offline `LLM` wraps one
+        except (ValueError, AttributeError, TypeError) as e:  # not an engine: say so on /health
+            log.exception("the engine could not be attached")
+            state.load_error = e
+            return
+        async_engine.start(loop)
+        state.engine = async_engine
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        if callable(engine) and not isinstance(engine, LLMEngine) and not hasattr(engine, "llm_engine"):
+            def load() -> None:
+                try:
+                    eng = engine()
+                except Exception as e:  # reported by /health and every route, not swallowed
+                    log.exception("loading the model failed")
+                    state.load_error = e
+                    return
+                loop.call_soon_threadsafe(attach, eng, loop)
+
+            threading.Thread(target=load, name="qiusuo-load", daemon=True).start()
+        else:
+            attach(engine, loop)
+        try:
+            yield
+        finally:
+            if state.engine is not None:
+                await asyncio.to_thread(state.engine.close)
+
+    created = int(time.time())
+    app = FastAPI(title="qiusuo", version="1", lifespan=lifespan)
+    app.state.qiusuo = state
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request: Request, e: OpenAIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            message = f"The body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}"
+        else:
+            message = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: "
+                                f"{err.get('msg')}" for err in errors[:5])
+        return JSONResponse(error_body(message, param=".".join(loc) or None, code=first.get("type")),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(error_body(str(e.detail), code=code), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body(f"Internal server error: {type(e).__name__}", "internal_error"),
+                            status_code=500)
+
+    # ------------------------------------------------------------------ routes
+    @app.get("/health")
+    async def health():
+        if state.load_error is not None:
+            return JSONResponse({"status": "error", "message": str(state.load_error)}, status_code=503)
+        if state.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        if state.engine.dead is not None:
+            return JSONResponse({"status": "error", "message": repr(state.engine.dead)}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        entry = {"id": config.served_model_name, "object": "model", "created": created, "owned_by": "qiusuo"}
+        if state.engine is not None:
+            entry["max_model_len"] = state.max_model_len
+        return {"object": "list", "data": [entry]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+        return await create_chat_completion(state, req, raw)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request):
+        return await create_completion(state, req, raw)
+
+    return _wrap(app, config)
+
+
+def _wrap(app: FastAPI, config: ServerConfig) -> FastAPI:
+    # Pure ASGI middlewares (not BaseHTTPMiddleware, which buffers streaming responses).
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    if config.api_key is not None:
+        app.add_middleware(Auth, api_key=config.api_key)  # added last = runs first
+    return app
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class Auth:
+    """`Authorization: Bearer KEY` on every route except /health, compared in constant time."""
+
+    PUBLIC = frozenset({"/health"})
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.PUBLIC:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                await _send_json(send, 401, error_body(
+                    "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
+                    "invalid_request_error", code="invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """413 for bodies over `max_bytes`, by Content-Length or by counting a chunked body as it arrives.
+
+    The body is read here (bounded) and replayed to the app; after it, `receive` is the server's
+    own, so the app still sees `http.disconnect`.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._too_large(send, length)
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # disconnected before the body ended
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                return await self._too_large(send, None)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body_sent = False
+
+        async def replay() -> Message:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send, length: bytes | None) -> None:
+        size = f"{int(length)} bytes" if length is not None and length.isdigit() else "the body"
+        await _send_json(send, 413, error_body(f"Request body too large: {size} is over the "
+                                               f"{self.max_bytes}-byte limit.", code="request_too_large"))

@@ -1,0 +1,32 @@
+"""`ServerConfig`: the server's knobs (name, auth, back-pressure, limits), validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    api_key: str | None = None  # Bearer key for every route but /health; None: no auth
+    max_queue: int = 64  # requests admitted but waiting for their first token; past it, 429
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413
+    max_tokens_cap: int | None = None  # clamps max_tokens (and the default "rest of the context")
+    default_thinking_budget: int | None = None  # requests that set no thinking_budget get this
+    retry_after_s: int = 1  # the Retry-After header of a 429
+
+    def __post_init__(self):
+        if not isinstance(self.served_model_name, str) or not self.served_model_name:
+            raise ValueError("served_model_name must be a non-empty string (the name clients pass as `model`)")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key is empty; give a key or None to turn auth off")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue={self.max_queue}: must be >= 1 (every new request waits for its first token)")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes={self.max_body_bytes}: must be >= 1024")
+        if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
+            raise ValueError(f"max_tokens_cap={self.max_tokens_cap}: must be >= 1 (or None for no cap)")
+        if self.default_thinking_budget is not None and self.default_thinking_budget < 0:
+            raise ValueError(f"default_thinking_budget={self.default_thinking_budget}: must be >= 0 (or None)")
+        if self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s={self.retry_after_s}: must be >= 0")

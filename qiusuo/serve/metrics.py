@@ -1,0 +1,88 @@
+"""Prometheus metrics with vLLM's names under a `qiusuo:` prefix, in a registry per app.
+
+vLLM's names (reference/serving.md §1e) so that existing dashboards and autoscaling policies
+(TTFT, queue length, KV usage) work by changing the prefix. Each app owns its
+`CollectorRegistry`: no process-global state, so tests can build many apps in one process.
+
+Latencies are measured on the event loop when outputs reach the request, i.e. as the client sees
+them: TTFT from arrival (before templating and tokenization) to the first token, time per
+output token as the mean gap between later tokens of a request, end-to-end to the last output.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .async_engine import EngineSnapshot
+
+P = "qiusuo:"
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0)  # fmt: skip
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                120.0, 240.0, 480.0)  # fmt: skip
+
+
+class _EngineCollector:
+    """Gauges read at scrape time: the server's queue view and the engine thread's last snapshot."""
+
+    def __init__(self, model_name: str, queue_view: Callable[[], tuple[int, int]],
+                 snapshot: Callable[[], EngineSnapshot | None]):
+        self.model_name, self.queue_view, self.snapshot = model_name, queue_view, snapshot
+
+    def describe(self):
+        return []  # generated at collect time; no duplicate-name checks needed
+
+    def collect(self):
+        running, waiting = self.queue_view()
+        snap = self.snapshot() or EngineSnapshot()
+        labels = ["model_name"]
+        for name, doc, value in (
+            ("num_requests_running", "Requests generating (their first token came).", running),
+            ("num_requests_waiting", "Requests admitted and waiting for their first token.", waiting),
+            ("kv_cache_usage_perc", "KV-cache usage: 1 means every block is in use.", snap.kv_cache_usage),
+            ("gpu_cache_usage_perc", "Old vLLM name of kv_cache_usage_perc.", snap.kv_cache_usage),
+        ):
+            g = GaugeMetricFamily(P + name, doc, labels=labels)
+            g.add_metric([self.model_name], value)
+            yield g
+        c = CounterMetricFamily(P + "num_preemptions", "Sequences preempted (recomputed later).", labels=labels)
+        c.add_metric([self.model_name], snap.num_preemptions)
+        yield c
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, queue_view: Callable[[], tuple[int, int]],
+                 snapshot: Callable[[], EngineSnapshot | None]):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.model_name = model_name
+        lab = ["model_name"]
+        r = self.registry
+        self.ttft = Histogram(P + "time_to_first_token_seconds", "Time to first token.", lab,
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram(P + "time_per_output_token_seconds", "Mean time per output token after the first.",
+                              lab, buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram(P + "e2e_request_latency_seconds", "End-to-end request latency.", lab,
+                             buckets=_E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens processed.", lab, registry=r)
+        self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated.", lab, registry=r)
+        self.reasoning_tokens = Counter(P + "reasoning_tokens", "Generated tokens inside think blocks.", lab,
+                                        registry=r)
+        self.request_success = Counter(P + "request_success", "Requests finished, by finish reason.",
+                                       lab + ["finished_reason"], registry=r)
+        self.rejected = Counter(P + "request_rejected", "Requests refused with 429 (queue full).", lab, registry=r)
+        for m in (self.ttft, self.tpot, self.e2e, self.prompt_tokens, self.generation_tokens, self.reasoning_tokens,
+                  self.rejected):
+            m.labels(model_name)  # exported as 0 from the start, so rate() has a baseline
+        for reason in ("stop", "length", "abort"):
+            self.request_success.labels(model_name, reason)
+        r.register(_EngineCollector(model_name, queue_view, snapshot))
+
+    def finished(self, reason: str) -> None:
+        self.request_success.labels(self.model_name, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,330 @@
+"""What chat and completions share: admission (the bounded queue), one engine request's life with
+its metrics and its abort, sampling parameters, logprobs, SSE framing and disconnect handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Awaitable
+
+from starlette.requests import Request
+
+from qiusuo.engine import CompletionOutput, RequestOutput, SamplingParams
+
+from qiusuo.tokenizer import bytes_to_unicode
+
+from .async_engine import AsyncEngine, EngineDeadError
+from .config import ServerConfig
+from .metrics import ServerMetrics
+from .protocol import OpenAIError, _SamplingFields
+from .reasoning import count_reasoning, prompt_opens_think
+
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
+_BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
+
+
+class ServerState:
+    """Everything the routes need; `engine` is None while the model loads."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.engine: AsyncEngine | None = None
+        self.load_error: BaseException | None = None
+        self.num_waiting = 0  # admitted, no output yet
+        self.num_running = 0  # admitted, outputs flowing
+        self.metrics = ServerMetrics(config.served_model_name, lambda: (self.num_running, self.num_waiting),
+                                     lambda: self.engine.snapshot if self.engine else None)
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    def ready(self) -> AsyncEngine:
+        if self.engine is None:
+            msg = ("the model is still loading" if self.load_error is None
+                   else f"the model failed to load: {self.load_error}")
+            raise OpenAIError(503, msg, "service_unavailable", code="model_loading")
+        if self.engine.dead is not None:
+            raise OpenAIError(503, f"the engine stopped: {self.engine.dead!r}", "service_unavailable")
+        return self.engine
+
+    def check_model(self, name: str) -> None:
+        if name != self.config.served_model_name:
+            raise OpenAIError(404, f"The model `{name}` does not exist; this server serves "
+                              f"`{self.config.served_model_name}`.", param="model", code="model_not_found")
+
+    def admit(self, count: int = 1) -> None:
+        """Reserve `count` waiting places or raise 429; the caller must hand each back via `EngineRequest`."""
+        if self.num_waiting + count > self.config.max_queue:
+            self.metrics.rejected.labels(self.config.served_model_name).inc()
+            raise OpenAIError(429, f"The server is busy: {self.num_waiting} requests are waiting "
+                              f"(max_queue={self.config.max_queue}); retry later.", "rate_limit_error",
+                              code="server_busy", headers={"Retry-After": str(self.config.retry_after_s)})
+        self.num_waiting += count
+
+
+async def start_all(requests: list["EngineRequest"]) -> None:
+    """Start every request, or close them all and raise the first error."""
+    try:
+        for r in requests:
+            await r.start()
+    except BaseException:
+        for r in requests:
+            r.close()
+        raise
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# ---------------------------------------------------------------------- request parameters
+def resolve_max_tokens(state: ServerState, requested: int | None, num_prompt_tokens: int) -> int:
+    room = state.max_model_len - num_prompt_tokens
+    if room < 1:
+        raise OpenAIError(400, f"The prompt has {num_prompt_tokens} tokens but this model's context holds "
+                          f"{state.max_model_len}; shorten it.", param="messages", code="context_length_exceeded")
+    if requested is not None and requested > room:
+        raise OpenAIError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, "
+                          f"you requested {num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the "
+                          f"prompt, {requested} for the completion). Lower max_tokens.",
+                          param="max_tokens", code="context_length_exceeded")
+    max_tokens = requested or room
+    if state.config.max_tokens_cap is not None:
+        max_tokens = min(max_tokens, state.config.max_tokens_cap)
+    return max_tokens
+
+
+def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    unsupported = req.unsupported()
+    if unsupported:
+        raise OpenAIError(400, f"{', '.join(unsupported)} is not supported by this server; leave it unset.",
+                          param=unsupported[0], code="unsupported_parameter")
+    try:
+        return SamplingParams(
+            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, max_tokens=max_tokens,
+            stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+            include_stop_str_in_output=req.include_stop_str_in_output, seed=req.seed, logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+    except ValueError as e:
+        raise OpenAIError(400, str(e)) from None
+
+
+def check_prompt_ids(state: ServerState, ids: list[int], param: str) -> None:
+    if not ids:
+        raise OpenAIError(400, "The prompt is empty; give at least one token.", param=param)
+    vocab = state.engine.engine.model.config.vocab_size
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise OpenAIError(400, f"Prompt token ids must be in [0, {vocab}).", param=param)
+
+
+# ---------------------------------------------------------------------- one engine request
+class EngineRequest:
+    """One engine request from admission to its last output: queue bookkeeping, metrics, abort."""
+
+    def __init__(self, state: ServerState, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 thinking_budget: int | None, arrival: float):
+        self.state, self.request_id, self.prompt_ids = state, request_id, prompt_ids
+        self.params, self.thinking_budget, self.arrival = params, thinking_budget, arrival
+        self.opened_by_prompt = prompt_opens_think(prompt_ids, getattr(state.tokenizer, "think_start_id", None),
+                                                   getattr(state.tokenizer, "think_end_id", None))
+        self.final: RequestOutput | None = None
+        self._stream = None
+        self._submitted = self._accepted = False
+        self._phase = "waiting"  # -> running -> done
+        self._first: float | None = None
+        self._last: float | None = None
+
+    async def start(self) -> None:
+        """Submit and wait for the engine's acceptance: a 400 here comes before any response bytes."""
+        self._stream = self.state.ready().submit(self.request_id, self.prompt_ids, self.params,
+                                                 self.thinking_budget, self.opened_by_prompt)
+        self._submitted = True
+        try:
+            await self._stream.accepted()
+        except ValueError as e:
+            raise OpenAIError(400, str(e)) from None
+        except EngineDeadError as e:
+            raise OpenAIError(503, str(e), "service_unavailable") from None
+        self._accepted = True
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """The request's outputs after `start`; leaving early (disconnect, error) aborts it."""
+        state = self.state
+        try:
+            async for out in self._stream:
+                now = time.monotonic()
+                if self._phase == "waiting" and any(o.token_ids for o in out.outputs):
+                    self._set_phase("running")
+                    self._first = now
+                    state.metrics.ttft.labels(state.config.served_model_name).observe(now - self.arrival)
+                self._last = now
+                if out.finished:
+                    self.final = out
+                yield out
+        except EngineDeadError as e:
+            raise OpenAIError(500, str(e), "internal_error") from None
+        finally:
+            self.close()
+
+    def _set_phase(self, phase: str) -> None:
+        state = self.state
+        if self._phase == "waiting":
+            state.num_waiting -= 1
+        elif self._phase == "running":
+            state.num_running -= 1
+        if phase == "running":
+            state.num_running += 1
+        self._phase = phase
+
+    def close(self) -> None:
+        """Idempotent; every EngineRequest must end here (it hands back its place in the queue)."""
+        if self._phase == "done":
+            return
+        self._set_phase("done")
+        state, m, name = self.state, self.state.metrics, self.state.config.served_model_name
+        if self.final is None:  # the client left (or an error): stop generating and free the cache
+            if self._submitted and state.engine is not None:
+                state.engine.abort(self.request_id)  # queued after the add: commands apply in order
+            if self._accepted:
+                m.finished("abort")
+            return
+        out = self.final
+        num_out = out.num_completion_tokens
+        m.prompt_tokens.labels(name).inc(out.num_prompt_tokens)
+        m.generation_tokens.labels(name).inc(num_out)
+        m.reasoning_tokens.labels(name).inc(sum(count_reasoning(state.tokenizer, self.prompt_ids, o.token_ids)
+                                                for o in out.outputs))
+        m.e2e.labels(name).observe((self._last or time.monotonic()) - self.arrival)
+        per_sample = max((len(o.token_ids) for o in out.outputs), default=0)
+        if self._first is not None and per_sample > 1:
+            m.tpot.labels(name).observe((self._last - self._first) / (per_sample - 1))
+        for o in out.outputs:
+            m.finished(o.finish_reason or "abort")
+
+
+async def merge(gens: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """Interleave several async iterators as items arrive; (which, item)."""
+    if len(gens) == 1:
+        async for item in gens[0]:
+            yield 0, item
+        return
+    pending = {asyncio.ensure_future(g.__anext__()): i for i, g in enumerate(gens)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                i = pending.pop(fut)
+                try:
+                    item = fut.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(gens[i].__anext__())] = i
+                yield i, item
+    finally:
+        for fut in pending:
+            fut.cancel()
+        for g in gens:
+            await g.aclose()
+
+
+# ---------------------------------------------------------------------- logprobs
+def _clamp(lp: float) -> float:
+    return lp if lp > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+def _token_text(tokenizer, tid: int, lp) -> str:
+    return lp.decoded_token if lp is not None and lp.decoded_token is not None else tokenizer.decode([tid])
+
+
+def _token_bytes(tokenizer, tid: int, text: str) -> list[int]:
+    """The token's own bytes: a byte-level BPE piece maps back exactly (half a UTF-8 character
+    included); otherwise the UTF-8 of its text."""
+    piece = tokenizer.id_to_token(tid) if hasattr(tokenizer, "id_to_token") else None
+    if piece and all(ch in _BYTE_OF_CHAR for ch in piece):
+        return [_BYTE_OF_CHAR[ch] for ch in piece]
+    return list(text.encode("utf-8"))
+
+
+def chat_logprobs(tokenizer, out: CompletionOutput, start: int, end: int, k: int) -> list[dict[str, Any]]:
+    """OpenAI's `logprobs.content` entries for output tokens [start, end)."""
+    entries = []
+    for i in range(start, end):
+        tid, table = out.token_ids[i], out.logprobs[i]
+        chosen = table.get(tid)
+        text = _token_text(tokenizer, tid, chosen)
+        top = sorted((lp.rank or 0, t, lp) for t, lp in table.items() if lp.rank is not None and lp.rank <= k)
+        entries.append({
+            "token": text, "logprob": _clamp(chosen.logprob) if chosen else LOGPROB_FLOOR,
+            "bytes": _token_bytes(tokenizer, tid, text),
+            "top_logprobs": [{"token": (s := _token_text(tokenizer, t, lp)), "logprob": _clamp(lp.logprob),
+                              "bytes": _token_bytes(tokenizer, t, s)} for _, t, lp in top],
+        })
+    return entries
+
+
+def completion_logprobs(tokenizer, out: CompletionOutput, start: int, end: int, k: int,
+                        offset: int) -> dict[str, Any]:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for i in range(start, end):
+        tid, table = out.token_ids[i], out.logprobs[i]
+        chosen = table.get(tid)
+        text = _token_text(tokenizer, tid, chosen)
+        tokens.append(text)
+        lps.append(_clamp(chosen.logprob) if chosen else LOGPROB_FLOOR)
+        tops.append({_token_text(tokenizer, t, lp): _clamp(lp.logprob)
+                     for t, lp in table.items() if lp.rank is not None and lp.rank <= k} if k else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+# ---------------------------------------------------------------------- transport
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Run `work`; if the client hangs up first, cancel it (its requests abort) and return None."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    return None
+
+
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+    }
+
