@@ -1,0 +1,76 @@
+"""`qiusuo pretrain | sft | distill | grpo`: flags generated from the stage config dataclasses.
+
+Each flag is a field of `qiusuo.train.config` (same name with dashes, same default, the field's
+help text), so there is no second list of defaults here; the dataclass validates the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+STAGES = {
+    "pretrain": ("PretrainConfig", "qiusuo.train.pretrain:Pretrain",
+                 "pretrain a fresh model on a task's synthetic corpus of worked solutions"),
+    "sft": ("SFTConfig", "qiusuo.train.pretrain:SFT",
+            "fine-tune on prompt/completion or chat JSONL records (loss on completions only)"),
+    "distill": ("DistillConfig", "qiusuo.train.distill:Distill",
+                "rejection-sample a teacher with the task's reward, fine-tune a student on the correct samples"),
+    "grpo": ("GRPOConfig", "qiusuo.train.grpo:GRPO",
+             "GRPO from rule-based rewards (rollouts through the engine on the live weights)"),
+}
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field: --field-name, typed by its default, with its help text."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif f.metadata.get("required"):
+            parser.add_argument(flag, type=type(default), required=True, help=help_text)
+        else:
+            shown = f"{help_text} (default: {default})" if default not in ("", None) else help_text
+            parser.add_argument(flag, type=type(default) if default is not None else str, default=default,
+                                help=shown)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)})
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from qiusuo.train import config
+
+    for name, (cls_name, _, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        skip = ("model", "data") if name == "distill" else ()
+        add_dataclass_args(p, getattr(config, cls_name), skip=skip)
+        p.set_defaults(func=run_stage, stage=name)
+
+
+def run_stage(args) -> int:
+    import importlib
+
+    from qiusuo.train import config
+    from qiusuo.train.loop import NonFiniteLossError
+
+    cls_name, target, _ = STAGES[args.stage]
+    cfg = config_from_args(getattr(config, cls_name), args)
+    module, attr = target.split(":")
+    stage = getattr(importlib.import_module(module), attr)(cfg)
+    try:
+        result = stage.run()
+    except NonFiniteLossError as e:
+        print(f"qiusuo {args.stage}: stopped: {e}", file=sys.stderr)
+        return 3
+    if result.status == "interrupted":
+        return 130
+    print(f"{args.stage}: {result.step} steps in {result.seconds:.0f}s; model in {cfg.out}/final")
+    return 0

@@ -1,0 +1,279 @@
+"""Training configs: one dataclass for the loop, one per stage that extends it.
+
+Every stage config *is* a `TrainConfig` (dataclass inheritance), so the loop reads the same
+fields whatever the stage, and the CLI builds its flags from these classes (`cli_args.py`):
+there is no second list of defaults. Each class validates itself in `__post_init__` and raises
+a `ValueError` that names the rule and the fix, so a bad run fails before its first step.
+
+Defaults of `PretrainConfig` and `GRPOConfig` are the recipe that worked in the CPU prototype
+(reference/r1-zero-miniature.md): pretrain lr 3e-3, 50-step warmup, cosine to 10%, batch 128;
+GRPO lr 1e-4 (5e-4 collapsed), 16 prompts x G=8 at T=1, beta=0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16")
+SCHEDULES = ("cosine", "constant")
+
+
+def default_threads() -> int:
+    """2 torch threads on a quiet 2-core machine, 1 when a neighbour is busy.
+
+    The prototype measured 2 threads 1.7x faster than 1 when the machine was quiet, but 4-10x
+    *slower* under a busy neighbour (OpenMP barrier stalls), hence the load check.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        load = 0.0
+    return 2 if load < 1.5 else 1
+
+
+def _field(default: Any, help: str, **kw) -> Any:
+    """A dataclass field whose help text the CLI shows."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """The loop: optimizer, schedule, precision, checkpoints, logging."""
+
+    out: str = _field("runs/train", "run directory (config.json, metrics.jsonl, checkpoints/, final/)")
+    seed: int = _field(0, "seed of every random stream (init, data, sampling)")
+    device: str = _field("cpu", "torch device: cpu, cuda, cuda:1, ...")
+    threads: int = _field(0, "torch CPU threads (0: 2 on a quiet machine, 1 when the load average is >= 1.5)")
+    steps: int = _field(100, "optimizer steps (budgets are in steps, so a loaded machine gives the same model later)")
+    lr: float = _field(1e-4, "peak learning rate (AdamW)")
+    warmup_steps: int = _field(0, "linear warmup steps")
+    schedule: str = _field("cosine", "learning-rate schedule after warmup: cosine or constant")
+    min_lr_ratio: float = _field(0.1, "cosine decays to lr * min_lr_ratio")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    adam_beta1: float = _field(0.9, "AdamW beta1")
+    adam_beta2: float = _field(0.99, "AdamW beta2")
+    grad_clip: float = _field(1.0, "clip the global gradient norm to this (0: off)")
+    grad_accum: int = _field(1, "micro-batches per optimizer step (the batch is split into this many)")
+    dtype: str = _field("auto", "autocast dtype: auto (bf16 on CUDA that supports it, fp32 on CPU), "
+                        "float32, bfloat16")
+    save_every: int = _field(0, "write a resumable checkpoint every N steps (0: only at the end and on Ctrl-C)")
+    keep_checkpoints: int = _field(2, "how many step checkpoints to keep")
+    resume: bool = _field(False, "continue from the latest checkpoint in --out (exactly: optimizer, schedule, "
+                          "data, RNG)")
+    progress: bool = _field(True, "show a progress bar")
+
+    def __post_init__(self):
+        if self.threads == 0:
+            self.threads = default_threads()
+        positive = ("steps", "grad_accum", "keep_checkpoints", "threads")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0 or self.save_every < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("--warmup-steps, --save-every, --grad-clip and --weight-decay must be >= 0")
+        if self.warmup_steps >= self.steps and self.steps > 1:
+            raise ValueError(
+                f"--warmup-steps {self.warmup_steps} >= --steps {self.steps}: the run would end before the "
+                "peak learning rate; lower --warmup-steps or raise --steps"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Next-token training of a fresh model on a task's corpus of worked solutions."""
+
+    out: str = _field("runs/pretrain", TrainConfig.__dataclass_fields__["out"].metadata["help"])
+    preset: str = _field("tiny-dense", "model preset (tiny-dense, tiny-moe) or a config.json path")
+    task: str = _field("arithmetic", "task whose synthetic corpus to train on")
+    template: str = _field("compact", "prompt template of the task")
+    batch_size: int = _field(128, "sequences per optimizer step")
+    steps: int = _field(650, "optimizer steps (650 x 128: the prototype's base that is right ~15-25% of the time)")
+    lr: float = _field(3e-3, "peak learning rate")
+    warmup_steps: int = _field(50, "linear warmup steps")
+    weight_decay: float = _field(0.1, "AdamW weight decay")
+    adam_beta2: float = _field(0.95, "AdamW beta2")
+    p_direct: float = _field(0.6, "share of 'direct' traces (<think></think> then the answer): the 'blurt' path")
+    p_slip: float = _field(0.3, "share of scratchpad traces with one propagated arithmetic slip")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_batch(self)
+        for name in ("p_direct", "p_slip"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on prompt/completion or chat records; loss on completion tokens only."""
+
+    out: str = _field("runs/sft", TrainConfig.__dataclass_fields__["out"].metadata["help"])
+    model: str = _field("", "checkpoint directory to fine-tune", required=True)
+    data: str = _field("", "JSONL file: {prompt, completion} or {messages: [...]} per line", required=True)
+    batch_size: int = _field(32, "sequences per optimizer step")
+    lr: float = _field(1e-4, "peak learning rate")
+    max_length: int = _field(512, "drop records longer than this many tokens")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_batch(self)
+        self.model = _check_model_dir(self.model, "--model")
+        if not Path(self.data).is_file():
+            raise ValueError(f"--data {self.data!r} does not exist; give a JSONL file of prompt/completion records")
+
+
+@dataclass
+class DistillConfig(SFTConfig):
+    """Rejection-sample a teacher on a task, keep the correct completions, fine-tune the student."""
+
+    out: str = _field("runs/distill", TrainConfig.__dataclass_fields__["out"].metadata["help"])
+    teacher: str = _field("", "teacher checkpoint directory (samples through the engine)", required=True)
+    student: str = _field("", "student checkpoint directory (fine-tuned)", required=True)
+    model: str = _field("", "unused by distill (see --student)")
+    data: str = _field("", "unused by distill (the teacher writes the data)")
+    task: str = _field("arithmetic", "task to sample and score")
+    template: str = _field("compact", "prompt template of the task")
+    num_prompts: int = _field(512, "problems the teacher attempts")
+    samples_per_prompt: int = _field(4, "teacher samples per problem")
+    temperature: float = _field(1.0, "teacher sampling temperature")
+    max_tokens: int = _field(64, "most new tokens per teacher sample")
+    keep_per_prompt: int = _field(1, "correct samples kept per problem (distinct texts)")
+
+    def __post_init__(self):
+        TrainConfig.__post_init__(self)
+        _check_batch(self)
+        self.teacher = _check_model_dir(self.teacher, "--teacher")
+        self.student = _check_model_dir(self.student, "--student")
+        for name in ("num_prompts", "samples_per_prompt", "max_tokens", "keep_per_prompt"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.keep_per_prompt > self.samples_per_prompt:
+            raise ValueError("--keep-per-prompt cannot exceed --samples-per-prompt; lower it")
+
+
+SCALE_REWARDS = ("group", "none")
+LOSS_AGGS = ("token", "sequence", "constant")
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """GRPO with answer-only rewards (see grpo.py for the exact variant)."""
+
+    out: str = _field("runs/grpo", TrainConfig.__dataclass_fields__["out"].metadata["help"])
+    model: str = _field("", "checkpoint directory of the policy to train", required=True)
+    task: str = _field("arithmetic", "task whose problems and rule-based reward to use")
+    template: str = _field("compact", "prompt template of the task")
+    prompts_per_step: int = _field(16, "problems per step (each sampled G times)")
+    group_size: int = _field(8, "G: completions per problem")
+    temperature: float = _field(1.0, "rollout sampling temperature")
+    max_tokens: int = _field(48, "most new tokens per completion")
+    steps: int = _field(100, "GRPO steps (one batch of rollouts each)")
+    lr: float = _field(1e-4, "learning rate (the prototype collapsed at 5e-4)")
+    schedule: str = _field("constant", "learning-rate schedule after warmup: cosine or constant")
+    epsilon_low: float = _field(0.2, "ratio clip below: 1 - epsilon_low")
+    epsilon_high: float = _field(0.28, "ratio clip above: 1 + epsilon_high (DAPO clip-higher)")
+    beta: float = _field(0.0, "KL(k3) coefficient to the initial policy (0: no reference model is kept)")
+    scale_rewards: str = _field("group", "advantage scaling: group ((r-mean)/std) or none (Dr.GRPO: r-mean)")
+    loss_agg: str = _field("token", "token (DAPO: sum / all tokens), sequence (GRPO: mean per sequence) or "
+                           "constant (Dr.GRPO: sum / (sequences * max_tokens))")
+    dynamic_sampling: bool = _field(False, "DAPO dynamic sampling: refill dropped zero-variance groups with "
+                                    "new prompts")
+    max_sampling_rounds: int = _field(3, "most extra rollout rounds per step for --dynamic-sampling")
+    overlong_filter: bool = _field(False, "mask truncated completions out of the loss (DAPO overlong filtering)")
+    updates_per_batch: int = _field(1, "mu: optimizer passes over each batch (>1 uses stored old log-probs)")
+    minibatches: int = _field(1, "optimizer steps per pass: the batch is split into this many minibatches")
+    eval_every: int = _field(0, "evaluate on held-out problems every N steps (0: off)")
+    eval_problems: int = _field(200, "held-out problems for --eval-every")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.model = _check_model_dir(self.model, "--model")
+        for name in ("prompts_per_step", "max_tokens", "updates_per_batch", "minibatches", "max_sampling_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(
+                f"--group-size {self.group_size}: group-relative advantages need at least 2 samples per prompt"
+            )
+        if self.prompts_per_step % self.minibatches:
+            raise ValueError(
+                f"--prompts-per-step {self.prompts_per_step} is not divisible by --minibatches {self.minibatches}; "
+                "minibatches hold whole groups, so pick a divisor"
+            )
+        if self.temperature <= 0:
+            raise ValueError(
+                f"--temperature {self.temperature}: GRPO needs diverse samples within a group; "
+                "use a temperature > 0 (1.0)"
+            )
+        if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
+            raise ValueError("--epsilon-low must be in [0, 1) and --epsilon-high >= 0")
+        if self.beta < 0:
+            raise ValueError(f"--beta must be >= 0, got {self.beta}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"--scale-rewards {self.scale_rewards!r}: use one of {', '.join(SCALE_REWARDS)}")
+        if self.loss_agg not in LOSS_AGGS:
+            raise ValueError(f"--loss-agg {self.loss_agg!r}: use one of {', '.join(LOSS_AGGS)}")
+        if self.grad_accum != 1:
+            raise ValueError("--grad-accum does not apply to grpo; use --minibatches to split a batch")
+
+    @property
+    def batch_completions(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+def _check_batch(cfg) -> None:
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.batch_size % cfg.grad_accum:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}; "
+            "pick a batch size that is a multiple of it"
+        )
+
+
+def _check_model_dir(path: str, flag: str) -> str:
+    """The checkpoint directory for `path`: a directory with config.json, or a registry name."""
+    if not path:
+        raise ValueError(f"{flag} is required: a checkpoint directory (e.g. the final/ of a pretrain run)")
+    if (Path(path) / "config.json").is_file():
+        return path
+    try:
+        from qiusuo.registry import resolve_model
+    except ImportError:
+        resolve_model = None
+    if resolve_model is not None and not Path(path).exists() and "/" not in path:  # NAME[:TAG]
+        try:
+            return str(resolve_model(path))
+        except ValueError as e:
+            raise ValueError(f"{flag} {path!r}: {e}") from None
+    raise ValueError(f"{flag} {path!r} is not a checkpoint directory (no config.json); "
+                     "point it at a directory written by qiusuo (e.g. runs/pretrain/final) or a registry name")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+__all__ = ["TrainConfig", "PretrainConfig", "SFTConfig", "DistillConfig", "GRPOConfig", "default_threads"]

@@ -1,0 +1,68 @@
+"""Shared data plumbing of the stages: per-step seeds, prompt encoding, padded batches, tasks.
+
+Every stage derives step s's data and sampling seeds from (seed, s) alone (`step_seed`), which is
+what makes `--resume` exact without saving a data iterator.
+
+Sequence layout everywhere: [bos] prompt-tokens completion-tokens [eos] [pad ...] (right
+padding, so positions 0..len-1 are those of the unpadded row and causal attention never looks
+at the padding of its own row).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+def step_seed(seed: int, *parts: int) -> int:
+    """A 31-bit seed for (seed, step, ...): independent streams per step without saved state."""
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """[bos] + prompt tokens: the exact prefix pretraining, SFT, GRPO and eval all use."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer.encode(prompt)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows and their 0/1 target masks -> input_ids (B, S) long, mask (B, S) bool."""
+    S = max(len(r) for r in rows)
+    ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), S), dtype=torch.bool)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    return ids.to(device), mask.to(device)
+
+
+def completion_row(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """(ids, target mask) of a training example: loss on the completion and the closing eos."""
+    p = prompt_ids(tokenizer, prompt)
+    c = tokenizer.encode(completion) + [tokenizer.eos_token_id]
+    return p + c, [0] * len(p) + [1] * len(c)
+
+
+def load_task(name_or_task: Any, template: str = "compact"):
+    """A task object from its registered name (a clear error listing the known ones), or as given."""
+    if not isinstance(name_or_task, str):
+        return name_or_task
+    try:
+        from qiusuo.tasks import get
+    except ImportError:  # the package __init__ (which registers the built-ins) is not there yet
+        import importlib
+
+        for module in ("arithmetic", "countdown"):
+            importlib.import_module(f"qiusuo.tasks.{module}")
+        from qiusuo.tasks.registry import get
+    return get(name_or_task, template=template)
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+__all__ = ["step_seed", "prompt_ids", "pad_rows", "completion_row", "load_task", "pad_id"]

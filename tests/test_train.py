@@ -1,0 +1,258 @@
+"""The training loop: config validation, schedule, exact resume, NaN stop, Ctrl-C, SFT and distill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qiusuo.model import build_model, save_model
+from qiusuo.train.config import DistillConfig, GRPOConfig, PretrainConfig, SFTConfig, TrainConfig
+from qiusuo.train.loop import NonFiniteLossError, lr_at
+from qiusuo.train.pretrain import SFT, Pretrain
+
+torch.set_num_threads(1)
+FAST = dict(threads=1, progress=False)
+
+
+def tiny_pretrain(tmp_path, name="run", **kw) -> PretrainConfig:
+    args = dict(out=str(tmp_path / name), steps=4, batch_size=8, warmup_steps=1, preset="tiny-dense", **FAST)
+    return PretrainConfig(**{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    model, tok = build_model("tiny-dense", seed=0)
+    return str(save_model(model, tok, tmp_path_factory.mktemp("ckpt") / "base"))
+
+
+# ------------------------------------------------------------------ config validation
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=10, grad_accum=3), "not divisible by --grad-accum"),
+    (dict(warmup_steps=10, steps=5), "--warmup-steps"),
+    (dict(lr=0.0), "--lr must be positive"),
+    (dict(schedule="linear"), "cosine, constant"),
+    (dict(dtype="fp8"), "--dtype"),
+    (dict(p_direct=1.5), "--p-direct"),
+])
+def test_pretrain_config_errors_name_the_fix(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pretrain(tmp_path, **kwargs)
+
+
+def test_grpo_config_errors(tmp_path, ckpt):
+    with pytest.raises(ValueError, match="no config.json"):
+        GRPOConfig(model=str(tmp_path / "missing"), **FAST)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        GRPOConfig(model=ckpt, group_size=1, **FAST)
+    with pytest.raises(ValueError, match="not divisible by --minibatches"):
+        GRPOConfig(model=ckpt, prompts_per_step=6, minibatches=4, **FAST)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        GRPOConfig(model=ckpt, temperature=0.0, **FAST)
+    with pytest.raises(ValueError, match="use --minibatches"):
+        GRPOConfig(model=ckpt, grad_accum=2, **FAST)
+    with pytest.raises(ValueError, match="--loss-agg"):
+        GRPOConfig(model=ckpt, loss_agg="mean", **FAST)
+    with pytest.raises(ValueError, match="--data"):
+        SFTConfig(model=ckpt, data=str(tmp_path / "none.jsonl"), **FAST)
+    with pytest.raises(ValueError, match="--keep-per-prompt"):
+        DistillConfig(teacher=ckpt, student=ckpt, samples_per_prompt=2, keep_per_prompt=3, **FAST)
+
+
+def test_unknown_task_is_rejected_before_the_first_step(tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'nope'.*arithmetic"):
+        Pretrain(tiny_pretrain(tmp_path, task="nope"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_threads_default_follows_the_load():
+    cfg = TrainConfig(progress=False)
+    assert cfg.threads in (1, 2)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=11, lr=1.0, warmup_steps=2, min_lr_ratio=0.1, threads=1)
+    assert lr_at(cfg, 0) == pytest.approx(0.5) and lr_at(cfg, 1) == pytest.approx(1.0)
+    assert lr_at(cfg, 2) == pytest.approx(1.0) and lr_at(cfg, 10) == pytest.approx(0.1)
+    assert lr_at(cfg, 6) == pytest.approx(0.55)  # half way down the cosine
+    const = TrainConfig(steps=11, lr=1.0, schedule="constant", threads=1)
+    assert {lr_at(const, s) for s in range(11)} == {1.0}
+
+
+# ------------------------------------------------------------------ run directory and resume
+def test_pretrain_writes_a_run_directory(tmp_path):
+    result = Pretrain(tiny_pretrain(tmp_path)).run()
+    run = tmp_path / "run"
+    assert result.status == "completed" and result.step == 4
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"loss", "lr", "tokens", "tokens_per_s", "time", "grad_norm"} <= set(rows[0])
+    assert json.loads((run / "config.json").read_text())["config"]["batch_size"] == 8
+    meta = json.loads((run / "final" / "qiusuo.json").read_text())
+    assert meta["stage"] == "pretrain" and meta["recipe"]["steps"] == 4 and "loss" in meta["metrics"]
+    with pytest.raises(ValueError, match="--resume"):  # never clobber a finished run silently
+        Pretrain(tiny_pretrain(tmp_path)).run()
+
+
+def _interrupt_after(stage, n_steps: int):
+    """Ask the trainer to stop (what the Ctrl-C handler does) once n_steps are done."""
+    inner = stage.train_step
+
+    def step_fn(step):
+        out = inner(step)
+        if step + 1 == n_steps:
+            stage.trainer._stop_requested = True
+        return out
+
+    stage.train_step = step_fn
+
+
+def _state(stage):
+    params = {k: v.clone() for k, v in stage.model.state_dict().items()}
+    opt = stage.trainer.optimizer.state_dict()["state"]
+    return params, {k: {n: t.clone() for n, t in s.items()} for k, s in opt.items()}
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, preset):
+    straight = Pretrain(tiny_pretrain(tmp_path, "straight", preset=preset))
+    straight.run()
+
+    first = Pretrain(tiny_pretrain(tmp_path, "split", preset=preset))
+    _interrupt_after(first, 2)
+    result = first.run()
+    assert result.status == "interrupted" and result.step == 2
+    torch.manual_seed(12345)  # disturb the global RNG: resume must restore it
+    second = Pretrain(tiny_pretrain(tmp_path, "split", preset=preset, resume=True))
+    assert second.run().step == 4
+
+    (p1, o1), (p2, o2) = _state(straight), _state(second)
+    for k in p1:
+        assert torch.equal(p1[k], p2[k]), k
+    for k in o1:
+        for n in o1[k]:
+            assert torch.equal(o1[k][n], o2[k][n]), (k, n)
+    losses = lambda name: [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert losses("straight") == losses("split")
+
+
+def test_resume_refuses_a_changed_recipe_and_a_missing_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint"):
+        Pretrain(tiny_pretrain(tmp_path, resume=True)).run()
+    Pretrain(tiny_pretrain(tmp_path, steps=2)).run()
+    with pytest.raises(ValueError, match="different lr"):
+        Pretrain(tiny_pretrain(tmp_path, steps=4, lr=1e-3, resume=True)).run()
+    assert Pretrain(tiny_pretrain(tmp_path, steps=3, resume=True)).run().step == 3  # more steps is fine
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    stage = Pretrain(tiny_pretrain(tmp_path, steps=6, save_every=2))
+    real = stage.model.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(ids, mask):
+        calls["n"] += 1
+        out = real(ids, mask)
+        if calls["n"] == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    stage.model.compute_loss = poisoned
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 3.*step-000002"):
+        stage.run()
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-000002"] and not (tmp_path / "run" / "final").exists()
+
+
+# ------------------------------------------------------------------ SFT and distillation
+def test_sft_reads_prompt_completion_and_chat_records(tmp_path, ckpt):
+    data = tmp_path / "data.jsonl"
+    records = [{"prompt": "12+34=", "completion": "<think></think><answer>46</answer>"},
+               {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = SFTConfig(model=ckpt, data=str(data), out=str(tmp_path / "sft"), steps=3, batch_size=2, lr=1e-3, **FAST)
+    stage = SFT(cfg)
+    _, mask = stage.rows[0]
+    assert sum(mask) == len(stage.tokenizer.encode(records[0]["completion"])) + 1  # completion + eos only
+    stage.run()
+    meta = json.loads((tmp_path / "sft" / "final" / "qiusuo.json").read_text())
+    assert meta["stage"] == "sft" and meta["parent"] == ckpt
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        SFT(SFTConfig(model=ckpt, data=str(bad), out=str(tmp_path / "b"), **FAST))
+
+
+def test_distill_keeps_only_correct_teacher_samples(tmp_path, ckpt):
+    from qiusuo.train.distill import rejection_sample
+    from qiusuo.engine import LLM
+    from qiusuo.train.data import load_task
+
+    task = load_task("arithmetic")
+    problems = task.generate(4, seed=0)
+    model, tok = build_model("tiny-dense", seed=0)
+    records, stats = rejection_sample(LLM(model=model, tokenizer=tok), tok, task, problems, samples=2,
+                                      temperature=1.0, max_tokens=8, seed=0, keep=1)
+    assert records == [] and stats["teacher_accuracy"] == 0.0  # a random model solves nothing
+
+    class Oracle:  # an engine stand-in that answers right: every record must be kept once
+        def generate(self, prompts, params):
+            from types import SimpleNamespace as NS
+
+            return [NS(outputs=[NS(text=task.solution(p, None, "direct"))] * params.n) for p in problems]
+
+    records, stats = rejection_sample(Oracle(), tok, task, problems, 3, 1.0, 8, 0, keep=2)
+    assert len(records) == 4 and stats["teacher_accuracy"] == 1.0
+    assert records[0] == {"prompt": problems[0].prompt, "completion": task.solution(problems[0], None, "direct")}
+
+
+# ------------------------------------------------------------------ CLI
+def _cli(argv):
+    import argparse
+
+    from qiusuo.cli import train
+
+    parser = argparse.ArgumentParser(prog="qiusuo")
+    train.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_pretrain_then_grpo_then_resume(tmp_path):
+    common = ["--threads", "1", "--no-progress", "--seed", "3"]
+    assert _cli(["pretrain", "--out", str(tmp_path / "pt"), "--steps", "2", "--batch-size", "4",
+                 "--warmup-steps", "1", *common]) == 0
+    base = str(tmp_path / "pt" / "final")
+    grpo = ["grpo", "--model", base, "--out", str(tmp_path / "rl"), "--prompts-per-step", "2", "--group-size", "2",
+            "--max-tokens", "4", "--scale-rewards", "none", "--dynamic-sampling", *common]
+    assert _cli([*grpo, "--steps", "1"]) == 0
+    assert _cli([*grpo, "--steps", "2", "--resume"]) == 0
+    saved = json.loads((tmp_path / "rl" / "config.json").read_text())["config"]
+    assert saved["dynamic_sampling"] is True and saved["scale_rewards"] == "none" and saved["seed"] == 3
+    assert len((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    code = ("import argparse, sys; from qiusuo.cli import train; p = argparse.ArgumentParser(); "
+            "train.register(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "pretrain", "--out", str(out), "--steps", "100000",
+                             "--batch-size", "4", "--threads", "1", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    steps = len(metrics.read_text().splitlines())
+    assert f"saved step {steps}" in output
+    assert (out / "checkpoints" / f"step-{steps:06d}" / "trainer_state.json").is_file()
