@@ -211,3 +211,26 @@ def test_grpo_resume_equals_an_uninterrupted_run(tmp_path, base_ckpt):
     assert second.run().step == 4
     for (k, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_rollout_noise_differs_across_prompts(tmp_path, base_ckpt):
+    """Regression: all prompts of a step once shared one seed, so with the engine's counter-based
+    noise every prompt's k-th sample drew the same noise at each position. With uniform logits the
+    samples are the noise alone: identical prompts must still get different groups."""
+    import torch
+
+    from qiusuo.train.grpo import GRPO
+
+    class SamePrompt(DigitsTask):
+        def generate(self, n, seed, split="train"):
+            from qiusuo.tasks.base import Problem
+
+            return [Problem(prompt="7=", question="q", answer="0") for _ in range(n)]
+
+    grpo = GRPO(grpo_cfg(tmp_path, base_ckpt), task=SamePrompt())
+    with torch.no_grad():
+        grpo.model.model.embed_tokens.weight.zero_()  # tied head: every logit equal, sampling is noise
+    grpo.generate_seconds = 0.0  # normally set by run()
+    outs, _, _ = grpo._sample(step=0, round_=0)
+    groups = [tuple(tuple(o.token_ids) for o in r.outputs) for r in outs]
+    assert len(set(groups)) == len(groups), "prompts of one step drew identical samples"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -14,24 +13,10 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def default_threads() -> int:
-    """2 threads on a quiet 2-core machine, 1 under load (reference/r1-zero-miniature.md)."""
-    cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    if cores <= 2:
-        return 1 if load > 1.5 else cores
-    return max(1, cores - int(load))  # leave the cores a neighbour is using
-
-
 def apply_threads(threads: int | None) -> int:
-    import torch
+    from qiusuo.runtime import set_threads
 
-    n = threads or default_threads()
-    torch.set_num_threads(n)
-    return n
+    return set_threads(threads)
 
 
 def resolve_model(name_or_path: str):

@@ -13,26 +13,14 @@ GRPO lr 1e-4 (5e-4 collapsed), 16 prompts x G=8 at T=1, beta=0.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qiusuo.runtime import default_threads
+
 DTYPES = ("auto", "float32", "bfloat16")
 SCHEDULES = ("cosine", "constant")
-
-
-def default_threads() -> int:
-    """2 torch threads on a quiet 2-core machine, 1 when a neighbour is busy.
-
-    The prototype measured 2 threads 1.7x faster than 1 when the machine was quiet, but 4-10x
-    *slower* under a busy neighbour (OpenMP barrier stalls), hence the load check.
-    """
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        load = 0.0
-    return 2 if load < 1.5 else 1
 
 
 def _field(default: Any, help: str, **kw) -> Any:
@@ -276,4 +264,4 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-__all__ = ["TrainConfig", "PretrainConfig", "SFTConfig", "DistillConfig", "GRPOConfig", "default_threads"]
+__all__ = ["TrainConfig", "PretrainConfig", "SFTConfig", "DistillConfig", "GRPOConfig"]

@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import GRPOConfig, PretrainConfig, default_threads
+from qiusuo.runtime import default_threads
+
+from .config import GRPOConfig, PretrainConfig
 
 EVAL_SEED = 1234  # the held-out problems: the same before and after RL
 
@@ -84,14 +86,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     grpo = GRPO(grpo_cfg, on_step=lambda step, m: curves.append({"step": step + 1, **m}))
     problems = grpo.task.generate(cfg.eval_problems, seed=EVAL_SEED, split="test")
     print(f"[2/4] evaluating the base on {len(problems)} held-out problems")
-    before = evaluate(grpo.llm, grpo.tokenizer, grpo.task, problems, samples=cfg.eval_samples, seed=EVAL_SEED)
+    before = evaluate(grpo.llm, grpo.task, problems, samples=cfg.eval_samples, seed=EVAL_SEED)
     print(f"[3/4] GRPO: {cfg.grpo_steps} steps x {cfg.prompts_per_step} prompts x G={cfg.group_size}, T=1, "
           f"lr {cfg.grpo_lr:g}, beta 0, reward 1 if right else 0.1 if well-formed")
     t = time.perf_counter()
     grpo.run()
     grpo_s = time.perf_counter() - t
     print("[4/4] evaluating the RL model on the same held-out problems")
-    after = evaluate(grpo.llm, grpo.tokenizer, grpo.task, problems, samples=cfg.eval_samples, seed=EVAL_SEED)
+    after = evaluate(grpo.llm, grpo.task, problems, samples=cfg.eval_samples, seed=EVAL_SEED)
 
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     gain = 100 * (after["accuracy"] - before["accuracy"])

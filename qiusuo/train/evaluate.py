@@ -1,9 +1,9 @@
-"""Held-out evaluation for the training stages and the demo, through the engine.
+"""The held-out check the demo and GRPO runs print: greedy and temperature-1 figures from `qiusuo.eval`.
 
-Greedy accuracy (deterministic) and temperature-1 pass@1 (mean over `samples` draws per problem),
+Greedy accuracy (deterministic) and temperature-1 pass@1 (over `samples` draws per problem),
 format rate, completion length, and the "empty think" rate: the share of completions that open
 with `<think></think>`, i.e. blurt an answer without working it out (the behaviour GRPO trains away
-in the miniature, reference/r1-zero-miniature.md).
+in the miniature, reference/r1-zero-miniature.md), with the T=1 accuracy of each path.
 """
 
 from __future__ import annotations
@@ -11,35 +11,25 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-from .data import prompt_ids
+from qiusuo.eval import evaluate as run_eval
 
 
-def evaluate(llm, tokenizer, task, problems: Sequence[Any], *, samples: int = 2, max_tokens: int = 48,
+def evaluate(llm, task, problems: Sequence[Any], *, samples: int = 2, max_tokens: int = 48,
              seed: int = 0) -> dict[str, float]:
-    from qiusuo.engine import SamplingParams
-
     t0 = time.perf_counter()
-    prompts = [prompt_ids(tokenizer, p.prompt) for p in problems]
+    greedy = run_eval(llm, task, problems, samples=1, temperature=0.0, max_tokens=max_tokens, seed=seed)
+    sampled = run_eval(llm, task, problems, samples=samples, temperature=1.0, max_tokens=max_tokens, seed=seed)
     out: dict[str, float] = {"problems": len(problems)}
-    runs = [("greedy_", SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens)),
-            ("", SamplingParams(n=samples, temperature=1.0, max_tokens=max_tokens, seed=seed))]
-    think, end = tokenizer.think_start_id, tokenizer.think_end_id
-    for prefix, params in runs:
-        results = llm.generate(prompts, params)
-        completions = [o for r in results for o in r.outputs]
-        expanded = [p for p in problems for _ in range(params.n)]
-        scores = task.score_many(expanded, [o.text for o in completions])
-        n = len(completions)
-        acc = sum(s.accuracy for s in scores) / n
-        out[prefix + ("accuracy" if prefix else "pass1")] = acc
-        out[prefix + "format_rate"] = sum(s.format for s in scores) / n
-        out[prefix + "length"] = sum(len(o.token_ids) for o in completions) / n
-        out[prefix + "empty_think_rate"] = sum(list(o.token_ids[:2]) == [think, end] for o in completions) / n
-        if not prefix:  # accuracy split by the path the model chose (direct vs worked out)
-            direct = [s.accuracy for s, o in zip(scores, completions) if list(o.token_ids[:2]) == [think, end]]
-            worked = [s.accuracy for s, o in zip(scores, completions) if list(o.token_ids[:2]) != [think, end]]
-            out["direct_accuracy"] = sum(direct) / len(direct) if direct else 0.0
-            out["scratchpad_accuracy"] = sum(worked) / len(worked) if worked else 0.0
+    for prefix, r in (("greedy_", greedy), ("", sampled)):
+        out[prefix + ("accuracy" if prefix else "pass1")] = r.metrics["pass@1"]
+        out[prefix + "format_rate"] = r.metrics["format_rate"]
+        out[prefix + "length"] = r.metrics["mean_completion_tokens"]
+        out[prefix + "empty_think_rate"] = r.metrics["empty_think_rate"]
+    flat = [s for rec in sampled.records for s in rec["samples"]]
+    direct = [s["correct"] for s in flat if s["empty_think"]]
+    worked = [s["correct"] for s in flat if not s["empty_think"]]
+    out["direct_accuracy"] = sum(direct) / len(direct) if direct else 0.0
+    out["scratchpad_accuracy"] = sum(worked) / len(worked) if worked else 0.0
     out["accuracy"] = out.pop("greedy_accuracy")
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}

@@ -67,7 +67,10 @@ class GRPO:
         cfg = self.cfg
         seed = step_seed(cfg.seed, step, round_)
         problems = self.task.generate(cfg.prompts_per_step, seed=seed, split="train")
-        params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=seed)
+        # One seed per prompt: with a shared seed every prompt's k-th sample would draw the same
+        # noise at each position (the engine's noise is a function of seed and position only).
+        params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                                 seed=step_seed(cfg.seed, step, round_, i)) for i in range(len(problems))]
         t0 = time.perf_counter()
         outs = self.llm.generate([prompt_ids(self.tokenizer, p.prompt) for p in problems], params)
         self.generate_seconds += time.perf_counter() - t0
@@ -185,7 +188,7 @@ class GRPO:
         from .evaluate import evaluate
 
         problems = self.task.generate(num_problems or self.cfg.eval_problems, seed=seed, split="test")
-        return evaluate(self.llm, self.tokenizer, self.task, problems, max_tokens=self.cfg.max_tokens, seed=seed)
+        return evaluate(self.llm, self.task, problems, max_tokens=self.cfg.max_tokens, seed=seed)
 
     # ------------------------------------------------------------------ run
     def run(self) -> FitResult:
