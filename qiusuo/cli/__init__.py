@@ -14,7 +14,7 @@ import sys
 from qiusuo import __version__
 
 # Command modules, in the order `qiusuo --help` lists them.
-COMMAND_MODULES = ["demo", "train", "generate", "eval", "serve", "export", "model", "models"]
+COMMAND_MODULES = ["demo", "train", "generate", "eval", "serve", "deploy", "export", "model", "models"]
 
 
 def build_parser() -> argparse.ArgumentParser:
