@@ -22,6 +22,16 @@ def test_help_lists_commands(capsys):
     assert "init" in out and "info" in out
 
 
+def test_every_command_has_working_help(capsys):
+    """Regression: `qiusuo pretrain --help` crashed on a '%' in a generated help string."""
+    from qiusuo.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name, parser in sub.choices.items():
+        text = parser.format_help()
+        assert name in text
+
+
 def test_init_then_info(tmp_path, capsys):
     assert main(["init", "--preset", "tiny-dense", "--out", str(tmp_path / "m")]) == 0
     model, tokenizer = load_model(tmp_path / "m")
