@@ -95,6 +95,18 @@ def test_pretrain_writes_a_run_directory(tmp_path):
         Pretrain(tiny_pretrain(tmp_path)).run()
 
 
+def test_register_imports_the_final_model(tmp_path, monkeypatch):
+    from qiusuo.registry import Registry
+
+    monkeypatch.setenv("QIUSUO_HOME", str(tmp_path / "home"))
+    with pytest.raises(ValueError, match="name"):  # a bad name fails before any step
+        tiny_pretrain(tmp_path, "bad", register="no spaces allowed")
+    Pretrain(tiny_pretrain(tmp_path, register="tiny-base:v1")).run()
+    info = Registry().show("tiny-base:v1")
+    assert info.source_run == str(tmp_path / "run")
+    assert info.architecture == "Qwen2ForCausalLM"
+
+
 def _interrupt_after(stage, n_steps: int):
     """Ask the trainer to stop (what the Ctrl-C handler does) once n_steps are done."""
     inner = stage.train_step

@@ -55,8 +55,13 @@ class TrainConfig:
     resume: bool = _field(False, "continue from the latest checkpoint in --out (exactly: optimizer, schedule, "
                           "data, RNG)")
     progress: bool = _field(True, "show a progress bar")
+    register: str = _field("", "import the final model into the model registry under this NAME[:TAG]")
 
     def __post_init__(self):
+        if self.register:
+            from qiusuo.registry import parse_name
+
+            parse_name(self.register)  # a bad name fails now, not after the run
         if self.threads == 0:
             self.threads = default_threads()
         positive = ("steps", "grad_accum", "keep_checkpoints", "threads")

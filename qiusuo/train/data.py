@@ -50,14 +50,8 @@ def load_task(name_or_task: Any, template: str = "compact"):
     """A task object from its registered name (a clear error listing the known ones), or as given."""
     if not isinstance(name_or_task, str):
         return name_or_task
-    try:
-        from qiusuo.tasks import get
-    except ImportError:  # the package __init__ (which registers the built-ins) is not there yet
-        import importlib
+    from qiusuo.tasks import get
 
-        for module in ("arithmetic", "countdown"):
-            importlib.import_module(f"qiusuo.tasks.{module}")
-        from qiusuo.tasks.registry import get
     return get(name_or_task, template=template)
 
 

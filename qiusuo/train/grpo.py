@@ -62,22 +62,12 @@ class GRPO:
 
     # ------------------------------------------------------------------ rollouts
     def _sample(self, step: int, round_: int):
-        from qiusuo.engine import SamplingParams
-
         cfg = self.cfg
-        seed = step_seed(cfg.seed, step, round_)
-        problems = self.task.generate(cfg.prompts_per_step, seed=seed, split="train")
-        # One seed per prompt: with a shared seed every prompt's k-th sample would draw the same
-        # noise at each position (the engine's noise is a function of seed and position only).
-        params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                                 seed=step_seed(cfg.seed, step, round_, i)) for i in range(len(problems))]
-        t0 = time.perf_counter()
-        outs = self.llm.generate([prompt_ids(self.tokenizer, p.prompt) for p in problems], params)
-        self.generate_seconds += time.perf_counter() - t0
+        problems = self.task.generate(cfg.prompts_per_step, seed=step_seed(cfg.seed, step, round_), split="train")
+        seeds = [step_seed(cfg.seed, step, round_, i) for i in range(len(problems))]
+        outs, completions, scores, seconds = sample_groups(self.llm, self.tokenizer, self.task, problems, seeds, cfg)
+        self.generate_seconds += seconds
         self.model.train()
-        completions = [o for r in outs for o in r.outputs]  # group-major (N,)
-        group_problems = [p for p in problems for _ in range(cfg.group_size)]
-        scores = self.task.score_many(group_problems, [o.text for o in completions])
         return outs, completions, scores
 
     def rollout(self, step: int) -> tuple[Rollouts | None, dict[str, float]]:
@@ -148,22 +138,23 @@ class GRPO:
         for _ in range(cfg.updates_per_batch):
             for start in range(0, batch.num_groups, groups_per_mb):
                 rows = slice(start * G, min(batch.num_groups, start + groups_per_mb) * G)
-                logp, ent = self._logprobs(self.model, batch, rows, entropy=entropy is None)
-                mask = batch.completion_mask[rows]
-                if ent is not None:
-                    entropy = float((ent * mask).sum() / mask.sum().clamp(min=1))
-                n_rows = rows.stop - rows.start
-                out = policy_loss(
-                    logp, logp.detach() if on_policy else old_logp[rows], batch.advantages[rows], mask,
-                    epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
-                    ref_logp=None if ref_logp is None else ref_logp[rows], agg=cfg.loss_agg,
-                    normalizer=n_rows * cfg.max_tokens if cfg.loss_agg == "constant" else None,
-                )
-                self.trainer.backward(out.loss)
+                mine, world = self._shard(rows)
+                if mine.stop > mine.start:  # a data-parallel rank may hold none of a small minibatch
+                    logp, ent = self._logprobs(self.model, batch, mine, entropy=entropy is None)
+                    mask = batch.completion_mask[mine]
+                    if ent is not None:
+                        entropy = float((ent * mask).sum() / mask.sum().clamp(min=1))
+                    out = policy_loss(
+                        logp, logp.detach() if on_policy else old_logp[mine], batch.advantages[mine], mask,
+                        epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+                        ref_logp=None if ref_logp is None else ref_logp[mine], agg=cfg.loss_agg,
+                        normalizer=self._normalizer(batch, rows, world),
+                    )
+                    self.trainer.backward(out.loss)
+                    for k in ("clip_fraction", "kl", "ratio_mean"):
+                        stats[k].append(getattr(out, k))
+                    stats["loss"].append(float(out.loss.detach()))
                 stats["grad_norm"].append(self.trainer.optimizer_step()["grad_norm"])
-                for k in ("clip_fraction", "kl", "ratio_mean"):
-                    stats[k].append(getattr(out, k))
-                stats["loss"].append(float(out.loss.detach()))
         result = {k: sum(v) / len(v) for k, v in stats.items() if v}
         result["entropy"] = entropy if entropy is not None else 0.0
         return result
@@ -206,7 +197,12 @@ def save_final(trainer: Trainer, stage: str, parent: str | None = None) -> Path:
     summary = last_metrics(trainer.run / "metrics.jsonl")
     path = save_model(trainer.model, trainer.tokenizer, trainer.run / "final", metadata={
         "stage": stage, "parent": parent, "recipe": trainer.cfg.to_dict(), "metrics": summary,
-        "steps": trainer.step})
+        "steps": trainer.step, "run_dir": str(trainer.run)})
+    if trainer.cfg.register:
+        from qiusuo.registry import Registry
+
+        info = Registry().import_dir(path, trainer.cfg.register, source_run=str(trainer.run))
+        print(f"registered {path} as {info.ref}")
     return path
 
 
@@ -217,7 +213,8 @@ def last_metrics(path: Path, window: int = 10) -> dict[str, float]:
     if not path.exists():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][-window:]
-    keys = [k for k in (rows[-1] if rows else {}) if isinstance(rows[-1][k], (int, float))]
+    keys = [k for k in (rows[-1] if rows else {})
+            if isinstance(rows[-1][k], (int, float)) and k not in ("step", "time")]
     return {k: round(sum(r.get(k, 0) for r in rows) / len(rows), 6) for k in keys}
 
 
