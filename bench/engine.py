@@ -5,6 +5,8 @@ lengths and token ids drawn with a fixed seed, ignore_eos, greedy in both engine
 same weights: ours are saved in HF layout and loaded by transformers (sdpa attention, use_cache,
 static batches of 32 in request order, left padding; each batch runs until its longest output,
 which is what a static batch costs). Throughput counts the requested output tokens only.
+Each engine's CPU time (process_time) is reported too: with one torch thread it is the work done,
+so `cpu_ratio` stays comparable on a loaded machine where wall-clock ratios swing by 2x.
 
 Achieved GFLOP/s = useful model FLOPs (2 x matmul parameters per token, plus attention over the
 context) / wall time; the roofline fraction divides it by an fp32 sgemm GFLOP/s measured in the
@@ -64,19 +66,19 @@ def sgemm_gflops(size: int = 1024, seconds: float = 1.0) -> float:
     return 2 * size**3 * n / (time.perf_counter() - t0) / 1e9
 
 
-def run_qiusuo(model, reqs) -> tuple[float, int]:
+def run_qiusuo(model, reqs) -> tuple[float, float, int]:
     llm = LLM(model)
     llm.generate([reqs[0][0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
     params = [SamplingParams(temperature=0, max_tokens=out, ignore_eos=True, detokenize=False) for _, out in reqs]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     outs = llm.generate([p for p, _ in reqs], params)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = sum(len(o.outputs[0].token_ids) for o in outs)
     assert n == sum(out for _, out in reqs), "every request must produce its max_tokens"
-    return dt, n
+    return dt, cpu, n
 
 
-def run_transformers(path: Path, reqs, batch_size: int = 32) -> tuple[float, int]:
+def run_transformers(path: Path, reqs, batch_size: int = 32) -> tuple[float, float, int]:
     import transformers
 
     transformers.logging.set_verbosity_error()  # the load report lists the MTP weights it skips
@@ -94,10 +96,10 @@ def run_transformers(path: Path, reqs, batch_size: int = 32) -> tuple[float, int
         assert out.shape[1] == T + new
 
     generate(reqs[:2])  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, len(reqs), batch_size):
         generate(reqs[i:i + batch_size])
-    return time.perf_counter() - t0, sum(o for _, o in reqs)
+    return time.perf_counter() - t0, time.process_time() - c0, sum(o for _, o in reqs)
 
 
 def main() -> None:
@@ -121,11 +123,12 @@ def main() -> None:
         flops = model_flops(model, reqs)
         with tempfile.TemporaryDirectory() as tmp:
             save_model(model, tok, Path(tmp) / "ck")
-            hf_dt, hf_tokens = run_transformers(Path(tmp) / "ck", reqs)
-        q_dt, q_tokens = run_qiusuo(model, reqs)
+            hf_dt, hf_cpu, hf_tokens = run_transformers(Path(tmp) / "ck", reqs)
+        q_dt, q_cpu, q_tokens = run_qiusuo(model, reqs)
         row = {
             "qiusuo_tok_s": round(q_tokens / q_dt, 1), "transformers_tok_s": round(hf_tokens / hf_dt, 1),
             "ratio": round(hf_dt / q_dt, 2), "qiusuo_s": round(q_dt, 2), "transformers_s": round(hf_dt, 2),
+            "qiusuo_cpu_s": round(q_cpu, 2), "transformers_cpu_s": round(hf_cpu, 2), "cpu_ratio": round(hf_cpu / q_cpu, 2),
             "qiusuo_gflops": round(flops / q_dt / 1e9, 2), "transformers_gflops": round(flops / hf_dt / 1e9, 2),
         }
         row["qiusuo_roofline"] = round(row["qiusuo_gflops"] / peak, 4)
@@ -133,7 +136,7 @@ def main() -> None:
         result["presets"][name] = row
         print(f"{name:>10}: qiusuo {row['qiusuo_tok_s']:8.1f} tok/s ({row['qiusuo_gflops']:.2f} GFLOP/s, "
               f"{100 * row['qiusuo_roofline']:.1f}% of sgemm) | transformers {row['transformers_tok_s']:8.1f} tok/s "
-              f"({row['transformers_gflops']:.2f} GFLOP/s) | ratio {row['ratio']:.2f}x")
+              f"({row['transformers_gflops']:.2f} GFLOP/s) | ratio {row['ratio']:.2f}x (CPU time {row['cpu_ratio']:.2f}x)")
     print(json.dumps(result))
 
 

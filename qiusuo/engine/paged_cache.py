@@ -8,7 +8,8 @@ is finite and masked positions cannot turn into NaN (0 * NaN) inside attention.
 For each forward the model runner calls `prepare` with the batch's block tables, the positions of
 the new tokens and their slots; the model then calls `attn_mask` once and `update` per layer.
 `update` writes the new tokens' states into their slots (padding skipped) and gathers each row's
-blocks, so key j of row b is the state at position j of that sequence.
+blocks, so key j of row b is the state at position j of that sequence. The gathered states live
+in scratch buffers shared by every layer, valid until the next `update` (the cache protocol).
 
 Dimension letters: B rows, T new tokens per row (right-padded), S = nb * block_size visible
 positions, nb blocks per row (the longest block table in the batch), N real new tokens.
@@ -48,6 +49,10 @@ class PagedKVCache:
             self.pools.append(tuple(torch.zeros((num_blocks + 1, block_size, *d), dtype=dtype, device=device)
                                     for d in dims))
         self._mask: torch.Tensor | None = None
+        # One gather buffer per state index, shared by every layer: a layer's gathered states are
+        # read by its attention before the next layer gathers. Reusing the memory keeps it hot in
+        # cache and spares the page faults of fresh, ever larger allocations as contexts grow.
+        self._scratch: list[torch.Tensor | None] = [None] * max(len(d) for d in cache_dims(model))
 
     def prepare(self, block_tables: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 valid: torch.Tensor | None) -> None:
@@ -71,11 +76,22 @@ class PagedKVCache:
     def update(self, layer_idx: int, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         B, S = self._shape
         out = []
-        for pool, new in zip(self.pools[layer_idx], states):
+        for i, (pool, new) in enumerate(zip(self.pools[layer_idx], states)):
             dims = pool.shape[2:]
             new = new.reshape(-1, *dims)  # (B*T, ...)
             if self._valid is not None:
                 new = new.index_select(0, self._valid)  # (N, ...)
             pool.view(-1, *dims).index_copy_(0, self._slots, new.to(pool.dtype))
-            out.append(pool.index_select(0, self._block_ids).view(B, S, *dims))  # (B, S, ...)
+            out.append(self._gather(i, pool).view(B, S, *dims))  # (B, S, ...)
         return tuple(out)
+
+    def _gather(self, i: int, pool: torch.Tensor) -> torch.Tensor:
+        """The batch's blocks of `pool` (B*nb, block_size, ...) in scratch buffer i."""
+        n = self._block_ids.numel() * pool[0].numel()
+        buf = self._scratch[i]
+        if buf is None or buf.numel() < n:
+            # Grow by at least a quarter: contexts grow a block at a time.
+            size = n if buf is None else max(n, buf.numel() + buf.numel() // 4)
+            buf = self._scratch[i] = torch.empty(size, dtype=pool.dtype, device=pool.device)
+        out = buf[:n].view(-1, *pool.shape[1:])
+        return torch.index_select(pool, 0, self._block_ids, out=out)

@@ -2,7 +2,8 @@
 
 The model calls, once per forward, `cache.attn_mask(positions)` and then, in each attention
 layer, `cache.update(layer_idx, *states)` with the states of the new tokens, (B, T, ...) each;
-the cache stores them and returns every state visible to the new tokens, (B, S, ...) each. What
+the cache stores them and returns every state visible to the new tokens, (B, S, ...) each, valid
+until the next `update` call (a cache may reuse their memory: the layer reads them at once). What
 a layer caches is its own business (GQA: keys and values; MLA: latent and RoPE key).
 
 `attn_mask` returns a bool mask (B, 1, T, S), True where attention is allowed, or None for
