@@ -164,3 +164,42 @@ def test_counter_based_gumbel_samples_the_softmax():
     draws = (logits - torch.log(-torch.log(u))).argmax(dim=-1)
     freq = torch.bincount(draws, minlength=5).float() / n
     torch.testing.assert_close(freq, logits.softmax(-1), atol=0.01, rtol=0)
+
+
+def test_logits_processors_steer_sampling_and_survive_preemption():
+    """A per-request processor (vLLM's hook) sees the sample's output ids and its logits row; its
+    result drives sampling and logprobs. Here: after 3 tokens, only token 7 may follow."""
+    model = make_model(max_position_embeddings=64)
+    calls = []
+
+    def after_three_force_7(output_ids, logits):
+        calls.append(len(output_ids))
+        if len(output_ids) < 3:
+            return logits
+        forced = torch.full_like(logits, float("-inf"))
+        forced[7] = 0.0
+        return forced
+
+    ps = prompts(6, seed=4)
+    with_proc = SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True, logprobs=0,
+                               logits_processors=[after_three_force_7])
+    plain = SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True)
+    outs = LLM(model=model, tokenizer=None).generate(ps, [with_proc, plain] * 3)
+    baseline = LLM(model=model, tokenizer=None).generate(ps, plain)
+    for i, out in enumerate(outs):
+        ids = out.outputs[0].token_ids
+        if i % 2 == 0:
+            assert ids[3:] == [7] * 5
+            assert ids[:3] == baseline[i].outputs[0].token_ids[:3]  # untouched before it acts
+            assert all(out.outputs[0].logprobs[t][7].logprob == 0.0 for t in range(3, 8))
+        else:
+            assert ids == baseline[i].outputs[0].token_ids  # other requests are not affected
+    assert set(calls) == set(range(8))
+    # a tiny KV budget forces preemption and recomputation: the stateless processor gives the same tokens
+    bytes_per_block = 4 * LLMEngine(model).kv_cache_bytes_per_token
+    small = LLM(model=model, tokenizer=None, block_size=4, kv_cache_bytes=18 * bytes_per_block)
+    again = small.generate(ps, [with_proc, plain] * 3)
+    assert small.llm_engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
+    with pytest.raises(ValueError, match="logits_processors"):
+        SamplingParams(logits_processors=["not callable"])

@@ -8,6 +8,7 @@ the expert choice; the experts themselves are checked against `Experts` under id
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qiusuo.export import QuantizedLinear, quantize_model
@@ -89,3 +90,30 @@ def test_quantized_model_generates_with_the_engine():
     quantize_model(model.eval())
     out = LLM(model, tok, kv_cache_bytes=8 << 20).generate(["12+34="], SamplingParams(temperature=0, max_tokens=8))
     assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_llm_loads_int8_and_refuses_to_quantize_a_live_module(tmp_path):
+    from qiusuo.engine import LLM, SamplingParams
+    from qiusuo.export.quantize import QuantizedLinear
+    from qiusuo.model import build_model, save_model
+
+    model, tok = build_model("tiny-dense", seed=0)
+    path = save_model(model, tok, tmp_path / "m")
+    llm = LLM(str(path), quantization="int8")
+    assert any(isinstance(m, QuantizedLinear) for m in llm.llm_engine.model.modules())
+    out = llm.generate(["347+285="], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 5
+    with pytest.raises(ValueError, match="live module"):
+        LLM(model=model, tokenizer=tok, quantization="int8")
+    with pytest.raises(ValueError, match="quantization"):
+        LLM(str(path), quantization="int4")
+
+
+def test_eval_command_with_int8(tmp_path):
+    from qiusuo.cli import main
+    from qiusuo.model import build_model, save_model
+
+    model, tok = build_model("tiny-moe", seed=0)
+    save_model(model, tok, tmp_path / "m")
+    assert main(["eval", "--model", str(tmp_path / "m"), "--task", "arithmetic", "--n", "3",
+                 "--max-tokens", "6", "--quantize", "int8", "--threads", "1"]) == 0

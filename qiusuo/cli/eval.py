@@ -34,11 +34,7 @@ def run(args) -> int:
     task = tasks.get(args.task, template=args.template)
     difficulty = args.difficulty[0] if args.difficulty and len(args.difficulty) == 1 else args.difficulty
     problems = task.generate(args.n, seed=args.seed, split=args.split, difficulty=difficulty)
-    llm = LLM(str(resolve_model(args.model)), device=args.device)
-    if args.quantize:
-        from qiusuo.export.quantize import quantize_model
-
-        quantize_model(llm.llm_engine.model, args.quantize)
+    llm = LLM(str(resolve_model(args.model)), device=args.device, quantization=args.quantize)
     try:
         result = evaluate(llm, task, problems, samples=args.samples, temperature=args.temperature,
                           top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)

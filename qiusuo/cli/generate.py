@@ -7,7 +7,7 @@ import argparse
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (HF layout)")
+    p.add_argument("--model", required=True, help="registry name (NAME[:TAG]) or checkpoint directory")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)
@@ -16,6 +16,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads while generating")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization")
 
 
 def register(subparsers) -> None:
@@ -34,7 +35,10 @@ def register(subparsers) -> None:
 def _load(args):
     from qiusuo.engine import LLM, SamplingParams
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads)
+    from qiusuo.cli.common import resolve_model
+
+    llm = LLM(str(resolve_model(args.model)), device=args.device, dtype=args.dtype, quantization=args.quantize,
+              num_threads=args.threads)
     params = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   max_tokens=args.max_tokens, seed=args.seed)
     return llm, SamplingParams, params

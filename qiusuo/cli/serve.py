@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads for the engine (default: torch's)")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences per engine step")
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV-cache budget in bytes")
@@ -53,7 +54,8 @@ def run(args) -> int:
     def load():
         from qiusuo.engine import LLM
 
-        return LLM(path, device=args.device, dtype=args.dtype, **engine_kwargs).llm_engine
+        return LLM(path, device=args.device, dtype=args.dtype, quantization=args.quantize,
+                   **engine_kwargs).llm_engine
 
     app = create_app(load, served_model_name=args.served_model_name or args.model, api_key=args.api_key,
                      max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,

@@ -26,16 +26,30 @@ Messages = Sequence[Mapping[str, Any]]
 
 class LLM:
     def __init__(self, model: str | Path | nn.Module, tokenizer: Any | None = None, *,
-                 device: str | torch.device | None = None, dtype: str = "auto", **engine_kwargs: Any):
-        """engine_kwargs are `EngineConfig` fields (kv_cache_bytes, block_size, num_threads, seed, ...)."""
+                 device: str | torch.device | None = None, dtype: str = "auto",
+                 quantization: str | None = None, **engine_kwargs: Any):
+        """engine_kwargs are `EngineConfig` fields (kv_cache_bytes, block_size, num_threads, seed, ...).
+
+        quantization: None or "int8" (weight-only, per output channel; `qiusuo.export.quantize`),
+        applied to a checkpoint loaded here, never to a live module (that would rewrite its weights).
+        """
         if dtype != "auto" and dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r}: use 'auto', 'float32' or 'bfloat16'")
+        if quantization not in (None, "int8"):
+            raise ValueError(f"quantization={quantization!r}: use None or 'int8'")
         if isinstance(model, (str, Path)):
             from qiusuo.model import load_model
 
             model, loaded_tokenizer = load_model(model, device=device or "cpu",
                                                  dtype="float32" if dtype == "auto" else dtype)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+            if quantization:
+                from qiusuo.export.quantize import quantize_model
+
+                quantize_model(model, quantization)
+        elif quantization:
+            raise ValueError("quantization applies to checkpoints LLM loads itself; quantize a live module "
+                             "with qiusuo.export.quantize.quantize_model first")
         else:
             # A live module is used as it is: moving or casting it would copy the trainer's weights.
             if device is not None and torch.device(device) != model.device:

@@ -56,8 +56,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         logits = logits.float()  # (B, V)
-        greedy = logits.argmax(dim=-1)
         params = [s.params for s in seqs]
+        if any(p.logits_processors for p in params):
+            logits = self._process(logits, seqs)
+        greedy = logits.argmax(dim=-1)
         if all(p.temperature == 0 for p in params):
             tokens = greedy
         else:
@@ -68,6 +70,15 @@ class Sampler:
             n = len(seqs)
             return SamplerOutput(token_list, [None] * n, [None] * n)
         return self._logprobs(logits, tokens, token_list, want)
+
+    @staticmethod
+    def _process(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Apply each request's logits processors to its rows (B, V); rows without any are untouched."""
+        logits = logits.clone()  # the runner's tensor is not ours to change
+        for b, seq in enumerate(seqs):
+            for proc in seq.params.logits_processors:
+                logits[b] = proc(seq.output_token_ids, logits[b])
+        return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor) -> torch.Tensor:
         B, V = logits.shape

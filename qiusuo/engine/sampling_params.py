@@ -6,7 +6,16 @@ Every rule a user can break is checked here, in `__post_init__`, so a bad reques
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
+
+# vLLM's per-request logits processor: (output token ids so far, logits row (V,)) -> logits row.
+# It sees the raw logits before temperature and filtering, and its result is what the sampler and
+# the returned logprobs use. It must be stateless (it is shared by the request's n samples and
+# called again after a preemption), e.g. the server's thinking budget.
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -24,6 +33,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; 0: the sampled token's logprob; k: plus the top k
     skip_special_tokens: bool = True
     detokenize: bool = True
+    logits_processors: list[LogitsProcessor] | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -49,6 +59,10 @@ class SamplingParams:
         if any(not isinstance(t, int) or t < 0 for t in ids):
             raise ValueError(f"stop_token_ids={self.stop_token_ids!r}: must be non-negative token ids")
         self.stop_token_ids = ids
+        procs = list(self.logits_processors or [])
+        if not all(callable(f) for f in procs):
+            raise ValueError("logits_processors must be callables f(output_token_ids, logits) -> logits")
+        self.logits_processors = procs
 
     @property
     def greedy(self) -> bool:

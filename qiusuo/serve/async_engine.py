@@ -12,6 +12,7 @@ Each request gets a `RequestStream`: an asyncio queue that receives first an ack
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -102,9 +103,6 @@ class AsyncEngine:
         tok = engine.tokenizer
         self.think_start_id = getattr(tok, "think_start_id", None)
         self.think_end_id = getattr(tok, "think_end_id", None)
-        self.budget = None
-        if self.think_start_id is not None and self.think_end_id is not None:
-            self.budget = ThinkingBudget.install(engine, self.think_start_id, self.think_end_id)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -132,7 +130,10 @@ class AsyncEngine:
         if self.dead is not None:
             raise EngineDeadError(f"the engine thread stopped: {self.dead!r}")
         stream = RequestStream(request_id)
-        self._cmds.put(("add", stream, prompt_ids, params, thinking_budget, opened_by_prompt))
+        if thinking_budget is not None and self.think_start_id is not None and self.think_end_id is not None:
+            budget = ThinkingBudget(thinking_budget, self.think_start_id, self.think_end_id, opened_by_prompt)
+            params = dataclasses.replace(params, logits_processors=[*params.logits_processors, budget])
+        self._cmds.put(("add", stream, prompt_ids, params))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -178,7 +179,7 @@ class AsyncEngine:
     def _apply(self, cmd: tuple) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, stream, prompt_ids, params, budget, opened = cmd
+            _, stream, prompt_ids, params = cmd
             rid = stream.request_id
             try:
                 self.engine.add_request(rid, prompt_ids, params, add_special_tokens=False)
@@ -186,8 +187,6 @@ class AsyncEngine:
                 self._post(_deliver, [(stream, e)])
                 return
             self._streams[rid] = stream
-            if budget is not None and self.budget is not None:
-                self.budget.add(rid, budget, opened)
             self._post(_deliver, [(stream, _ACK)])
         elif kind == "abort":
             self.engine.abort_request(cmd[1])
@@ -195,8 +194,6 @@ class AsyncEngine:
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        if self.budget is not None:
-            self.budget.remove(request_id)
 
     def _post(self, fn, *args) -> None:
         try:
