@@ -218,3 +218,29 @@ def test_checkpoint_dir_and_chat(tmp_path):
     assert out.prompt_token_ids == tok.encode(tok.apply_chat_template(messages))
     assert out.outputs[0].token_ids == full_forward_greedy(model, out.prompt_token_ids, 8)
     assert len(llm.chat([messages, messages], greedy(2))) == 2
+
+
+# ---------------------------------------------------------------------- prefill grouping
+def test_length_groups_minimise_padding_plus_overhead():
+    from itertools import combinations
+
+    from qiusuo.engine.model_runner import _length_groups
+
+    def cost(lens, sizes, overhead):
+        total, a = 0, 0
+        for s in sizes:
+            total += overhead + s * lens[a]
+            a += s
+        return total
+
+    def brute(lens, overhead):  # every way to cut the sorted list into contiguous groups
+        n = len(lens)
+        return min(cost(lens, [b - a for a, b in zip((0, *cuts), (*cuts, n))], overhead)
+                   for k in range(n) for cuts in combinations(range(1, n), k))
+
+    for lens, overhead in [([64, 63, 10, 9, 8], 64), ([64, 8, 8, 8, 8, 8, 8, 8], 16), ([5, 5, 5], 64),
+                           ([40, 39, 38, 12, 11, 3], 0), ([30], 64)]:
+        sizes = _length_groups(lens, overhead)
+        assert sum(sizes) == len(lens)
+        assert cost(lens, sizes, overhead) == brute(lens, overhead), (lens, overhead, sizes)
+    assert _length_groups([5, 5, 5], 0) == [3]  # equal lengths are never split

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import randomize_
 
 from qiusuo.model import DynamicCache, ModelConfig, Transformer, preset
 from qiusuo.model.checkpoint import load_model, read_safetensors, save_model
@@ -32,21 +33,6 @@ def hf_config(arch: str, **overrides):
         "n_shared_experts": 1, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2,
         "topk_group": 1, "first_k_dense_replace": 1, "routed_scaling_factor": 2.5,
         "norm_topk_prob": True, "rope_interleave": True, "tie_word_embeddings": False, **overrides})
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights everywhere (incl. norms, biases, router bias) so parity tests see every term."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if "inv_freq" in name or "expert_load" in name or not t.is_floating_point():
-                continue
-            if name.endswith("norm.weight"):
-                t.copy_(1 + 0.1 * torch.randn(t.shape, generator=g))
-            elif "e_score_correction_bias" in name:
-                t.copy_(0.05 * torch.randn(t.shape, generator=g))
-            else:
-                t.copy_(0.08 * torch.randn(t.shape, generator=g))
 
 
 def hf_logits(model, ids):
