@@ -189,3 +189,28 @@ def test_logits_processors_steer_sampling_and_survive_preemption():
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
     with pytest.raises(ValueError, match="logits_processors"):
         SamplingParams(logits_processors=["not callable"])
+
+
+def test_live_module_never_serves_kv_from_old_weights():
+    """Regression: GRPO keeps one LLM on the live weights; after an update, a prompt sharing a full
+    block with an earlier one reused KV computed with the old weights (found by the Ray work)."""
+    model = make_model(max_position_embeddings=96)
+    prompt = prompts(1, lo=40, hi=41, seed=11)[0]
+    llm = LLM(model=model, tokenizer=None, block_size=16)
+    llm.generate([prompt], greedy(8))
+    with torch.no_grad():  # an optimizer step, in place
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    after = llm.generate([prompt], greedy(8))[0].outputs[0].token_ids
+    fresh = LLM(model=model, tokenizer=None, block_size=16).generate([prompt], greedy(8))[0].outputs[0].token_ids
+    assert after == fresh == full_forward_greedy(model, prompt, 8)
+
+
+def test_prefix_cache_survives_across_calls_for_a_loaded_checkpoint(tmp_path):
+    model = make_model()
+    save_model(model, None, tmp_path / "m")
+    llm = LLM(str(tmp_path / "m"), block_size=4)
+    ps = prompts(1, lo=20, hi=21, seed=12)
+    llm.generate(ps, greedy(4))
+    out = llm.generate(ps, greedy(4))[0]
+    assert out.num_cached_tokens == 16  # all full blocks but the last (its last token needs logits)

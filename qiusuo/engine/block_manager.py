@@ -84,6 +84,13 @@ class BlockManager:
         prev = seq.block_cids[i - 1] if i else -1
         return prev, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
 
+    def reset_prefix_cache(self) -> None:
+        """Forget what every block holds (the weights changed, so cached KV is stale); blocks in use
+        stay allocated to their sequences, they just can no longer be found by a new prompt."""
+        for block in self.blocks:
+            block.key = None
+        self.cached.clear()
+
     # ------------------------------------------------------------------ prefill
     def can_allocate(self, seq: Sequence) -> bool:
         return self.blocks_needed(seq.num_tokens) <= len(self.free)

@@ -37,7 +37,8 @@ class LLM:
             raise ValueError(f"dtype={dtype!r}: use 'auto', 'float32' or 'bfloat16'")
         if quantization not in (None, "int8"):
             raise ValueError(f"quantization={quantization!r}: use None or 'int8'")
-        if isinstance(model, (str, Path)):
+        loaded_here = isinstance(model, (str, Path))
+        if loaded_here:
             from qiusuo.model import load_model
 
             model, loaded_tokenizer = load_model(model, device=device or "cpu",
@@ -57,7 +58,15 @@ class LLM:
             if dtype != "auto" and _DTYPES[dtype] != model.dtype:
                 raise ValueError(f"the model is {model.dtype}, not {dtype}; cast it first or use dtype='auto'")
         self.llm_engine = LLMEngine(model, tokenizer, EngineConfig(**engine_kwargs))
+        # A live module's weights may change between calls (a GRPO update), and KV cached from the
+        # old weights would then be served to new prompts sharing a prefix: each offline call on a
+        # live module starts with an empty prefix cache (sharing within the call is unaffected).
+        self._live_weights = not loaded_here
         self._ids = itertools.count()
+
+    def _forget_stale_prefixes(self) -> None:
+        if self._live_weights and not self.llm_engine.has_unfinished_requests():
+            self.llm_engine.reset_prefix_cache()
 
     def get_tokenizer(self) -> Any | None:
         return self.llm_engine.tokenizer
@@ -92,6 +101,7 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts; give one or one each")
         engine = self.llm_engine
+        self._forget_stale_prefixes()
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         try:
             for rid, prompt, p in zip(ids, prompts, params):
@@ -117,6 +127,7 @@ class LLM:
                add_special_tokens: bool = True) -> Iterator[RequestOutput]:
         """Yield the request's output after every step it progresses (see `delta_text`)."""
         engine = self.llm_engine
+        self._forget_stale_prefixes()
         rid = f"llm-{next(self._ids)}"
         engine.add_request(rid, prompt, sampling_params, add_special_tokens=add_special_tokens)
         finished = False

@@ -124,6 +124,10 @@ class LLMEngine:
 
     abort = abort_request
 
+    def reset_prefix_cache(self) -> None:
+        """Drop the prefix cache (vLLM's name): call it when the model's weights change in place."""
+        self.block_manager.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
 
