@@ -63,6 +63,8 @@ def run_stage(args) -> int:
 
     cls_name, target, _ = STAGES[args.stage]
     cfg = config_from_args(getattr(config, cls_name), args)
+    if getattr(cfg, "ray", False):  # the same stage on Ray actors; without --ray, ray is never imported
+        target = "qiusuo.train.distributed:RayGRPO"
     module, attr = target.split(":")
     stage = getattr(importlib.import_module(module), attr)(cfg)
     try:

@@ -199,10 +199,26 @@ class GRPOConfig(TrainConfig):
     minibatches: int = _field(1, "optimizer steps per pass: the batch is split into this many minibatches")
     eval_every: int = _field(0, "evaluate on held-out problems every N steps (0: off)")
     eval_problems: int = _field(200, "held-out problems for --eval-every")
+    ray: bool = _field(False, "scale out on Ray: rollout actors running the engine, a data-parallel learner group")
+    address: str = _field("", "with --ray: the Ray cluster to join (HOST:PORT of `ray start --head`, or auto); "
+                          "empty: start a local Ray bound to 127.0.0.1")
+    rollout_workers: int = _field(2, "with --ray: rollout actors (each holds a model copy and an engine)")
+    learner_workers: int = _field(1, "with --ray: learner actors (torch.distributed data parallel: gloo on CPU, "
+                                  "nccl on CUDA)")
 
     def __post_init__(self):
         super().__post_init__()
         self.model = _check_model_dir(self.model, "--model")
+        for name in ("rollout_workers", "learner_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.address and not self.ray:
+            raise ValueError(f"--address {self.address!r} needs --ray (the single-process run does not use a cluster)")
+        if self.ray and self.rollout_workers > self.prompts_per_step:
+            raise ValueError(
+                f"--rollout-workers {self.rollout_workers} > --prompts-per-step {self.prompts_per_step}: each "
+                "worker samples whole prompts, so some would idle; lower --rollout-workers or raise --prompts-per-step"
+            )
         for name in ("prompts_per_step", "max_tokens", "updates_per_batch", "minibatches", "max_sampling_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")

@@ -7,6 +7,7 @@ clip-higher); beta = 0 (no reference model); mu = 1 so r == 1 and this is the gr
 Flags: --scale-rewards none --loss-agg constant (Dr.GRPO), --loss-agg sequence (DeepSeekMath),
 --beta > 0 (k3 KL to the initial policy), --dynamic-sampling (refill dropped groups),
 --overlong-filter (mask truncated samples), --updates-per-batch / --minibatches (stored old log-probs).
+--ray: the same stage on Ray (distributed/: rollout actors, a data-parallel learner group).
 
 Dimension letters: P prompts, G samples per prompt, N = P*G sequences, S prompt+completion positions.
 """
@@ -61,11 +62,17 @@ class GRPO:
         self.on_step = on_step
 
     # ------------------------------------------------------------------ rollouts
-    def _sample(self, step: int, round_: int):
+    def _problems(self, step: int, round_: int) -> tuple[list, list[int]]:
+        """The prompts of (step, round) and one sampling seed each: a function of (seed, step, round, i)
+        alone, which makes resume exact and lets any worker re-issue any prompt with the same result."""
         cfg = self.cfg
         problems = self.task.generate(cfg.prompts_per_step, seed=step_seed(cfg.seed, step, round_), split="train")
-        seeds = [step_seed(cfg.seed, step, round_, i) for i in range(len(problems))]
-        outs, completions, scores, seconds = sample_groups(self.llm, self.tokenizer, self.task, problems, seeds, cfg)
+        return problems, [step_seed(cfg.seed, step, round_, i) for i in range(len(problems))]
+
+    def _sample(self, step: int, round_: int):
+        problems, seeds = self._problems(step, round_)
+        outs, completions, scores, seconds = sample_groups(self.llm, self.tokenizer, self.task, problems, seeds,
+                                                           self.cfg)
         self.generate_seconds += seconds
         self.model.train()
         return outs, completions, scores
@@ -121,6 +128,22 @@ class GRPO:
     def _logprobs(self, model, batch: Rollouts, rows: slice, entropy: bool = False):
         with self.trainer.autocast():
             return completion_logprobs(model, batch.input_ids[rows], batch.completion_mask[rows], entropy)
+
+    def _shard(self, rows: slice) -> tuple[slice, int]:
+        """The rows of minibatch `rows` this process trains on, and how many processes share it.
+        One process trains on all of them; a data-parallel learner (distributed/learner.py) takes its slice."""
+        return rows, 1
+
+    def _normalizer(self, batch: Rollouts, rows: slice, world: int) -> float | None:
+        """The loss denominator of minibatch `rows`, divided among `world` ranks: each rank's loss is its rows'
+        sum over (whole minibatch's normaliser / world), so the ranks' averaged gradient is the whole one's."""
+        n_rows, agg = rows.stop - rows.start, self.cfg.loss_agg
+        if agg == "constant":
+            return n_rows * self.cfg.max_tokens / world
+        if world == 1:
+            return None  # policy_loss's own: this minibatch's active tokens or sequences
+        whole = float(batch.completion_mask[rows].sum().clamp(min=1)) if agg == "token" else n_rows
+        return whole / world
 
     def update(self, batch: Rollouts) -> dict[str, float]:
         cfg, G = self.cfg, self.cfg.group_size
@@ -190,6 +213,27 @@ class GRPO:
         return result
 
 
+def sample_groups(llm, tokenizer, task, problems: list, seeds: list[int], cfg: GRPOConfig):
+    """G completions of each problem (problem i sampled with seed seeds[i]), scored by the task.
+
+    Returns (request outputs (P,), completions group-major (N,), scores (N,), generation seconds). The one
+    rollout path: the single process calls it on the live weights, a Ray rollout worker on its copy.
+    """
+    from qiusuo.engine import SamplingParams
+
+    # One seed per prompt: with a shared seed every prompt's k-th sample would draw the same
+    # noise at each position (the engine's noise is a function of seed and position only).
+    params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=seed)
+              for seed in seeds]
+    t0 = time.perf_counter()
+    outs = llm.generate([prompt_ids(tokenizer, p.prompt) for p in problems], params)
+    seconds = time.perf_counter() - t0
+    completions = [o for r in outs for o in r.outputs]  # group-major (N,)
+    group_problems = [p for p in problems for _ in range(cfg.group_size)]
+    scores = task.score_many(group_problems, [o.text for o in completions])
+    return outs, completions, scores, seconds
+
+
 def save_final(trainer: Trainer, stage: str, parent: str | None = None) -> Path:
     """RUN/final: the model in HF layout with stage, parent, recipe and a metrics summary."""
     from qiusuo.model import save_model
@@ -218,4 +262,4 @@ def last_metrics(path: Path, window: int = 10) -> dict[str, float]:
     return {k: round(sum(r.get(k, 0) for r in rows) / len(rows), 6) for k in keys}
 
 
-__all__ = ["GRPO", "Rollouts", "save_final", "last_metrics"]
+__all__ = ["GRPO", "Rollouts", "sample_groups", "save_final", "last_metrics"]
