@@ -224,7 +224,7 @@ def test_checkpoint_dir_and_chat(tmp_path):
 def test_length_groups_minimise_padding_plus_overhead():
     from itertools import combinations
 
-    from qiusuo.engine.model_runner import _length_groups
+    from qiusuo.engine.model_runner import length_groups
 
     def cost(lens, sizes, overhead):
         total, a = 0, 0
@@ -240,7 +240,7 @@ def test_length_groups_minimise_padding_plus_overhead():
 
     for lens, overhead in [([64, 63, 10, 9, 8], 64), ([64, 8, 8, 8, 8, 8, 8, 8], 16), ([5, 5, 5], 64),
                            ([40, 39, 38, 12, 11, 3], 0), ([30], 64)]:
-        sizes = _length_groups(lens, overhead)
+        sizes = length_groups(lens, overhead)
         assert sum(sizes) == len(lens)
         assert cost(lens, sizes, overhead) == brute(lens, overhead), (lens, overhead, sizes)
-    assert _length_groups([5, 5, 5], 0) == [3]  # equal lengths are never split
+    assert length_groups([5, 5, 5], 0) == [3]  # equal lengths are never split

@@ -234,3 +234,50 @@ def test_rollout_noise_differs_across_prompts(tmp_path, base_ckpt):
     outs, _, _ = grpo._sample(step=0, round_=0)
     groups = [tuple(tuple(o.token_ids) for o in r.outputs) for r in outs]
     assert len(set(groups)) == len(groups), "prompts of one step drew identical samples"
+
+
+def _padded_logprobs(model, ids, cmask):
+    """The plain reference: one forward over the padded batch."""
+    logp = torch.log_softmax(model.logits(model.hidden_states(ids)[:, :-1]).float(), -1)
+    tok = logp.gather(-1, ids[:, 1:, None])[..., 0] * cmask[:, 1:]
+    return torch.nn.functional.pad(tok, (1, 0))
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe"])
+def test_grouped_logprobs_equal_one_padded_forward(name):
+    """completion_logprobs runs each shared prompt once, cuts rows after their last completion token
+    and groups them by length; values and gradients must equal the plain padded forward."""
+    from helpers import randomize_
+
+    from qiusuo.model import Transformer, preset
+    from qiusuo.train import objectives
+    from qiusuo.train.objectives import completion_logprobs
+
+    torch.manual_seed(0)
+    model = Transformer(preset(name, vocab_size=40, num_hidden_layers=2)).train()
+    randomize_(model, seed=1)
+    p1, p2 = [1, 5, 6, 7, 8], [1, 9, 9]  # two prompts of different lengths, each shared by a group
+    rows = [(p1, [3, 11, 12, 2]), (p1, [3, 4, 20, 21, 22, 23, 2]), (p1, [13]), (p2, [14, 15, 2]),
+            (p2, [16, 2]), (p2, [])]  # the last row has no completion token
+    S = max(len(p) + len(c) for p, c in rows)
+    ids = torch.zeros(len(rows), S, dtype=torch.long)
+    cmask = torch.zeros(len(rows), S)
+    for i, (p, c) in enumerate(rows):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        cmask[i, len(p): len(p) + len(c)] = 1
+    for overhead in (0, 64):  # many length groups, and one
+        model.zero_grad()
+        ref = _padded_logprobs(model, ids, cmask)
+        g_ref = torch.autograd.grad((ref * torch.arange(S)).sum(), list(model.parameters()), allow_unused=True)
+        objectives.SPLIT_OVERHEAD_TOKENS, saved = overhead, objectives.SPLIT_OVERHEAD_TOKENS
+        try:
+            got, ent = completion_logprobs(model, ids, cmask, with_entropy=True)
+        finally:
+            objectives.SPLIT_OVERHEAD_TOKENS = saved
+        assert (got - ref).abs().max() < 1e-5
+        assert (got[cmask == 0] == 0).all() and (ent[cmask == 0] == 0).all()
+        g = torch.autograd.grad((got * torch.arange(S)).sum(), list(model.parameters()), allow_unused=True)
+        for a, b in zip(g, g_ref):
+            if b is None:
+                continue
+            assert a is not None and (a - b).abs().max() < 1e-4

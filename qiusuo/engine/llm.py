@@ -112,11 +112,12 @@ class LLM:
         final: dict[str, RequestOutput] = {}
         pending = set(ids)
         try:
-            while pending:
-                for out in engine.step(finished_only=True):
-                    if out.request_id in pending:
-                        final[out.request_id] = out
-                        pending.discard(out.request_id)
+            with engine.inference_context():
+                while pending:
+                    for out in engine.step(finished_only=True):
+                        if out.request_id in pending:
+                            final[out.request_id] = out
+                            pending.discard(out.request_id)
         finally:
             if pending:  # interrupted: do not leave orphans holding KV blocks
                 engine.abort_request(list(pending))

@@ -4,7 +4,7 @@ A step runs one forward for the decode rows (one new token each, (B, 1), no padd
 more for the prefill rows (each right-padded to its longest new-token count). Keeping them apart
 avoids padding every decode row to the longest prompt. Prefill rows are grouped by length so that
 padding stays small (prompts of 8-64 tokens padded to 64 nearly doubled the prefill work of
-bench/engine.py); a split costs one more forward's fixed overhead, so `_length_groups` splits only
+bench/engine.py); a split costs one more forward's fixed overhead, so `length_groups` splits only
 where that saves more than `SPLIT_OVERHEAD_TOKENS` padded tokens. Rows that reuse cached blocks
 all go to the last forward: a block a row reads may be written by a sibling prefilled in the same
 step, and within one forward every layer writes before it reads (block_manager.py). Rows without
@@ -27,7 +27,7 @@ from .sequence import Sequence
 SPLIT_OVERHEAD_TOKENS = 64  # a forward's fixed cost in padded tokens (~1.5 ms vs ~25 us per token, tiny-dense)
 
 
-def _length_groups(lens: list[int], overhead: int = SPLIT_OVERHEAD_TOKENS) -> list[int]:
+def length_groups(lens: list[int], overhead: int = SPLIT_OVERHEAD_TOKENS) -> list[int]:
     """lens sorted longest first -> group sizes minimising sum(overhead + rows * longest) (exact DP).
 
     Rows of equal length never need splitting, so cuts are only tried where the length changes."""
@@ -86,7 +86,7 @@ class ModelRunner:
         fresh = sorted((i for i, s in enumerate(seqs) if s.num_computed_tokens == 0), key=lambda i: -new[i])
         hits = [i for i, s in enumerate(seqs) if s.num_computed_tokens > 0]
         groups, start = [], 0
-        for size in _length_groups([new[i] for i in fresh]) if fresh else []:
+        for size in length_groups([new[i] for i in fresh]) if fresh else []:
             groups.append(fresh[start:start + size])
             start += size
         if hits:

@@ -33,8 +33,12 @@ from .config import TrainConfig
 from .state import list_checkpoints, load_checkpoint, save_checkpoint, truncate_metrics
 
 # Fields that may change between a run and its --resume without changing the result.
+# Settings a --resume may change: they alter speed or bookkeeping, not the trajectory. Ray's
+# placement too: a restarted cluster has a new address, and the rollout worker count does not
+# change results (per-prompt seeds); the learner count changes only float summation order.
 RESUMABLE_CHANGES = {"steps", "resume", "progress", "threads", "device", "save_every", "keep_checkpoints",
-                     "eval_every", "eval_problems"}
+                     "eval_every", "eval_problems", "register", "ray", "address", "rollout_workers",
+                     "learner_workers"}
 
 
 class NonFiniteLossError(ValueError):
@@ -175,12 +179,14 @@ class Trainer:
                     for g in self.optimizer.param_groups:
                         g["lr"] = lr
                     self.model.train()
-                    ts = time.perf_counter()
+                    ts, cs = time.perf_counter(), time.process_time()
                     metrics = step_fn(self.step)
                     self.step += 1
                     dt = time.perf_counter() - ts
+                    # CPU seconds of this process (all its threads): on a shared machine wall time also
+                    # counts other processes' load, CPU time counts only this step's own work.
                     row = {"step": self.step, "time": round(time.perf_counter() - t0, 3), "lr": lr,
-                           "step_time": round(dt, 4), **metrics}
+                           "step_time": round(dt, 4), "step_cpu_time": round(time.process_time() - cs, 4), **metrics}
                     if "tokens" in metrics:
                         row["tokens_per_s"] = round(metrics["tokens"] / max(dt, 1e-9), 1)
                     log.write(json.dumps(row) + "\n")

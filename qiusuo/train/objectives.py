@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qiusuo.engine.model_runner import length_groups
+
 # TRL's epsilon: (r - mean) / (std + 1e-4). Only matters when std ~ 0, and those groups carry
 # no signal anyway (their numerator is exactly 0).
 STD_EPS = 1e-4
@@ -118,6 +120,46 @@ def policy_loss(
     return PolicyLoss(loss=loss, clip_fraction=stats["clip_low_fraction"] + stats["clip_high_fraction"], **stats)
 
 
+# A forward+backward's fixed cost in padded tokens: rows are split into length groups (the engine's
+# prefill rule, `length_groups`) only where that saves more padded tokens than this; 16..256 all
+# measured within noise of each other on the demo base (64 GRPO rows of 9 prompt + 8..33
+# completion tokens: forward+backward 0.18 -> 0.11 CPU s from the length groups alone).
+SPLIT_OVERHEAD_TOKENS = 64
+
+
+class _PrefixRecorder:
+    """Cache protocol (qiusuo.model.cache): keeps each layer's states of the shared-prefix forward."""
+
+    def __init__(self):
+        self.states: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def attn_mask(self, positions: torch.Tensor) -> None:
+        return None  # plain causal: prefixes are right-padded, so padding never precedes a real token
+
+    def update(self, layer_idx: int, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.states[layer_idx] = states  # (U, Lp, ...) each, kept with their graph
+        return states
+
+
+class _PrefixReader:
+    """Cache protocol: suffix row i sees the first plen[i] recorded states of prefix owner[i], then
+    its own tokens causally. Gradients reach the prefix forward through index_select."""
+
+    def __init__(self, states: dict[int, tuple[torch.Tensor, ...]], owner: torch.Tensor, plen: torch.Tensor):
+        self.states, self.owner, self.plen = states, owner, plen
+
+    def attn_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        n, T = positions.shape
+        Lp = next(iter(self.states.values()))[0].shape[1]
+        seen = torch.arange(Lp, device=positions.device) < self.plen[:, None]  # (n, Lp)
+        causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+        return torch.cat((seen[:, None, :].expand(n, T, Lp), causal.expand(n, T, T)), dim=2)[:, None]  # (n,1,T,Lp+T)
+
+    def update(self, layer_idx: int, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        past = self.states[layer_idx]
+        return tuple(torch.cat((p.index_select(0, self.owner), x), dim=1) for p, x in zip(past, states))
+
+
 def completion_logprobs(
     model, input_ids: torch.Tensor, completion_mask: torch.Tensor, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -126,20 +168,72 @@ def completion_logprobs(
     input_ids (N, S) right-padded prompt+completion rows; completion_mask (N, S) marks completion
     tokens. Returns logp (N, S) with logp[:, s] = log pi(input_ids[:, s] | input_ids[:, :s])
     (0 where the mask is off and at s = 0), and the entropy of the same distributions (no grad).
+
+    The same values as one forward over the padded batch (to fp32 rounding), for ~40% less work on
+    GRPO batches (demo base, 64 rows: forward+backward 0.18 -> 0.08 CPU s), because:
+    - rows sharing a prompt (a GRPO group: G rows, one prompt) run the prompt once: a prefix forward
+      records each layer's cached states, and every row's suffix attends to its prompt's states
+      through the model's cache protocol; the prefix gets the gradients of all its rows;
+    - a row is cut after its last completion token (causal: nothing before reads what follows), and
+      suffixes are grouped by length (`length_groups`), so padding is not computed;
+    - rows with no completion token are not computed at all, and logits come from suffixes only.
+    The prefix of a row is everything before its last prompt token; that token starts the suffix,
+    since its hidden state predicts the first completion token.
     """
-    h = model.hidden_states(input_ids)  # (N, S, D)
-    for m in model.moe_layers():  # this forward is not compute_loss: drop the balance-loss term it left
-        m.aux_loss = None
-    logits = model.logits(h[:, :-1]).float()  # (N, S-1, V): position s predicts token s+1
-    logprobs = F.log_softmax(logits, dim=-1)
-    token_logp = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (N, S-1)
-    mask = completion_mask[:, 1:].to(token_logp.dtype)
-    logp = F.pad(token_logp * mask, (1, 0))  # (N, S)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            ent = -(logprobs.exp() * logprobs).sum(-1)  # (N, S-1)
-            entropy = F.pad(ent * mask, (1, 0))
+    N, S = input_ids.shape
+    dev = input_ids.device
+    pos = torch.arange(S, device=dev)
+    on = completion_mask.bool() & (pos > 0)  # position 0 has no predecessor: never scored
+    logp_rows = [torch.zeros(N, S, device=dev)]  # row N of the concatenation: zeros for rows never computed
+    ent_rows = [torch.zeros(N, S, device=dev)] if with_entropy else []
+    active = on.any(dim=1).nonzero().flatten().tolist()
+    source = list(range(N))  # row of torch.cat(logp_rows) holding row i: its zero row unless computed
+    if active:
+        ends = (torch.where(on, pos, -1).amax(dim=1) + 1).tolist()
+        cuts = (torch.where(on, pos, S).amin(dim=1) - 1).tolist()  # prefix length = last prompt token's position
+        prefixes: dict[tuple[int, ...], int] = {}
+        owner = [prefixes.setdefault(tuple(input_ids[i, : cuts[i]].tolist()), len(prefixes)) for i in active]
+        firsts = {u: active[j] for j, u in reversed(list(enumerate(owner)))}  # one row holding each prefix
+        Lp = max(cuts[i] for i in active)
+        states = None
+        if Lp > 0:
+            rec = _PrefixRecorder()
+            first_rows = torch.tensor([firsts[u] for u in range(len(prefixes))], device=dev)
+            model.hidden_states(input_ids[first_rows, :Lp], cache=rec)  # (U, Lp, D): only the states matter
+            states = rec.states
+        owner_of = dict(zip(active, owner))
+        order = sorted(active, key=lambda i: -(ends[i] - cuts[i]))
+        wide_ids = F.pad(input_ids, (0, S))  # suffix windows may run past S on padding rows
+        wide_on = F.pad(on, (0, S))
+        a, base = 0, N
+        for size in length_groups([ends[i] - cuts[i] for i in order], SPLIT_OVERHEAD_TOKENS):
+            rows = order[a: a + size]
+            a += size
+            Ls = ends[rows[0]] - cuts[rows[0]]
+            idx = torch.tensor(rows, device=dev)
+            cut = torch.tensor([cuts[i] for i in rows], device=dev)
+            cols = cut[:, None] + torch.arange(Ls, device=dev)  # (n, Ls) absolute positions of the suffix
+            ids = wide_ids[idx].gather(1, cols)
+            cache = None if states is None else _PrefixReader(
+                states, torch.tensor([owner_of[i] for i in rows], device=dev), cut)
+            h = model.hidden_states(ids, cols, cache=cache)  # (n, Ls, D)
+            for m in model.moe_layers():  # these forwards are not compute_loss: drop the balance-loss terms
+                m.aux_loss = None
+            logprobs = F.log_softmax(model.logits(h[:, :-1]).float(), dim=-1)  # (n, Ls-1, V): j predicts j+1
+            token_logp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (n, Ls-1)
+            mask = wide_on[idx].gather(1, cols[:, 1:]).to(token_logp.dtype)
+            out = torch.zeros(len(rows), 2 * S, device=dev)
+            logp_rows.append(out.scatter(1, cols[:, 1:], token_logp * mask)[:, :S])  # (n, S)
+            if with_entropy:
+                with torch.no_grad():
+                    ent = -(logprobs.exp() * logprobs).sum(-1) * mask
+                    ent_rows.append(out.scatter(1, cols[:, 1:], ent)[:, :S])
+            for r, i in enumerate(rows):
+                source[i] = base + r
+            base += len(rows)
+    take = torch.tensor(source, device=dev)
+    logp = torch.cat(logp_rows).index_select(0, take)  # (N, S) in the callers' row order
+    entropy = torch.cat(ent_rows).index_select(0, take) if with_entropy else None
     return logp, entropy
 
 
