@@ -16,11 +16,12 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from qiusuo.model import kv_cache_bytes_per_token
+
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .model_runner import ModelRunner
 from .outputs import RequestOutput
-from .paged_cache import bytes_per_token
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -38,7 +39,7 @@ class LLMEngine:
             [tokenizer.eos_token_id] if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None else []
         )
         bs = config.block_size
-        self.kv_cache_bytes_per_token = bytes_per_token(model, model.dtype)
+        self.kv_cache_bytes_per_token = kv_cache_bytes_per_token(model, model.dtype)
         blocks_per_seq = -(-self.max_model_len // bs)
         budget = config.kv_cache_bytes
         if budget is None:

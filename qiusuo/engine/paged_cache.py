@@ -26,19 +26,6 @@ def cache_dims(model: nn.Module) -> list[tuple[tuple[int, ...], ...]]:
     return [layer.self_attn.cache_dims() for layer in model.model.layers]
 
 
-def bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
-    """KV-cache bytes one token takes across all layers (MLA's is a fraction of GQA's)."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for dims in cache_dims(model):
-        for d in dims:
-            n = 1
-            for x in d:
-                n *= x
-            total += n * elem
-    return total
-
-
 class PagedKVCache:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):
