@@ -41,28 +41,26 @@ class RolloutWorker:
     the node need not see the driver's disk); weights arrive through `set_weights`."""
 
     def __init__(self, cfg, model_config, tokenizer, task: Any):
+        from qiusuo.engine import LLM
         from qiusuo.model import Transformer
 
         torch.set_num_threads(cfg.threads)
         self.cfg, self.tokenizer = cfg, tokenizer
         self.model = Transformer(model_config).to(cfg.device).eval().requires_grad_(False)
         self.task = load_task(task, cfg.template)
-        self.llm = None
+        # On a live module the LLM drops its prefix cache at every call, so new weights loaded in
+        # place are never mixed with keys/values cached under the old ones.
+        self.llm = LLM(model=self.model, tokenizer=self.tokenizer)
         self.version = -1  # no weights yet: the driver sends them before the first rollout
 
     def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
-        from qiusuo.engine import LLM
-
-        if version == self.version and self.llm is not None:  # a re-send to a worker that is up to date
-            return version
-        self.model.load_state_dict(weights)
-        # A fresh engine per version: cached prefix blocks hold keys/values of the old weights.
-        self.llm = LLM(model=self.model, tokenizer=self.tokenizer)
-        self.version = version
+        if version != self.version:  # a re-send to a worker that is up to date is a no-op
+            self.model.load_state_dict(weights)
+            self.version = version
         return version
 
     def sample(self, problems: list, seeds: list[int]) -> RolloutChunk:
-        if self.llm is None:  # restarted and not yet re-sent weights: report it, the driver re-sends
+        if self.version < 0:  # restarted and not yet re-sent weights: report it, the driver re-sends
             return RolloutChunk([], [], self.version, 0.0)
         outs, _, scores, seconds = sample_groups(self.llm, self.tokenizer, self.task, problems, seeds, self.cfg)
         return RolloutChunk(outs, scores, self.version, seconds)
