@@ -354,3 +354,30 @@ def test_cli_serve_subprocess(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_health_stays_public_under_a_route_prefix():
+    """Regression: mounted under a prefix (Ray Serve's route_prefix) with an API key,
+    /<prefix>/health asked for the key because Auth compared the path with the prefix in it."""
+    import asyncio
+
+    from qiusuo.serve.app import Auth
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["path"])
+
+    async def call(path, root):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await Auth(app, "k")({"type": "http", "path": path, "root_path": root, "headers": []}, None, send)
+        return sent
+
+    assert asyncio.run(call("/tiny/health", "/tiny")) == [] and seen == ["/tiny/health"]
+    assert asyncio.run(call("/health", "")) == []
+    denied = asyncio.run(call("/tiny/v1/models", "/tiny"))
+    assert denied[0]["status"] == 401

@@ -161,6 +161,15 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: lis
     await send({"type": "http.response.body", "body": payload})
 
 
+def _route(scope: Scope) -> str:
+    """The path inside the app: mounted under a prefix (Ray Serve's route_prefix), the ASGI path
+    still carries it, and `root_path` names it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
+
+
 class Auth:
     """`Authorization: Bearer KEY` on every route except /health, compared in constant time."""
 
@@ -170,7 +179,7 @@ class Auth:
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.PUBLIC:
+        if scope["type"] == "http" and _route(scope) not in self.PUBLIC:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 await _send_json(send, 401, error_body(
