@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from qiusuo.registry.index import pid_alive
+
 from .config import DASHBOARD_APP, DASHBOARD_ROUTE, NAMESPACE, DeployConfig
 
 LOOPBACK = "127.0.0.1"
@@ -38,16 +40,6 @@ def state_path(home: str | os.PathLike | None = None) -> Path:
     return (Path(home) if home is not None else default_home()) / "deploy" / "head.json"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_state(home: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """The running head's state, or None (a state file left by a dead daemon is removed)."""
     path = state_path(home)
@@ -58,7 +50,7 @@ def read_state(home: str | os.PathLike | None = None) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         path.unlink(missing_ok=True)
         return None
-    if state.get("owned") and not _alive(int(state["pid"])):
+    if state.get("owned") and not pid_alive(int(state["pid"])):
         path.unlink(missing_ok=True)
         return None
     return state
@@ -229,9 +221,9 @@ def stop(name: str | None = None, *, home=None, timeout: float = 60.0) -> str:
     pid = int(state["pid"])
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _alive(pid):
+    if pid_alive(pid):
         raise DeployError(f"the Ray head (pid {pid}) did not stop within {timeout:.0f} s; see its log "
                           f"{state_path(home).with_name('head.log')}")
     return f"stopped {len(apps)} application(s) and the Ray head"

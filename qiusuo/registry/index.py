@@ -125,7 +125,7 @@ def drop_dead_pending(conn: sqlite3.Connection) -> None:
     """Inside the caller's transaction: forget pending rows of importers that died on this host."""
     host = socket.gethostname()
     for (pid,) in conn.execute("SELECT DISTINCT pid FROM pending WHERE host = ?", (host,)).fetchall():
-        if not _alive(pid):
+        if not pid_alive(pid):
             conn.execute("DELETE FROM pending WHERE host = ? AND pid = ?", (host, pid))
 
 
@@ -141,7 +141,8 @@ def unreferenced(conn: sqlite3.Connection, digests: set[str]) -> set[str]:
     return digests - used
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (owned by us or not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
