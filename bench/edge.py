@@ -1,4 +1,4 @@
-"""Edge benchmark: one checkpoint in qiusuo's engine (fp32, bf16, int8) and in llama.cpp (GGUF).
+"""Edge benchmark: one checkpoint in qiusuo's engine (fp32, bf16, int8; eager and compiled) and in llama.cpp (GGUF).
 
     .venv/bin/python bench/edge.py [--preset tiny-moe | --model DIR] [--tokens 128] [--batch 16]
 
@@ -10,6 +10,9 @@ Measures, on this machine:
   (`llama_batch` with one sequence id per request, `n_seq_max = batch`, one `llama_decode` per step
   for all sequences): the same scheme as llama.cpp's `batched` example;
 - file sizes: safetensors (fp32) and GGUF f32 / f16 / q8_0.
+qiusuo's `+compile` variants run the decode step under torch.compile (`EngineConfig.compile`); the
+engine compiles when it starts, which the rates exclude and `startup_s` reports (the inductor
+cache on disk makes the second engine's start shorter).
 Each configuration runs with 1 and 2 threads (the machine has 2 shared cores) and reports the
 best. Prints a table and, last, one JSON line with every figure and the ratios the issue sets
 (qiusuo batch >= llama.cpp batch; qiusuo single >= half of llama.cpp single).
@@ -31,16 +34,26 @@ PROMPT = "Q: what is 12+34? think step by step.\nA:"
 
 
 # ---------------------------------------------------------------------- qiusuo
-def qiusuo_run(model, tok, prompts: list[list[int]], n: int, threads: int) -> float:
+def qiusuo_run(ckpt: Path, tok, variant: str, one: list[list[int]], many: list[list[int]], n: int,
+               threads: int) -> tuple[float, float, float]:
+    """(single-stream tok/s, batch tok/s, engine start seconds) of one engine: variant is fp32, bf16, int8, or one of
+    those + "+compile" (EngineConfig.compile: the decode step under torch.compile)."""
     from qiusuo.engine import LLM, SamplingParams
 
-    llm = LLM(model, tok, num_threads=threads, kv_cache_bytes=256 << 20)
+    name, _, compiled = variant.partition("+")
+    start = time.perf_counter()
+    llm = LLM(str(ckpt), dtype="bfloat16" if name == "bf16" else "float32",
+              quantization="int8" if name == "int8" else None, compile=bool(compiled),
+              num_threads=threads, kv_cache_bytes=256 << 20)
+    startup = time.perf_counter() - start
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
-    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    dt = time.perf_counter() - t
-    return sum(len(o.outputs[0].token_ids) for o in outs) / dt
+    rates = []
+    for prompts in (one, many):
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t))
+    return rates[0], rates[1], startup
 
 
 # ---------------------------------------------------------------------- llama.cpp
@@ -120,7 +133,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args()
 
-    from qiusuo.export import export_gguf, quantize_model
+    from qiusuo.export import export_gguf
     from qiusuo.model import build_model, load_model, save_model
 
     model, tok = load_model(args.model) if args.model else build_model(args.preset, seed=0)
@@ -136,23 +149,22 @@ def main() -> None:
     one = [tok.encode(PROMPT, add_special_tokens=True)]
     many = [tok.encode(f"{PROMPT} ({i})", add_special_tokens=True) for i in range(args.batch)]
     results: dict[str, dict] = {}
-    for name in ("fp32", "bf16", "int8"):
-        m, _ = load_model(tmp / "ckpt", dtype="bfloat16" if name == "bf16" else "float32")
-        if name == "int8":
-            quantize_model(m, "int8")
-        single, t1 = best(lambda *a: qiusuo_run(m, tok, *a), one, args.tokens)
-        batch, t2 = best(lambda *a: qiusuo_run(m, tok, *a), many, args.tokens)
-        results[f"qiusuo_{name}"] = {"single_tok_s": single, "single_threads": t1, "batch_tok_s": batch,
-                                     "batch_threads": t2}
+    for variant in ("fp32", "bf16", "int8", "fp32+compile", "bf16+compile"):
+        runs = {threads: qiusuo_run(tmp / "ckpt", tok, variant, one, many, args.tokens, threads) for threads in (1, 2)}
+        t1 = max(runs, key=lambda t: runs[t][0])
+        t2 = max(runs, key=lambda t: runs[t][1])
+        results[f"qiusuo_{variant}"] = {"single_tok_s": runs[t1][0], "single_threads": t1,
+                                        "batch_tok_s": runs[t2][1], "batch_threads": t2,
+                                        "startup_s": max(r[2] for r in runs.values())}
     for dt in ("f32", "f16", "q8_0"):
         single, t1 = best(llama_single, ggufs[dt], one[0], args.tokens)
         batch, t2 = best(llama_batch, ggufs[dt], many, args.tokens)
         results[f"llama.cpp_{dt}"] = {"single_tok_s": single, "single_threads": t1, "batch_tok_s": batch,
                                       "batch_threads": t2}
 
-    print(f"{'engine':<16}{'single tok/s':>14}{'batch tok/s':>14}   (threads)")
+    print(f"{'engine':<22}{'single tok/s':>14}{'batch tok/s':>14}   (threads)")
     for k, v in results.items():
-        print(f"{k:<16}{v['single_tok_s']:>14.1f}{v['batch_tok_s']:>14.1f}   ({v['single_threads']}, {v['batch_threads']})")
+        print(f"{k:<22}{v['single_tok_s']:>14.1f}{v['batch_tok_s']:>14.1f}   ({v['single_threads']}, {v['batch_threads']})")
     print("file sizes (bytes):", sizes)
     best_q = max(results[k]["batch_tok_s"] for k in results if k.startswith("qiusuo"))
     best_l = max(results[k]["batch_tok_s"] for k in results if k.startswith("llama"))

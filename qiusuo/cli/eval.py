@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_runtime_flags, apply_threads, resolve_model
+from .common import add_compile_flag, add_runtime_flags, apply_threads, resolve_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    add_compile_flag(p)
     p.add_argument("--out", default=None, help="directory for report.json, samples.jsonl and accuracy.png")
     add_runtime_flags(p)
     p.set_defaults(func=run)
@@ -35,7 +36,8 @@ def run(args) -> int:
     task = tasks.get(args.task, template=args.template)
     difficulty = args.difficulty[0] if args.difficulty and len(args.difficulty) == 1 else args.difficulty
     problems = task.generate(args.n, seed=args.seed, split=args.split, difficulty=difficulty)
-    llm = LLM(str(resolve_model(args.model)), device=args.device, dtype=args.dtype, quantization=args.quantize)
+    llm = LLM(str(resolve_model(args.model)), device=args.device, dtype=args.dtype, quantization=args.quantize,
+              compile=args.compile)
     try:
         result = evaluate(llm, task, problems, samples=args.samples, temperature=args.temperature,
                           top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)

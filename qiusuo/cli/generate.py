@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_compile_flag
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="registry name (NAME[:TAG]) or checkpoint directory")
@@ -17,6 +19,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads while generating")
     p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization")
+    add_compile_flag(p)
 
 
 def register(subparsers) -> None:
@@ -38,7 +41,7 @@ def _load(args):
     from qiusuo.cli.common import resolve_model
 
     llm = LLM(str(resolve_model(args.model)), device=args.device, dtype=args.dtype, quantization=args.quantize,
-              num_threads=args.threads)
+              num_threads=args.threads, compile=args.compile)
     params = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   max_tokens=args.max_tokens, seed=args.seed)
     return llm, SamplingParams, params

@@ -15,6 +15,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # draws the seeds of requests that do not set one
     num_threads: int | None = None  # torch intra-op threads while the engine steps (restored after)
+    # torch.compile the decode step (compiled.py): ~2-3x faster small-model decode on CPU, ~20 s of
+    # compiling when the engine starts, weights frozen into the graph (not for live modules).
+    compile: bool = False
 
     def __post_init__(self):
         if self.block_size < 1:

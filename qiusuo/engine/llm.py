@@ -37,6 +37,9 @@ class LLM:
             raise ValueError(f"dtype={dtype!r}: use 'auto', 'float32' or 'bfloat16'")
         if quantization not in (None, "int8"):
             raise ValueError(f"quantization={quantization!r}: use None or 'int8'")
+        if engine_kwargs.get("compile") and quantization:
+            raise ValueError("compile=True and quantization do not combine yet: freezing the graph would fold "
+                             "the int8 weights back into float32 ones; use one or the other")
         loaded_here = isinstance(model, (str, Path))
         if loaded_here:
             from qiusuo.model import load_model
@@ -51,6 +54,10 @@ class LLM:
         elif quantization:
             raise ValueError("quantization applies to checkpoints LLM loads itself; quantize a live module "
                              "with qiusuo.export.quantize.quantize_model first")
+        elif engine_kwargs.get("compile"):
+            raise ValueError("compile=True freezes the weights into the compiled graph, and a live module's "
+                             "weights may change (a trainer's); load a checkpoint (LLM(path, compile=True)) "
+                             "or use LLMEngine directly if the weights will not change")
         else:
             # A live module is used as it is: moving or casting it would copy the trainer's weights.
             if device is not None and torch.device(device) != model.device:

@@ -63,10 +63,23 @@ class LLMEngine:
         if tokenizer is not None:
             decode_token = lambda i: tokenizer.decode([i])  # noqa: E731
         with torch.inference_mode():
-            self.runner = ModelRunner(model, num_blocks, bs, model.dtype, Sampler(decode_token))
+            self.runner = ModelRunner(model, num_blocks, bs, model.dtype, Sampler(decode_token), config.compile)
         self._groups: dict[str, SequenceGroup] = {}
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
+        if config.compile:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile the decode graphs (one row, several rows) now rather than in the first requests."""
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, detokenize=False)
+        for rows in (1, 2):
+            ids = [f"warm-up-{rows}-{i}" for i in range(rows)]
+            for rid in ids:
+                self.add_request(rid, [0], params)
+            while any(rid in self._groups for rid in ids):
+                self.step(finished_only=True)
+        self.reset_prefix_cache()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .compiled import CompiledDecode, eager_decode
 from .paged_cache import PagedKVCache
 from .sampler import Sampler, SamplerOutput
 from .sequence import Sequence
@@ -46,12 +47,13 @@ def length_groups(lens: list[int], overhead: int = SPLIT_OVERHEAD_TOKENS) -> lis
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, cache_dtype: torch.dtype,
-                 sampler: Sampler):
+                 sampler: Sampler, compile: bool = False):
         self.model = model
         self.device = model.device
         self.block_size = block_size
         self.cache = PagedKVCache(model, num_blocks, block_size, cache_dtype, self.device)
         self.sampler = sampler
+        self.decode_forward = CompiledDecode(model) if compile else eager_decode(model)
 
     def run(self, prefill: list[Sequence], decode: list[Sequence]) -> SamplerOutput:
         logits = []
@@ -78,8 +80,7 @@ class ModelRunner:
         positions = torch.tensor(pos, device=self.device).view(B, 1)
         slots = torch.tensor([self._slot(s, p) for s, p in zip(seqs, pos)], device=self.device)
         self.cache.prepare(self._block_tables(seqs), positions, slots, None)
-        h = self.model.hidden_states(input_ids, positions, cache=self.cache)  # (B, 1, D)
-        return self.model.logits(h[:, 0])  # (B, V)
+        return self.decode_forward(input_ids, positions, self.cache)  # (B, V)
 
     def _prefill_grouped(self, seqs: list[Sequence]) -> torch.Tensor:
         new = [s.num_tokens - s.num_computed_tokens for s in seqs]

@@ -74,6 +74,10 @@ class PagedKVCache:
 
     def _gather(self, i: int, pool: torch.Tensor) -> torch.Tensor:
         """The batch's blocks of `pool` (B*nb, block_size, ...) in scratch buffer i."""
+        if torch.compiler.is_compiling():
+            # A compiled graph would copy the whole scratch buffer it writes into (functionalised
+            # `out=`); a fresh result is what inductor plans memory for best (~4x faster here).
+            return pool.index_select(0, self._block_ids)
         n = self._block_ids.numel() * pool[0].numel()
         buf = self._scratch[i]
         if buf is None or buf.numel() < n:

@@ -116,6 +116,8 @@ class MLAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape
+        if self.can_fold and cache is not None and torch.compiler.is_compiling():
+            return self.forward_folded(x, cos, sin, mask, cache)
         H, N, R, V = self.num_heads, self.nope_dim, self.rope_dim, self.v_head_dim
         if self.q_lora_rank is None:
             q = self.q_proj(x)
@@ -150,9 +152,21 @@ class MLAttention(nn.Module):
         H, N = self.num_heads, self.nope_dim
         w = self.kv_b_proj.weight.view(H, N + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, :N], w[:, N:]  # (H, N, C), (H, V, C)
-        q_lat = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk)  # (B, H, T, C)
-        scores = torch.einsum("bhtc,bsc->bhts", q_lat, c_kv)
-        scores = scores + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)  # (B, H, T, S)
+        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # (B, T, H, C)
+        o_lat = self._latent_attention(q_lat, q_pe, c_kv, k_pe, mask)  # (B, T, H, C)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, V)
+
+    def _latent_attention(self, q_lat, q_pe, c_kv, k_pe, mask):
+        """Attention in the latent space: q_lat (B, T, H, C), q_pe (B, T, H, R), c_kv (B, S, C),
+        k_pe (B, S, R) -> o_lat (B, T, H, C)."""
+        if torch.compiler.is_compiling():
+            # Broadcast-multiply-sum instead of batched matmuls: inductor fuses the paged gather
+            # and the softmax into the reductions (one kernel instead of ~5 per layer).
+            scores = (q_lat.transpose(1, 2)[:, :, :, None] * c_kv[:, None, None]).sum(-1)
+            scores = scores + (q_pe.transpose(1, 2)[:, :, :, None] * k_pe[:, None, None]).sum(-1)  # (B, H, T, S)
+        else:
+            scores = torch.einsum("bthc,bsc->bhts", q_lat, c_kv)
+            scores = scores + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)  # (B, H, T, S)
         scores = scores * self.scale
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -160,6 +174,39 @@ class MLAttention(nn.Module):
             T, S = scores.shape[2], scores.shape[3]
             causal = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
             scores = scores.masked_fill(~causal, float("-inf"))
-        p = torch.softmax(scores.float(), dim=-1).to(q_nope.dtype)
-        o_lat = torch.einsum("bhts,bsc->bthc", p, c_kv)  # (B, T, H, C)
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, V)
+        p = torch.softmax(scores.float(), dim=-1).to(q_lat.dtype)
+        if torch.compiler.is_compiling():
+            return (p[..., None] * c_kv[:, None, None]).sum(-2).transpose(1, 2)
+        return torch.einsum("bhts,bsc->bthc", p, c_kv)  # (B, T, H, C)
+
+    # ------------------------------------------------------------------ folded decode (compiled)
+    @property
+    def can_fold(self) -> bool:
+        return self.q_lora_rank is None and self.kv_a_proj_with_mqa.bias is None
+
+    def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The absorbed path's weights multiplied out (reference/deepseek.md §2.4): w_in (H*C + H*R
+        + C + R, D) maps x straight to [q_lat, q_pe, c_kv, k_pe] (q_proj's nope rows times W_UK,
+        then the rope rows and kv_a), w_out (D, H*C) maps o_lat to the output (o_proj times W_UV).
+        One matmul in and one out instead of five per layer; under torch.compile's freezing they
+        are computed once, at compile time."""
+        H, N, R, V, C = self.num_heads, self.nope_dim, self.rope_dim, self.v_head_dim, self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, N + V, C)
+        w_uk, w_uv = w[:, :N], w[:, N:]  # (H, N, C), (H, V, C)
+        wq = self.q_proj.weight.view(H, N + R, -1)  # (H, N+R, D)
+        wq_lat = torch.einsum("hnd,hnc->hcd", wq[:, :N], w_uk).reshape(H * C, -1)
+        w_in = torch.cat((wq_lat, wq[:, N:].reshape(H * R, -1), self.kv_a_proj_with_mqa.weight))
+        w_out = torch.einsum("dhv,hvc->dhc", self.o_proj.weight.view(-1, H, V), w_uv).reshape(-1, H * C)
+        return w_in, w_out
+
+    def forward_folded(self, x, cos, sin, mask, cache):
+        """`forward` with `folded_weights` (the same function; rounding differs by ~1e-6)."""
+        B, T, _ = x.shape
+        H, R, C = self.num_heads, self.rope_dim, self.kv_lora_rank
+        w_in, w_out = self.folded_weights()
+        q_lat, q_pe, c_kv, k_pe = F.linear(x, w_in).split([H * C, H * R, C, R], dim=-1)
+        q_pe = apply_rope(q_pe.view(B, T, H, R), cos, sin, self.interleaved)
+        k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.interleaved)[:, :, 0]  # (B, T, R)
+        c_kv, k_pe = cache.update(self.layer_idx, self.kv_a_layernorm(c_kv), k_pe)  # (B, S, C), (B, S, R)
+        o_lat = self._latent_attention(q_lat.view(B, T, H, C), q_pe, c_kv, k_pe, mask)  # (B, T, H, C)
+        return F.linear(o_lat.reshape(B, T, H * C), w_out, self.o_proj.bias)

@@ -12,6 +12,10 @@
 - Experts are stored stacked (E, ...) and computed by sorting the (token, slot) pairs by expert:
   one gather, one matmul pair per *expert*, one scatter-add. No Python loop over tokens.
   `forward_reference` keeps the per-expert `torch.where` loop of the reference code as the test oracle.
+- Under `torch.compile` (the engine's compiled decode) the sort-by-expert path cannot be traced:
+  its split sizes depend on the routing. `forward_gathered` computes the same sum with each
+  token's K experts' weights indexed directly; inductor fuses the indexing into the matmul loops,
+  so nothing (N, K, 2I, D)-sized is materialised and every expert not chosen is never read.
 
 Dimension letters: N flattened tokens, D hidden, E routed experts, K experts per token,
 I moe_intermediate_size, G expert groups.
@@ -73,6 +77,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """x (N, D), topk_idx/topk_weight (N, K) -> (N, D), grouped by expert."""
+        if torch.compiler.is_compiling():
+            return self.forward_gathered(x, topk_idx, topk_weight)
         N, K = topk_idx.shape
         flat = topk_idx.reshape(-1)  # (N*K,) expert of each (token, slot)
         order = flat.argsort(stable=True)
@@ -82,6 +88,13 @@ class Experts(nn.Module):
         outs = [self.expert(e, chunk) for e, chunk in enumerate(x_sorted.split(counts)) if counts[e]]
         y_sorted = torch.cat(outs) * topk_weight.reshape(-1)[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, y_sorted)
+
+    def forward_gathered(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """The same function with no data-dependent shapes (for torch.compile)."""
+        gate_up = torch.einsum("nd,nkfd->nkf", x, self.gate_up_proj[topk_idx])  # (N, K, 2I)
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, self.down_proj[topk_idx])  # (N, K, D)
+        return (y * topk_weight[..., None].to(x.dtype)).sum(dim=1)
 
     def forward_reference(self, x, topk_idx, topk_weight):
         """The reference code's per-expert `torch.where` loop; the test oracle for `forward`."""
