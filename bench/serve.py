@@ -5,15 +5,18 @@ Per level: TTFT p50/p99 (request sent -> first streamed token), time per output 
 after the first), output tokens/s, errors, and served / offline throughput. The offline run uses
 the same prompts, the same sampling (seeded, ignore_eos, fixed max_tokens: the same tokens)
 and the same concurrency cap (`max_num_seqs` = clients), so the ratio is the cost of serving
-(HTTP, SSE, JSON, the thread hand-off), not a difference in batching.
+(HTTP, SSE, JSON, the hand-off to the engine), not a difference in batching.
 
 The server runs in a subprocess (as in production: the client's own work must not share its GIL);
-the clients are a minimal asyncio HTTP/1.1 client in this process. Each level alternates served
-and offline runs `--repeats` times and keeps each side's best (a shared machine only ever makes a
-run slower). Ends with one JSON line.
+the clients are a minimal asyncio HTTP/1.1 client in this process. The server's engine steps in
+its own engine-core process by default (`--engine-process`, as `qiusuo serve`), or on a thread of
+the API process (`--no-engine-process`); `--both-modes` runs a server of each kind and measures
+both against the same offline runs. CPU per token is reported for the API process and the
+engine process separately. Each level alternates served and offline runs `--repeats` times and
+keeps each side's best (a shared machine only ever makes a run slower). Ends with one JSON line.
 
     python bench/serve.py                       # both presets, 1/8/32 clients
-    python bench/serve.py --presets tiny-moe --levels 32 --max-tokens 32
+    python bench/serve.py --presets tiny-moe --levels 32 --max-tokens 32 --both-modes
 """
 
 from __future__ import annotations
@@ -31,23 +34,34 @@ import time
 import httpx
 
 
-def serve_main(preset: str, port: int, threads: int, max_num_seqs: int) -> None:
-    """The server subprocess: a fresh tiny model, the engine, uvicorn on loopback."""
+def build_engine(preset: str, threads: int, max_num_seqs: int):
+    """A fresh tiny model and its engine (module level: the engine process unpickles it by name)."""
     import torch
 
     from qiusuo.engine import EngineConfig, LLMEngine
     from qiusuo.model import build_model
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    model, tok = build_model(preset, seed=0)
+    model.eval()  # as a loaded checkpoint is; in train mode every served step pays a train/eval switch
+    return LLMEngine(model, tok, EngineConfig(num_threads=threads, max_num_seqs=max_num_seqs,
+                                              kv_cache_bytes=256 << 20))
+
+
+def serve_main(preset: str, port: int, threads: int, max_num_seqs: int, engine_process: bool) -> None:
+    """The server subprocess: the engine (built here, or in its engine process), uvicorn on loopback."""
+    import functools
+
     from qiusuo.serve import create_app
     from qiusuo.serve.server import run
 
     if os.environ.get("QIUSUO_SWITCH"):
         sys.setswitchinterval(float(os.environ["QIUSUO_SWITCH"]))
-    torch.manual_seed(0)
-    model, tok = build_model(preset, seed=0)
-    engine = LLMEngine(model, tok, EngineConfig(num_threads=threads, max_num_seqs=max_num_seqs,
-                                                kv_cache_bytes=256 << 20))
-    run(create_app(engine, served_model_name=preset, max_queue=4096), host="127.0.0.1", port=port,
-        log_level="warning")
+    load = functools.partial(build_engine, preset, threads, max_num_seqs)
+    engine = load if engine_process else load()
+    run(create_app(engine, served_model_name=preset, max_queue=4096, engine_process=engine_process),
+        host="127.0.0.1", port=port, log_level="warning")
 
 
 def make_messages(n: int, seed: int = 0) -> list[list[dict]]:
@@ -169,67 +183,122 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def engine_process_pid(pid: int) -> int:
+    """The server's engine process: its child started by multiprocessing's spawn (the other child,
+    multiprocessing's resource tracker, sleeps)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            for child in f.read().split():
+                with open(f"/proc/{child}/cmdline", "rb") as c:
+                    if b"spawn_main" in c.read():
+                        found.append(int(child))
+    assert len(found) == 1, f"expected one engine process under {pid}, found {found}"
+    return found[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def bench_preset(preset: str, levels: list[int], per_client: int, max_tokens: int, threads: int,
-                 time_limit: float, repeats: int) -> list[dict]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, __file__, "--_serve", preset, "--_port", str(port),
-                             "--threads", str(threads), "--_max_num_seqs", str(max(levels))], env=env)
-    rows = []
-    offline = Offline(preset, threads)
-    try:
-        deadline = time.monotonic() + 120
+class Server:
+    """One server subprocess (API process, plus its engine process in engine-process mode)."""
+
+    def __init__(self, preset: str, threads: int, max_num_seqs: int, engine_process: bool):
+        self.mode = "process" if engine_process else "thread"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen([sys.executable, __file__, "--_serve", preset, "--_port", str(self.port),
+                                      "--threads", str(threads), "--_max_num_seqs", str(max_num_seqs),
+                                      "--engine-process" if engine_process else "--no-engine-process"], env=env)
+        self.engine_pid: int | None = None
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                if httpx.get(url + "/health").status_code == 200:
+                if httpx.get(self.url + "/health").status_code == 200:
                     break
             except httpx.TransportError:
                 pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the server subprocess did not come up")
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the {self.mode}-mode server subprocess did not come up")
             time.sleep(0.1)
+        if self.mode == "process":
+            self.engine_pid = engine_process_pid(self.proc.pid)
+
+    def cpu(self) -> tuple[float, float]:
+        """(API process, engine process) CPU seconds so far; the engine's is 0 in thread mode."""
+        return cpu_seconds(self.proc.pid), cpu_seconds(self.engine_pid) if self.engine_pid else 0.0
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def bench_preset(preset: str, levels: list[int], per_client: int, max_tokens: int, threads: int,
+                 time_limit: float, repeats: int, modes: list[bool]) -> list[dict]:
+    servers = [Server(preset, threads, max(levels), engine_process) for engine_process in modes]
+    rows = []
+    offline = Offline(preset, threads)
+    try:
+        for server in servers:
+            server.wait_ready()
         started = time.monotonic()
         for clients in levels:
             if time.monotonic() - started > time_limit:
                 print(f"[{preset}] time limit reached; skipping {clients} clients", file=sys.stderr)
                 continue
             requests = make_messages(clients * per_client, seed=clients)
-            asyncio.run(run_level("127.0.0.1", port, preset, clients, make_messages(clients, seed=999), 8))  # warm-up
+            for server in servers:  # warm-up
+                asyncio.run(run_level("127.0.0.1", server.port, preset, clients, make_messages(clients, seed=999), 8))
             # Alternate served and offline runs and keep each one's best: on a shared machine the
             # noise is other processes taking the CPU, which only ever makes a run slower.
-            served = base = None
+            served: dict[str, dict] = {}
+            base = None
             for _ in range(repeats):
-                c0 = cpu_seconds(proc.pid)
-                s = asyncio.run(run_level("127.0.0.1", port, preset, clients, requests, max_tokens))
-                s["server_cpu_s"] = cpu_seconds(proc.pid) - c0
-                served = s if served is None or s["tokens_per_s"] > served["tokens_per_s"] else served
+                for server in servers:
+                    api0, eng0 = server.cpu()
+                    s = asyncio.run(run_level("127.0.0.1", server.port, preset, clients, requests, max_tokens))
+                    api1, eng1 = server.cpu()
+                    s["api_cpu_s"], s["engine_cpu_s"] = api1 - api0, eng1 - eng0
+                    best = served.get(server.mode)
+                    served[server.mode] = s if best is None or s["tokens_per_s"] > best["tokens_per_s"] else best
                 b = offline.run(clients, requests, max_tokens)
                 base = b if base is None or b["tokens_per_s"] > base["tokens_per_s"] else base
-            row = {"preset": preset, "clients": clients, "requests": len(requests), "max_tokens": max_tokens,
-                   **{k: round(v, 3) if isinstance(v, float) else v for k, v in served.items()},
-                   "offline_tokens_per_s": round(base["tokens_per_s"], 1),
-                   "served_over_offline": round(served["tokens_per_s"] / base["tokens_per_s"], 3),
-                   "token_counts_match": served["tokens"] == base["tokens"],
-                   # CPU time per token barely moves with other processes' load, unlike wall time
-                   "server_cpu_ms_per_token": round(1e3 * served.pop("server_cpu_s") / served["tokens"], 3),
-                   "offline_cpu_ms_per_token": round(1e3 * base["cpu_s"] / base["tokens"], 3)}
-            rows.append(row)
-            print(f"[{preset}] {clients:>2} clients: TTFT p50 {row['ttft_p50_ms']:.1f} ms, p99 "
-                  f"{row['ttft_p99_ms']:.1f} ms, TPOT {row['tpot_ms']:.2f} ms, {row['tokens_per_s']:.0f} tok/s "
-                  f"served vs {row['offline_tokens_per_s']:.0f} offline ({row['served_over_offline']:.0%}), "
-                  f"CPU/token {row['server_cpu_ms_per_token']:.2f} ms served vs "
-                  f"{row['offline_cpu_ms_per_token']:.2f} offline, errors {row['errors']}", file=sys.stderr)
+            for mode, s in served.items():
+                rows.append(report_row(preset, clients, mode, len(requests), max_tokens, s, base))
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        for server in servers:
+            server.close()
     return rows
+
+
+def report_row(preset: str, clients: int, mode: str, num_requests: int, max_tokens: int, served: dict,
+               base: dict) -> dict:
+    per_token = lambda seconds: round(1e3 * seconds / max(served["tokens"], 1), 3)  # noqa: E731
+    api_cpu, engine_cpu = served.pop("api_cpu_s"), served.pop("engine_cpu_s")
+    row = {"preset": preset, "clients": clients, "mode": mode, "requests": num_requests, "max_tokens": max_tokens,
+           **{k: round(v, 3) if isinstance(v, float) else v for k, v in served.items()},
+           "offline_tokens_per_s": round(base["tokens_per_s"], 1),
+           "served_over_offline": round(served["tokens_per_s"] / base["tokens_per_s"], 3),
+           "token_counts_match": served["tokens"] == base["tokens"],
+           # CPU time per token barely moves with other processes' load, unlike wall time
+           "server_cpu_ms_per_token": per_token(api_cpu + engine_cpu),
+           "api_cpu_ms_per_token": per_token(api_cpu),
+           "engine_cpu_ms_per_token": per_token(engine_cpu) if mode == "process" else None,
+           "offline_cpu_ms_per_token": round(1e3 * base["cpu_s"] / base["tokens"], 3)}
+    engine_part = f" (API {row['api_cpu_ms_per_token']:.3f} + engine {row['engine_cpu_ms_per_token']:.3f})" \
+        if mode == "process" else ""
+    print(f"[{preset}, {mode}] {clients:>2} clients: TTFT p50 {row['ttft_p50_ms']:.1f} ms, p99 "
+          f"{row['ttft_p99_ms']:.1f} ms, TPOT {row['tpot_ms']:.2f} ms, {row['tokens_per_s']:.0f} tok/s "
+          f"served vs {row['offline_tokens_per_s']:.0f} offline ({row['served_over_offline']:.0%}), "
+          f"CPU/token {row['server_cpu_ms_per_token']:.3f} ms served{engine_part} vs "
+          f"{row['offline_cpu_ms_per_token']:.3f} offline, errors {row['errors']}", file=sys.stderr)
+    return row
 
 
 def main() -> None:
@@ -241,20 +310,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the engine (both runs)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per level, served and offline alternating; best kept")
     ap.add_argument("--time-limit", type=float, default=300, help="seconds per preset before levels are skipped")
+    ap.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                    help="the server's engine in its own process (default, as `qiusuo serve`) or on a thread")
+    ap.add_argument("--both-modes", action="store_true",
+                    help="measure an engine-process server and a thread server in the same run")
     ap.add_argument("--_serve", help=argparse.SUPPRESS)
     ap.add_argument("--_port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_max_num_seqs", type=int, default=256, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._serve:
-        return serve_main(args._serve, args._port, args.threads, args._max_num_seqs)
+        return serve_main(args._serve, args._port, args.threads, args._max_num_seqs, args.engine_process)
     import torch
 
     torch.set_num_threads(args.threads)
+    modes = [True, False] if args.both_modes else [args.engine_process]
     rows = []
     for preset in args.presets:
         rows += bench_preset(preset, args.levels, args.requests_per_client, args.max_tokens, args.threads,
-                             args.time_limit, args.repeats)
+                             args.time_limit, args.repeats, modes)
     print(json.dumps({"bench": "serve", "threads": args.threads, "repeats": args.repeats,
+                      "modes": ["process" if m else "thread" for m in modes],
                       "loadavg_1m": os.getloadavg()[0], "results": rows}))
 
 

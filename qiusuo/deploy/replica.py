@@ -65,9 +65,8 @@ class ModelServer:
             raise RuntimeError(f"no engine: {state.load_error!r}")
         if engine.dead is not None:
             raise RuntimeError(f"the engine thread failed: {engine.dead!r}")
-        thread = engine._thread  # AsyncEngine's stepping thread: when it is gone nothing is generated
-        if thread is None or not thread.is_alive():
-            raise RuntimeError("the engine thread is not running")
+        if not engine.is_alive():  # its stepping thread (or process) is gone: nothing is generated
+            raise RuntimeError("the engine is not running")
         if self._reporter.done() and not self._reporter.cancelled():
             self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
 

@@ -6,6 +6,9 @@ route, /metrics and the OpenAPI pages included, needs the Bearer key when one is
 protects only /v1/*, its #18892). Every error a client can cause comes back in OpenAI's
 `{"error": {"message", "type", "param", "code"}}` shape with a 4xx; a body over the size limit
 is refused with 413 before it is parsed.
+
+The engine steps on a thread of this process (`AsyncEngine`) or, with `engine_process=True`, in
+an engine-core process of its own (`ProcessEngine`); the routes cannot tell the difference.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .async_engine import AsyncEngine
 from .chat import create_chat_completion
 from .completions import create_completion
 from .config import ServerConfig
+from .engine_process import EngineLoadError, ProcessEngine, check_loader
 from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
 from .serving import ServerState
 
@@ -39,12 +43,19 @@ log = logging.getLogger("qiusuo.serve")
 EngineSource = LLMEngine | Callable[[], LLMEngine]
 
 
-def create_app(engine: EngineSource, *, served_model_name: str, **options: Any) -> FastAPI:
+def create_app(engine: EngineSource, *, served_model_name: str, engine_process: bool = False,
+               **options: Any) -> FastAPI:
     """`engine`: an `LLMEngine` (or an `LLM`), or a zero-argument function that loads one; a function
     runs on a thread at startup while /health answers 503. `options` are the other `ServerConfig`
     fields (api_key, max_queue, max_body_bytes, max_tokens_cap, default_thinking_budget, ...).
-    The engine thread starts and stops with the app (its lifespan)."""
+    The engine thread starts and stops with the app (its lifespan).
+
+    engine_process=True: the engine steps in its own process (`ProcessEngine`, vLLM V1's engine
+    core), which frees the event loop from the engine's GIL: `engine` must then be a picklable
+    loader (a module-level function or `functools.partial`), called in that process."""
     config = ServerConfig(served_model_name=served_model_name, **options)
+    if engine_process:
+        check_loader(engine)  # a clear ValueError now, not a failed child at startup
     state = ServerState(config)
 
     def attach(eng: Any, loop: asyncio.AbstractEventLoop) -> None:
@@ -57,10 +68,24 @@ def create_app(engine: EngineSource, *, served_model_name: str, **options: Any) 
         async_engine.start(loop)
         state.engine = async_engine
 
+    async def attach_when_ready(proc: ProcessEngine) -> None:
+        try:
+            await proc.ready()
+        except EngineLoadError as e:  # reported by /health and every route, as a failed load on a thread
+            log.error("the engine process could not load the model: %s", e)
+            state.load_error = e
+            return
+        state.engine = proc
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
-        if callable(engine) and not isinstance(engine, LLMEngine) and not hasattr(engine, "llm_engine"):
+        proc = waiter = None
+        if engine_process:
+            proc = ProcessEngine(engine)
+            proc.start(loop)
+            waiter = loop.create_task(attach_when_ready(proc))
+        elif callable(engine) and not isinstance(engine, LLMEngine) and not hasattr(engine, "llm_engine"):
             def load() -> None:
                 try:
                     eng = engine()
@@ -76,8 +101,11 @@ def create_app(engine: EngineSource, *, served_model_name: str, **options: Any) 
         try:
             yield
         finally:
-            if state.engine is not None:
-                await asyncio.to_thread(state.engine.close)
+            if waiter is not None:
+                waiter.cancel()
+            running = proc or state.engine
+            if running is not None:
+                await asyncio.to_thread(running.close)
 
     created = int(time.time())
     app = FastAPI(title="qiusuo", version="1", lifespan=lifespan)

@@ -5,6 +5,8 @@ it: it takes commands (add, abort) from a thread-safe queue between steps, steps
 work, and hands each step's outputs to the event loop in one `call_soon_threadsafe` call. The
 event loop never calls the engine and never waits on it (nanochat's endpoint did, see STYLE.md).
 
+`ProcessEngine` (engine_process.py) is the same surface with the engine in its own process.
+
 Each request gets a `RequestStream`: an asyncio queue that receives first an acknowledgement
 (or the `ValueError` the engine raised for it), then its `RequestOutput`s until the last one.
 """
@@ -92,6 +94,13 @@ class EngineSnapshot:
     num_waiting_seqs: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_stats(cls, stats: dict[str, Any]) -> "EngineSnapshot":
+        """From `LLMEngine.stats()` (read in the engine thread, or sent by the engine process)."""
+        return cls(num_blocks=stats["num_blocks"], num_used_blocks=stats["num_used_blocks"],
+                   num_preemptions=stats["num_preemptions"], num_running_seqs=stats["num_running"],
+                   num_waiting_seqs=stats["num_waiting"], extra=stats)
+
     @property
     def kv_cache_usage(self) -> float:
         return self.num_used_blocks / self.num_blocks if self.num_blocks else 0.0
@@ -100,7 +109,9 @@ class EngineSnapshot:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        tok = engine.tokenizer
+        tok = self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.model.config.vocab_size
         self.think_start_id = getattr(tok, "think_start_id", None)
         self.think_end_id = getattr(tok, "think_end_id", None)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
@@ -117,6 +128,10 @@ class AsyncEngine:
         self._loop = loop
         self._thread = threading.Thread(target=self._run, name="qiusuo-engine", daemon=True)
         self._thread.start()
+
+    def is_alive(self) -> bool:
+        """The engine can still serve: its thread runs and did not fail."""
+        return self.dead is None and self._thread is not None and self._thread.is_alive()
 
     def close(self, timeout: float = 30.0) -> None:
         self._closing = True
@@ -202,12 +217,8 @@ class AsyncEngine:
             self._closing = True
 
     def _publish(self) -> None:
-        stats = self.engine.stats()
-        self.snapshot = EngineSnapshot(
-            num_blocks=stats["num_blocks"], num_used_blocks=stats["num_used_blocks"],
-            num_preemptions=stats["num_preemptions"], num_running_seqs=stats["num_running"],
-            num_waiting_seqs=stats["num_waiting"], extra=stats,
-        )  # one reference swap: readers on other threads see a whole snapshot
+        # one reference swap: readers on other threads see a whole snapshot
+        self.snapshot = EngineSnapshot.from_stats(self.engine.stats())
 
 
 def _deliver(batch: list[tuple[RequestStream, Any]]) -> None:

@@ -18,6 +18,7 @@ from qiusuo.tokenizer import bytes_to_unicode
 
 from .async_engine import AsyncEngine, EngineDeadError
 from .config import ServerConfig
+from .engine_process import ProcessEngine
 from .metrics import ServerMetrics
 from .protocol import OpenAIError, _SamplingFields
 from .reasoning import count_reasoning, prompt_opens_think
@@ -31,7 +32,7 @@ class ServerState:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.engine: AsyncEngine | None = None
+        self.engine: AsyncEngine | ProcessEngine | None = None
         self.load_error: BaseException | None = None
         self.num_waiting = 0  # admitted, no output yet
         self.num_running = 0  # admitted, outputs flowing
@@ -40,13 +41,13 @@ class ServerState:
 
     @property
     def tokenizer(self):
-        return self.engine.engine.tokenizer
+        return self.engine.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.max_model_len
 
-    def ready(self) -> AsyncEngine:
+    def ready(self) -> AsyncEngine | ProcessEngine:
         if self.engine is None:
             msg = ("the model is still loading" if self.load_error is None
                    else f"the model failed to load: {self.load_error}")
@@ -122,7 +123,7 @@ def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None)
 def check_prompt_ids(state: ServerState, ids: list[int], param: str) -> None:
     if not ids:
         raise OpenAIError(400, "The prompt is empty; give at least one token.", param=param)
-    vocab = state.engine.engine.model.config.vocab_size
+    vocab = state.engine.vocab_size
     if min(ids) < 0 or max(ids) >= vocab:
         raise OpenAIError(400, f"Prompt token ids must be in [0, {vocab}).", param=param)
 

@@ -1,0 +1,273 @@
+"""The server with its engine in an engine-core process (`create_app(..., engine_process=True)`),
+against a real uvicorn server and the official openai client: chat streamed and not, n > 1,
+seeded tokens and logprobs equal to thread mode's, the reasoning split and thinking budget,
+abort on disconnect, /health before the child is ready and after a failed load, a killed child
+(in-flight requests get an error, /health 503), and no child left after shutdown.
+
+Loaders are module-level functions (the child unpickles them by name and imports this module).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from qiusuo.engine import EngineConfig, LLMEngine
+from qiusuo.model import build_model
+from qiusuo.serve import create_app
+from qiusuo.serve.server import ServerThread
+
+torch.set_num_threads(1)
+
+NAME = "tiny"
+MSG = [{"role": "user", "content": "What is 2+2?"}]
+
+
+# ---------------------------------------------------------------------- loaders (run in the child)
+def load_tiny(max_len: int = 2048) -> LLMEngine:
+    torch.set_num_threads(1)
+    model, tok = build_model("tiny-dense", max_position_embeddings=max_len)
+    return LLMEngine(model, tok, EngineConfig(kv_cache_bytes=32 << 20, num_threads=1))
+
+
+def load_scripted() -> LLMEngine:
+    from test_serve_reasoning import SCRIPT, TOK, ScriptedModel
+
+    torch.set_num_threads(1)
+    return LLMEngine(ScriptedModel(SCRIPT).eval(), TOK, EngineConfig(kv_cache_bytes=8 << 20, num_threads=1))
+
+
+def load_when(flag: str) -> LLMEngine:
+    while not os.path.exists(flag):  # the test decides when loading ends
+        time.sleep(0.02)
+    return load_tiny(256)
+
+
+def load_broken() -> LLMEngine:
+    raise FileNotFoundError("no checkpoint at /nowhere")
+
+
+# ---------------------------------------------------------------------- fixtures and helpers
+def wait_until(cond, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def health(url: str) -> int:
+    return httpx.get(url + "/health").status_code
+
+
+def serve(loader, **options) -> ServerThread:
+    srv = ServerThread(create_app(loader, served_model_name=NAME, engine_process=True, **options))
+    srv.state = srv.server.config.app.state.qiusuo
+    return srv
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serve(functools.partial(load_tiny)) as srv:
+        wait_until(lambda: health(srv.url) == 200)
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def thread_server():
+    with ServerThread(create_app(load_tiny(), served_model_name=NAME)) as srv:
+        yield srv
+
+
+def client_of(srv) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+
+
+def open_stream(url: str, max_tokens: int):
+    """A streaming chat request, returned once its first token arrived (keep `lines` referenced)."""
+    c = httpx.Client(timeout=60)
+    body = {"model": NAME, "messages": MSG, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    resp = c.send(c.build_request("POST", url + "/v1/chat/completions", json=body), stream=True)
+    assert resp.status_code == 200
+    lines = resp.iter_lines()
+    for line in lines:
+        if line.startswith("data: ") and '"role"' not in line:
+            break
+    return c, resp, lines
+
+
+# ---------------------------------------------------------------------- create_app's checks
+def test_engine_process_needs_a_picklable_loader():
+    with pytest.raises(ValueError, match="picklable zero-argument loader"):
+        create_app(load_tiny(256), served_model_name=NAME, engine_process=True)
+    with pytest.raises(ValueError, match="does not pickle"):
+        create_app(lambda: load_tiny(256), served_model_name=NAME, engine_process=True)
+
+    def nested():
+        return load_tiny(256)
+
+    with pytest.raises(ValueError, match="does not pickle"):
+        create_app(nested, served_model_name=NAME, engine_process=True)
+    create_app(functools.partial(load_tiny, 256), served_model_name=NAME, engine_process=True)  # fine
+
+
+# ---------------------------------------------------------------------- the happy paths
+def test_chat_streaming_matches_non_streaming(server):
+    client = client_of(server)
+    kw = dict(model=NAME, messages=MSG, max_completion_tokens=12, seed=3, temperature=0.8)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens >= 1
+    assert server.state.engine.process.is_alive() and server.state.engine.process.pid != os.getpid()
+
+
+def test_seeded_n_samples_equal_thread_mode(server, thread_server):
+    kw = dict(model=NAME, messages=MSG, max_tokens=10, temperature=1.0, n=3, seed=42, logprobs=True,
+              top_logprobs=2)
+    texts = lambda r: [ch.message.content for ch in sorted(r.choices, key=lambda ch: ch.index)]  # noqa: E731
+    tokens = lambda r: [[e.token for e in ch.logprobs.content] for ch in r.choices]  # noqa: E731
+    lps = lambda r: [e.logprob for ch in r.choices for e in ch.logprobs.content]  # noqa: E731
+    proc = client_of(server).chat.completions.create(**kw)
+    thread = client_of(thread_server).chat.completions.create(**kw)
+    assert [ch.index for ch in proc.choices] == [0, 1, 2] and len(set(texts(proc))) > 1
+    assert texts(proc) == texts(thread)
+    assert tokens(proc) == tokens(thread)
+    assert lps(proc) == pytest.approx(lps(thread), abs=1e-5)
+    assert proc.usage.completion_tokens == thread.usage.completion_tokens
+
+
+def test_streamed_completions_with_logprobs_equal_thread_mode(server, thread_server):
+    kw = dict(model=NAME, prompt=["ab", "cd"], max_tokens=6, n=2, seed=1, logprobs=2)
+
+    def streamed(srv):  # per sample: the text and the logprobs (chunks may coalesce differently)
+        texts: dict[int, str] = {}
+        lps: dict[int, list[float]] = {}
+        for c in client_of(srv).completions.create(**kw, stream=True):
+            for ch in c.choices:
+                texts[ch.index] = texts.get(ch.index, "") + ch.text
+                lps.setdefault(ch.index, []).extend(ch.logprobs.token_logprobs if ch.logprobs else [])
+        return texts, lps
+
+    (proc_texts, proc_lps), (thread_texts, thread_lps) = streamed(server), streamed(thread_server)
+    assert proc_texts == thread_texts and len(proc_texts) == 4
+    for i in range(4):  # batch composition may differ (when the two prompts' adds meet a step): float noise
+        assert proc_lps[i] == pytest.approx(thread_lps[i], abs=1e-4) and len(proc_lps[i]) == 6
+    full = client_of(server).completions.create(**kw)
+    assert sorted(c.index for c in full.choices) == [0, 1, 2, 3]
+    assert full.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in full.choices)
+
+
+def test_reasoning_split_and_thinking_budget():
+    with serve(functools.partial(load_scripted)) as srv:
+        wait_until(lambda: health(srv.url) == 200)
+        client = client_of(srv)
+        r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=100,
+                                           extra_body={"thinking_budget": 5})
+        message = r.choices[0].message
+        assert message.reasoning_content == "rrrrr" and message.content == "Ab<think>"
+        assert r.usage.completion_tokens_details.reasoning_tokens == 5
+        # stop=["XYZ"] never matches but holds back 2 characters: tags reach the API process cut in half
+        chunks = list(client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=100, stream=True, stop=["XYZ"],
+                                                     extra_body={"thinking_budget": 3}))
+        deltas = [c.choices[0].delta.model_dump() for c in chunks if c.choices]
+        assert "".join(d.get("reasoning_content") or "" for d in deltas) == "rrr"
+        assert "".join(d.get("content") or "" for d in deltas) == "Ab<think>"
+        assert not any(d.get("content") and d.get("reasoning_content") for d in deltas)
+
+
+# ---------------------------------------------------------------------- abort, health, failure
+def test_disconnect_aborts(server):
+    snap = lambda: server.state.engine.snapshot  # noqa: E731
+    c, resp, _lines = open_stream(server.url, 1900)
+    wait_until(lambda: snap().num_running_seqs == 1)
+    resp.close()
+    c.close()
+    wait_until(lambda: snap().num_running_seqs == snap().num_waiting_seqs == snap().num_used_blocks == 0)
+    assert snap().extra["num_running"] == 0
+
+
+def test_health_503_until_ready_and_no_child_after_close(tmp_path):
+    flag = tmp_path / "go"
+    srv = serve(functools.partial(load_when, str(flag)))
+    with srv:
+        r = httpx.get(srv.url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": NAME, "messages": MSG})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+        flag.touch()
+        wait_until(lambda: health(srv.url) == 200)
+        assert client_of(srv).chat.completions.create(model=NAME, messages=MSG, max_tokens=2).choices
+        child = srv.state.engine.process
+        assert child.is_alive()
+    assert not child.is_alive() and child.exitcode == 0  # it left on EOF, and was reaped
+
+
+def test_load_error_is_reported():
+    with serve(functools.partial(load_broken)) as srv:
+        wait_until(lambda: srv.state.load_error is not None)
+        r = httpx.get(srv.url + "/health")
+        assert r.status_code == 503 and "no checkpoint at /nowhere" in r.json()["message"]
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": NAME, "messages": MSG})
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+
+
+def test_killed_child_fails_requests_in_flight():
+    with serve(functools.partial(load_tiny, 2048)) as srv:
+        wait_until(lambda: health(srv.url) == 200)
+        engine = srv.state.engine
+        c, resp, lines = open_stream(srv.url, 1900)
+        os.kill(engine.process.pid, signal.SIGKILL)
+        rest = [line for line in lines if line.startswith("data: ")]  # ends instead of hanging
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2][len("data: "):])["error"]
+        assert "engine process exited" in error["message"]
+        c.close()
+        r = httpx.get(srv.url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "error"
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": NAME, "messages": MSG, "max_tokens": 2})
+        assert r.status_code == 503
+        assert not engine.is_alive()
+    assert engine.process.exitcode == -signal.SIGKILL
+
+
+def test_child_exits_when_the_api_process_dies():
+    """No orphans: SIGKILL the API process; its engine process sees EOF on its command pipe and exits."""
+    code = (f"import asyncio, functools, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from qiusuo.serve.engine_process import ProcessEngine\n"
+            "import test_serve_process as t\n"
+            "async def main():\n"
+            "    e = ProcessEngine(functools.partial(t.load_tiny, 256))\n"
+            "    e.start(asyncio.get_running_loop())\n"
+            "    await e.ready()\n"
+            "    print(e.process.pid, flush=True)\n"
+            "    await asyncio.sleep(120)\n"
+            "asyncio.run(main())\n")
+    api = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(api.stdout.readline())
+        os.kill(api.pid, signal.SIGKILL)
+        api.wait(30)
+
+        def gone() -> bool:
+            try:
+                return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+            except FileNotFoundError:
+                return True
+
+        wait_until(gone, timeout=30)
+    finally:
+        if api.poll() is None:
+            api.kill()
