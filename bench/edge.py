@@ -10,7 +10,8 @@ Measures, on this machine:
   (`llama_batch` with one sequence id per request, `n_seq_max = batch`, one `llama_decode` per step
   for all sequences): the same scheme as llama.cpp's `batched` example;
 - file sizes: safetensors (fp32) and GGUF f32 / f16 / q8_0.
-qiusuo's `+compile` variants run the decode step under torch.compile (`EngineConfig.compile`); the
+qiusuo's `+compile` and `+max-autotune` variants run the decode step under torch.compile
+(`EngineConfig.compile`, the latter also autotuning the matmul kernels); the
 engine compiles when it starts, which the rates exclude and `startup_s` reports (the inductor
 cache on disk makes the second engine's start shorter).
 Each configuration runs with 1 and 2 threads (the machine has 2 shared cores) and reports the
@@ -36,15 +37,15 @@ PROMPT = "Q: what is 12+34? think step by step.\nA:"
 # ---------------------------------------------------------------------- qiusuo
 def qiusuo_run(ckpt: Path, tok, variant: str, one: list[list[int]], many: list[list[int]], n: int,
                threads: int) -> tuple[float, float, float]:
-    """(single-stream tok/s, batch tok/s, engine start seconds) of one engine: variant is fp32, bf16, int8, or one of
-    those + "+compile" (EngineConfig.compile: the decode step under torch.compile)."""
+    """(single-stream tok/s, batch tok/s, engine start seconds) of one engine: variant is fp32, bf16, int8, or
+    fp32/bf16 + "+compile" or "+max-autotune" (EngineConfig.compile: the decode step under torch.compile)."""
     from qiusuo.engine import LLM, SamplingParams
 
-    name, _, compiled = variant.partition("+")
+    name, _, mode = variant.partition("+")
     start = time.perf_counter()
     llm = LLM(str(ckpt), dtype="bfloat16" if name == "bf16" else "float32",
-              quantization="int8" if name == "int8" else None, compile=bool(compiled),
-              num_threads=threads, kv_cache_bytes=256 << 20)
+              quantization="int8" if name == "int8" else None,
+              compile={"": False, "compile": True}.get(mode, mode), num_threads=threads, kv_cache_bytes=256 << 20)
     startup = time.perf_counter() - start
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
     rates = []
@@ -149,7 +150,7 @@ def main() -> None:
     one = [tok.encode(PROMPT, add_special_tokens=True)]
     many = [tok.encode(f"{PROMPT} ({i})", add_special_tokens=True) for i in range(args.batch)]
     results: dict[str, dict] = {}
-    for variant in ("fp32", "bf16", "int8", "fp32+compile", "bf16+compile"):
+    for variant in ("fp32", "bf16", "int8", "fp32+compile", "fp32+max-autotune", "bf16+max-autotune"):
         runs = {threads: qiusuo_run(tmp / "ckpt", tok, variant, one, many, args.tokens, threads) for threads in (1, 2)}
         t1 = max(runs, key=lambda t: runs[t][0])
         t2 = max(runs, key=lambda t: runs[t][1])

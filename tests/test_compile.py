@@ -108,3 +108,26 @@ def test_compiled_engine_generates_the_eager_engines_tokens(preset, tmp_path):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
         for i, t in enumerate(x.outputs[0].token_ids):
             assert abs(x.outputs[0].logprobs[i][t].logprob - y.outputs[0].logprobs[i][t].logprob) < 1e-4
+
+
+def test_compile_settings_are_checked_before_anything_runs():
+    from qiusuo.engine import EngineConfig
+    from qiusuo.engine.compiled import CompiledDecode
+
+    with pytest.raises(ValueError, match="max-autotune"):
+        EngineConfig(compile="fastest")
+    assert EngineConfig(compile="max-autotune").compile == "max-autotune"
+    with pytest.raises(ValueError, match="compile mode"):
+        CompiledDecode(torch.nn.Linear(2, 2), mode="reduce-overhead")
+
+
+def test_cli_compile_flags():
+    import argparse
+
+    from qiusuo.cli.common import add_compile_flag, compile_setting
+
+    p = argparse.ArgumentParser()
+    add_compile_flag(p)
+    assert compile_setting(p.parse_args([])) is False
+    assert compile_setting(p.parse_args(["--compile"])) is True
+    assert compile_setting(p.parse_args(["--compile-mode", "max-autotune"])) == "max-autotune"

@@ -15,8 +15,15 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
 
 def add_compile_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: ~2-3x faster small-model decode on CPU, after "
-                        "compiling for ~20-60 s at start (qiusuo/engine/compiled.py)")
+                   help="torch.compile the decode step: ~3-4x faster small-model decode on CPU, after "
+                        "compiling for ~30 s at start (qiusuo/engine/compiled.py)")
+    p.add_argument("--compile-mode", default=None, choices=["default", "max-autotune"],
+                   help="implies --compile; max-autotune also tunes the matmul kernels (~1 min, faster batches)")
+
+
+def compile_setting(args: argparse.Namespace) -> bool | str:
+    """EngineConfig.compile from --compile / --compile-mode."""
+    return args.compile_mode or bool(args.compile)
 
 
 def apply_threads(threads: int | None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_compile_flag, add_runtime_flags, apply_threads, resolve_model
+from .common import add_compile_flag, add_runtime_flags, apply_threads, compile_setting, resolve_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +37,7 @@ def run(args) -> int:
     difficulty = args.difficulty[0] if args.difficulty and len(args.difficulty) == 1 else args.difficulty
     problems = task.generate(args.n, seed=args.seed, split=args.split, difficulty=difficulty)
     llm = LLM(str(resolve_model(args.model)), device=args.device, dtype=args.dtype, quantization=args.quantize,
-              compile=args.compile)
+              compile=compile_setting(args))
     try:
         result = evaluate(llm, task, problems, samples=args.samples, temperature=args.temperature,
                           top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_compile_flag
+from .common import add_compile_flag, compile_setting
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def _load(args):
     from qiusuo.cli.common import resolve_model
 
     llm = LLM(str(resolve_model(args.model)), device=args.device, dtype=args.dtype, quantization=args.quantize,
-              num_threads=args.threads, compile=args.compile)
+              num_threads=args.threads, compile=compile_setting(args))
     params = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   max_tokens=args.max_tokens, seed=args.seed)
     return llm, SamplingParams, params

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import os
 
-from .common import add_compile_flag
+from .common import add_compile_flag, compile_setting
 
 
 def _default(cls, name: str):
@@ -58,7 +58,7 @@ def run(args) -> int:
     engine_kwargs = {k: v for k, v in dict(num_threads=args.threads, max_model_len=args.max_model_len,
                                            max_num_seqs=args.max_num_seqs,
                                            kv_cache_bytes=args.kv_cache_bytes,
-                                           compile=args.compile or None).items() if v is not None}
+                                           compile=compile_setting(args) or None).items() if v is not None}
     path = _resolve(args.model)  # fail fast (exit 2) on an unknown name, before binding the port
     # a partial of a module-level function pickles: the engine process calls it to build its engine
     load = functools.partial(load_engine, path, device=args.device, dtype=args.dtype, quantization=args.quantize,

@@ -47,13 +47,16 @@ def length_groups(lens: list[int], overhead: int = SPLIT_OVERHEAD_TOKENS) -> lis
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, cache_dtype: torch.dtype,
-                 sampler: Sampler, compile: bool = False):
+                 sampler: Sampler, compile: bool | str = False):
         self.model = model
         self.device = model.device
         self.block_size = block_size
         self.cache = PagedKVCache(model, num_blocks, block_size, cache_dtype, self.device)
         self.sampler = sampler
-        self.decode_forward = CompiledDecode(model) if compile else eager_decode(model)
+        if compile:
+            self.decode_forward = CompiledDecode(model, "default" if compile is True else compile)
+        else:
+            self.decode_forward = eager_decode(model)
 
     def run(self, prefill: list[Sequence], decode: list[Sequence]) -> SamplerOutput:
         logits = []
