@@ -15,7 +15,9 @@ wrapper, which cuts the per-step overhead by ~3x. vLLM compiles its model for th
   the cached graphs apart are checked), saving ~0.1-0.2 ms per step. A call that needs a new
   graph makes dynamo raise before anything runs; it is retried with full guards, which compiles.
 - The model's code chooses trace-friendly paths when `torch.compiler.is_compiling()`: the MoE's
-  `forward_gathered` and the paged cache's gather without a scratch buffer.
+  `forward_gathered`, MLA's `forward_folded`, the MLP's one gate+up matmul, latent attention as
+  fused reductions, and the paged cache's gather without a scratch buffer (tests/test_compile.py
+  runs each eagerly against the usual path).
 """
 
 from __future__ import annotations
@@ -50,8 +52,7 @@ class CompiledDecode:
         self._has_graph = False
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        h = self.model.hidden_states(input_ids, positions, cache=cache)  # (B, 1, D)
-        return self.model.logits(h[:, 0])  # (B, V)
+        return decode_logits(self.model, input_ids, positions, cache)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         if self._has_graph:
@@ -72,9 +73,7 @@ class CompiledDecode:
         return out
 
 
-def eager_decode(model: nn.Module):
-    def forward(input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        h = model.hidden_states(input_ids, positions, cache=cache)  # (B, 1, D)
-        return model.logits(h[:, 0])  # (B, V)
-
-    return forward
+def decode_logits(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    """One decode forward: input_ids/positions (B, 1) -> logits (B, V). The eager path calls it as is."""
+    h = model.hidden_states(input_ids, positions, cache=cache)  # (B, 1, D)
+    return model.logits(h[:, 0])  # (B, V)

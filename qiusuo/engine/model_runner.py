@@ -16,10 +16,12 @@ Dimension letters: B rows, T new tokens per row, D hidden, V vocabulary, nb bloc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from .compiled import CompiledDecode, eager_decode
+from .compiled import CompiledDecode, decode_logits
 from .paged_cache import PagedKVCache
 from .sampler import Sampler, SamplerOutput
 from .sequence import Sequence
@@ -56,7 +58,7 @@ class ModelRunner:
         if compile:
             self.decode_forward = CompiledDecode(model, "default" if compile is True else compile)
         else:
-            self.decode_forward = eager_decode(model)
+            self.decode_forward = functools.partial(decode_logits, model)
 
     def run(self, prefill: list[Sequence], decode: list[Sequence]) -> SamplerOutput:
         logits = []

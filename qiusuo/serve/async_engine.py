@@ -14,7 +14,6 @@ Each request gets a `RequestStream`: an asyncio queue that receives first an ack
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
@@ -23,11 +22,21 @@ from typing import Any, AsyncIterator
 
 from qiusuo.engine import LLMEngine, RequestOutput, SamplingParams
 
-from .thinking import ThinkingBudget
+from .thinking import with_thinking_budget
 
 log = logging.getLogger("qiusuo.serve")
 
 _ACK = object()
+
+
+def take_commands(cmds: queue.SimpleQueue, block: bool) -> list:
+    """The commands waiting in `cmds`; when `block` (the engine is idle) wait for at least one."""
+    out = [cmds.get()] if block else []
+    while True:
+        try:
+            out.append(cmds.get_nowait())
+        except queue.Empty:
+            return out
 
 
 class EngineDeadError(RuntimeError):
@@ -109,11 +118,9 @@ class EngineSnapshot:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        tok = self.tokenizer = engine.tokenizer
+        self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.model.config.vocab_size
-        self.think_start_id = getattr(tok, "think_start_id", None)
-        self.think_end_id = getattr(tok, "think_end_id", None)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -145,9 +152,7 @@ class AsyncEngine:
         if self.dead is not None:
             raise EngineDeadError(f"the engine thread stopped: {self.dead!r}")
         stream = RequestStream(request_id)
-        if thinking_budget is not None and self.think_start_id is not None and self.think_end_id is not None:
-            budget = ThinkingBudget(thinking_budget, self.think_start_id, self.think_end_id, opened_by_prompt)
-            params = dataclasses.replace(params, logits_processors=[*params.logits_processors, budget])
+        params = with_thinking_budget(params, thinking_budget, self.tokenizer, opened_by_prompt)
         self._cmds.put(("add", stream, prompt_ids, params))
         return stream
 
@@ -159,17 +164,8 @@ class AsyncEngine:
         engine = self.engine
         try:
             while not self._closing:
-                busy = engine.has_unfinished_requests()
-                try:  # idle: sleep until a command arrives; busy: only drain what is there
-                    cmd = self._cmds.get_nowait() if busy else self._cmds.get()
-                except queue.Empty:
-                    cmd = None
-                while cmd is not None:
+                for cmd in take_commands(self._cmds, block=not engine.has_unfinished_requests()):
                     self._apply(cmd)
-                    try:
-                        cmd = self._cmds.get_nowait()
-                    except queue.Empty:
-                        cmd = None
                 if self._closing or not engine.has_unfinished_requests():
                     self._publish()
                     continue

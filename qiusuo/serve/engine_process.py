@@ -23,7 +23,6 @@ dead and fails every request in flight with `EngineDeadError` when the child exi
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import multiprocessing
 import pickle
@@ -36,8 +35,8 @@ from typing import Any, Callable
 
 from qiusuo.engine import CompletionOutput, RequestOutput, SamplingParams
 
-from .async_engine import EngineDeadError, EngineSnapshot, RequestStream, _ACK
-from .thinking import ThinkingBudget
+from .async_engine import EngineDeadError, EngineSnapshot, RequestStream, _ACK, take_commands
+from .thinking import with_thinking_budget
 
 log = logging.getLogger("qiusuo.serve")
 
@@ -132,19 +131,10 @@ class _EngineCore:
     def run(self) -> None:
         engine = self.engine
         while True:
-            busy = engine.has_unfinished_requests()
-            try:  # idle: sleep until a command arrives; busy: only drain what is there
-                cmd = self.cmds.get_nowait() if busy else self.cmds.get()
-            except queue.Empty:
-                cmd = None
-            while cmd is not None:
+            for cmd in take_commands(self.cmds, block=not engine.has_unfinished_requests()):
                 if cmd[0] == "close":
                     return
                 self._apply(cmd)
-                try:
-                    cmd = self.cmds.get_nowait()
-                except queue.Empty:
-                    cmd = None
             outputs = engine.step() if engine.has_unfinished_requests() else []
             stats = engine.stats()
             changed = stats != self.last_stats
@@ -210,7 +200,6 @@ class ProcessEngine:
         self.tokenizer = None
         self.max_model_len = 0
         self.vocab_size = 0
-        self.think_start_id = self.think_end_id = None
         self.dead: BaseException | None = None
         self.snapshot = EngineSnapshot()
         self.process: multiprocessing.process.BaseProcess | None = None
@@ -280,9 +269,7 @@ class ProcessEngine:
         if self._closing or not self._is_ready:
             raise EngineDeadError("the engine process is not running")
         stream = RequestStream(request_id)
-        if thinking_budget is not None and self.think_start_id is not None and self.think_end_id is not None:
-            budget = ThinkingBudget(thinking_budget, self.think_start_id, self.think_end_id, opened_by_prompt)
-            params = dataclasses.replace(params, logits_processors=[*params.logits_processors, budget])
+        params = with_thinking_budget(params, thinking_budget, self.tokenizer, opened_by_prompt)
         self._requests[request_id] = _Request(stream, prompt_ids)
         try:
             _send(self._cmd, ("add", request_id, prompt_ids, params))
@@ -318,8 +305,6 @@ class ProcessEngine:
     def _on_ready(self, info: dict[str, Any]) -> None:
         self.tokenizer = info["tokenizer"]
         self.max_model_len, self.vocab_size = info["max_model_len"], info["vocab_size"]
-        self.think_start_id = getattr(self.tokenizer, "think_start_id", None)
-        self.think_end_id = getattr(self.tokenizer, "think_end_id", None)
         self.snapshot = EngineSnapshot.from_stats(info["stats"])
         self._is_ready = True
         self._resolve_ready(None)

@@ -10,7 +10,11 @@ preemption and recomputation change nothing.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+
+from qiusuo.engine import SamplingParams
 
 
 class ThinkingBudget:
@@ -39,3 +43,14 @@ class ThinkingBudget:
         forced = torch.full_like(logits, float("-inf"))  # (V,)
         forced[self.end_id] = 0.0
         return forced
+
+
+def with_thinking_budget(params: SamplingParams, budget: int | None, tokenizer,
+                         opened_by_prompt: bool = False) -> SamplingParams:
+    """`params` plus a `ThinkingBudget` processor when a budget is set and the tokenizer has think tags."""
+    start_id = getattr(tokenizer, "think_start_id", None)
+    end_id = getattr(tokenizer, "think_end_id", None)
+    if budget is None or start_id is None or end_id is None:
+        return params
+    proc = ThinkingBudget(budget, start_id, end_id, opened_by_prompt)
+    return dataclasses.replace(params, logits_processors=[*params.logits_processors, proc])
