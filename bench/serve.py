@@ -56,8 +56,6 @@ def serve_main(preset: str, port: int, threads: int, max_num_seqs: int, engine_p
     from qiusuo.serve import create_app
     from qiusuo.serve.server import run
 
-    if os.environ.get("QIUSUO_SWITCH"):
-        sys.setswitchinterval(float(os.environ["QIUSUO_SWITCH"]))
     load = functools.partial(build_engine, preset, threads, max_num_seqs)
     engine = load if engine_process else load()
     run(create_app(engine, served_model_name=preset, max_queue=4096, engine_process=engine_process),
