@@ -1,0 +1,111 @@
+"""Where every benchmark's figures go: `bench/results/<bench>-<date>-<commit>.json`.
+
+A result file holds every repeat's raw values (the bench decides their shape), the medians it
+reports, and the run's context: package versions, the git commit (and whether the tree was
+dirty), the CPU (`lscpu`), the load average before and after, and the threads used. A peer reading
+the file can then tell what ran, where, and under how much noise. `bench/README.md`'s tables are
+generated from these files (`python bench/tables.py`), never typed by hand.
+
+    from results import Run                               # bench/ is sys.path[0] for `python bench/x.py`
+    run = Run("edge", threads=[1, 2], args=vars(args))   # records the load before
+    ...                                                    # measure, run.add(...) raw values
+    path = run.save(summary={...})                         # load after, versions; prints the path
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PEERS = ("torch", "transformers", "trl", "peft", "llama_cpp_python", "ray", "qiusuo")
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of qiusuo and the peers it is measured against (None: not installed)."""
+    found: dict[str, str | None] = {}
+    for name in PEERS:
+        try:
+            found[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def git_commit() -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def cpu_info() -> dict[str, Any]:
+    """`lscpu`'s fields (model name, flags, caches, ...), or what `platform` knows without it."""
+    info: dict[str, Any] = {"machine": platform.machine(), "logical_cpus": os.cpu_count()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return info
+    for line in out.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            info[key.strip()] = value.strip()
+    return info
+
+
+def load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+class Run:
+    """One benchmark run: raw records in, one JSON file out."""
+
+    def __init__(self, bench: str, threads: Any = None, args: dict[str, Any] | None = None):
+        self.bench = bench
+        self.started = _dt.datetime.now(_dt.timezone.utc)
+        self.data: dict[str, Any] = {
+            "bench": bench, "started": self.started.isoformat(timespec="seconds"), "threads": threads,
+            "args": args or {}, "load_before": load_average(), "records": [],
+        }
+
+    def add(self, **record: Any) -> dict[str, Any]:
+        """One raw measurement (one repeat of one configuration), kept as given."""
+        self.data["records"].append(record)
+        return record
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return self.data["records"]
+
+    def save(self, summary: dict[str, Any] | None = None, directory: Path | None = None) -> Path:
+        """Write the file (medians and context included) and print its path."""
+        commit = git_commit()
+        self.data.update(summary=summary or {}, load_after=load_average(), versions=versions(), git=commit,
+                         cpu=cpu_info(), python=platform.python_version(),
+                         finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        directory = directory or RESULTS
+        directory.mkdir(parents=True, exist_ok=True)
+        stamp = self.started.strftime("%Y%m%d-%H%M%S")
+        path = directory / f"{self.bench}-{stamp}-{(commit['commit'] or 'nogit')[:10]}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+        os.replace(tmp, path)
+        print(f"results: {path}")
+        return path
