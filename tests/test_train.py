@@ -10,7 +10,8 @@ import torch
 from qiusuo.model import build_model, save_model
 from qiusuo.train.config import DistillConfig, GRPOConfig, PretrainConfig, SFTConfig, TrainConfig
 from qiusuo.train.loop import NonFiniteLossError, lr_at
-from qiusuo.train.pretrain import SFT, Pretrain
+from qiusuo.train.pretrain import Pretrain
+from qiusuo.train.sft import SFT
 
 torch.set_num_threads(1)
 FAST = dict(threads=1, progress=False)

@@ -14,7 +14,7 @@ from typing import Any
 STAGES = {
     "pretrain": ("PretrainConfig", "qiusuo.train.pretrain:Pretrain",
                  "pretrain a fresh model on a task's synthetic corpus of worked solutions"),
-    "sft": ("SFTConfig", "qiusuo.train.pretrain:SFT",
+    "sft": ("SFTConfig", "qiusuo.train.sft:SFT",
             "fine-tune on prompt/completion or chat JSONL records (loss on completions only)"),
     "distill": ("DistillConfig", "qiusuo.train.distill:Distill",
                 "rejection-sample a teacher with the task's reward, fine-tune a student on the correct samples"),

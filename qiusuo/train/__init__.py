@@ -1,10 +1,12 @@
 """The training part: one loop (loop.py) and the stages on it.
 
-    pretrain.py   Pretrain (task corpus), SFT (JSONL records)      -> `qiusuo pretrain`, `qiusuo sft`
-    distill.py    Distill: teacher rejection sampling + student SFT -> `qiusuo distill`
-    grpo.py       GRPO with rollouts through the engine             -> `qiusuo grpo`
+    pretrain.py   Pretrain: a fresh model on a task's corpus            -> `qiusuo pretrain`
+    sft.py        SFT on JSONL records (and the step pretrain shares)   -> `qiusuo sft`
+    distill.py    Distill: teacher rejection sampling + student SFT     -> `qiusuo distill`
+    grpo.py       GRPO with rollouts through the engine                 -> `qiusuo grpo`
     objectives.py advantages, clipped policy loss, KL k3 (pure tensor functions)
-    demo.py       the R1-Zero recipe in miniature                   -> `qiusuo demo`
+    final.py      RUN/final: the finished model, its recipe and metrics summary
+    demo.py       the R1-Zero recipe in miniature                       -> `qiusuo demo`
 
 Submodules are imported lazily: `from qiusuo.train import GRPO` loads only what it needs.
 """
@@ -16,7 +18,7 @@ import importlib
 _LAZY = {
     "TrainConfig": "config", "PretrainConfig": "config", "SFTConfig": "config", "DistillConfig": "config",
     "GRPOConfig": "config", "Trainer": "loop", "FitResult": "loop", "NonFiniteLossError": "loop",
-    "Pretrain": "pretrain", "SFT": "pretrain", "Distill": "distill", "GRPO": "grpo", "evaluate": "evaluate",
+    "Pretrain": "pretrain", "SFT": "sft", "Distill": "distill", "GRPO": "grpo", "evaluate": "evaluate",
     "DemoConfig": "demo", "run_demo": "demo",
 }
 

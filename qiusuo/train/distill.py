@@ -15,7 +15,7 @@ from typing import Any
 from .config import DistillConfig
 from .data import load_task, prompt_ids, step_seed
 from .loop import FitResult, setup_torch
-from .pretrain import SFT, record_row
+from .sft import SFT, record_row
 
 DATA_FILE = "distill_data.jsonl"
 

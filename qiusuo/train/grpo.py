@@ -17,13 +17,13 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .config import GRPOConfig
 from .data import load_task, pad_id, pad_rows, prompt_ids, step_seed
+from .final import save_final
 from .loop import FitResult, Trainer, setup_torch
 from .objectives import completion_logprobs, group_advantages, policy_loss, zero_variance_groups
 
@@ -234,32 +234,4 @@ def sample_groups(llm, tokenizer, task, problems: list, seeds: list[int], cfg: G
     return outs, completions, scores, seconds
 
 
-def save_final(trainer: Trainer, stage: str, parent: str | None = None) -> Path:
-    """RUN/final: the model in HF layout with stage, parent, recipe and a metrics summary."""
-    from qiusuo.model import save_model
-
-    summary = last_metrics(trainer.run / "metrics.jsonl")
-    path = save_model(trainer.model, trainer.tokenizer, trainer.run / "final", metadata={
-        "stage": stage, "parent": parent, "recipe": trainer.cfg.to_dict(), "metrics": summary,
-        "steps": trainer.step, "run_dir": str(trainer.run)})
-    if trainer.cfg.register:
-        from qiusuo.registry import Registry
-
-        info = Registry().import_dir(path, trainer.cfg.register, source_run=str(trainer.run))
-        print(f"registered {path} as {info.ref}")
-    return path
-
-
-def last_metrics(path: Path, window: int = 10) -> dict[str, float]:
-    """Mean of the numeric metrics over the last `window` steps of a metrics.jsonl."""
-    import json
-
-    if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][-window:]
-    keys = [k for k in (rows[-1] if rows else {})
-            if isinstance(rows[-1][k], (int, float)) and k not in ("step", "time")]
-    return {k: round(sum(r.get(k, 0) for r in rows) / len(rows), 6) for k in keys}
-
-
-__all__ = ["GRPO", "Rollouts", "sample_groups", "save_final", "last_metrics"]
+__all__ = ["GRPO", "Rollouts", "sample_groups"]

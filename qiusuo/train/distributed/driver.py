@@ -25,7 +25,8 @@ from typing import Any, Callable
 import torch
 
 from ..data import load_task
-from ..grpo import GRPO, save_final
+from ..final import save_final
+from ..grpo import GRPO
 from ..loop import FitResult, Trainer, setup_torch
 from ..state import load_optimizer, optimizer_tensors
 from .cluster import ray_session
