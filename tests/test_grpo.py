@@ -230,8 +230,7 @@ def test_rollout_noise_differs_across_prompts(tmp_path, base_ckpt):
     grpo = GRPO(grpo_cfg(tmp_path, base_ckpt), task=SamePrompt())
     with torch.no_grad():
         grpo.model.model.embed_tokens.weight.zero_()  # tied head: every logit equal, sampling is noise
-    grpo.generate_seconds = 0.0  # normally set by run()
-    outs, _, _ = grpo._sample(step=0, round_=0)
+    outs, _, _, _ = grpo._sample(*grpo.rollout.problems(step=0, round_=0))
     groups = [tuple(tuple(o.token_ids) for o in r.outputs) for r in outs]
     assert len(set(groups)) == len(groups), "prompts of one step drew identical samples"
 

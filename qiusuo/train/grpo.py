@@ -9,14 +9,17 @@ Flags: --scale-rewards none --loss-agg constant (Dr.GRPO), --loss-agg sequence (
 --overlong-filter (mask truncated samples), --updates-per-batch / --minibatches (stored old log-probs).
 --ray: the same stage on Ray (distributed/: rollout actors, a data-parallel learner group).
 
-Dimension letters: P prompts, G samples per prompt, N = P*G sequences, S prompt+completion positions.
+The stage is three pieces both paths share: `RolloutBuilder` (prompts -> G samples each -> rewards ->
+advantages -> a padded batch), `policy.PolicyUpdate` (the update on that batch) and `grpo_step` (one step:
+rollouts, update, held-out check). `GRPO` wires them to the engine on the live weights in this process;
+`distributed.RayGRPO` wires the same ones to rollout actors and a learner group.
+
+Dimension letters (qiusuo/model/__init__.py): P prompts, G samples per prompt, N = P*G sequences, S positions.
 """
 
 from __future__ import annotations
 
-import copy
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -25,17 +28,11 @@ from .config import GRPOConfig
 from .data import load_task, pad_id, pad_rows, prompt_ids, step_seed
 from .final import save_final
 from .loop import FitResult, Trainer, setup_torch
-from .objectives import completion_logprobs, group_advantages, policy_loss, zero_variance_groups
+from .objectives import group_advantages, zero_variance_groups
+from .policy import PolicyUpdate, Rollouts, load_policy
 
-
-@dataclass
-class Rollouts:
-    """One step's kept groups, flattened group-major: rows g*G .. g*G+G-1 belong to prompt g."""
-
-    input_ids: torch.Tensor  # (N, S)
-    completion_mask: torch.Tensor  # (N, S) bool: generated tokens (eos included)
-    advantages: torch.Tensor  # (N,)
-    num_groups: int
+# (problems (P,), one seed each) -> (request outputs (P,), completions group-major (N,), scores (N,), seconds)
+Sampler = Callable[[list, list[int]], tuple[list, list, list, float]]
 
 
 class GRPO:
@@ -44,54 +41,92 @@ class GRPO:
     def __init__(self, cfg: GRPOConfig, task: Any = None, model=None, tokenizer=None,
                  on_step: Callable[[int, dict], None] | None = None):
         from qiusuo.engine import LLM
-        from qiusuo.model import load_model
 
-        self.cfg = cfg
+        self.cfg, self.on_step = cfg, on_step
         setup_torch(cfg)
         self.task = load_task(task if task is not None else cfg.task, cfg.template)
-        if model is None:
-            model, tokenizer = load_model(cfg.model, device=cfg.device)
-        if tokenizer is None:
-            raise ValueError(f"{cfg.model} has no tokenizer.json; GRPO needs the tokenizer to build prompts")
-        self.model, self.tokenizer = model, tokenizer
-        model.train().requires_grad_(True)
-        # The reference is the one extra copy GRPO keeps, and only when beta > 0 (it is never sampled from).
-        self.ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
-        self.llm = LLM(model=model, tokenizer=tokenizer)  # live weights: no copy, no second sampler
-        self.trainer = Trainer(cfg, model, tokenizer, "grpo", metadata={"parent": cfg.model, "task": self.task.name})
-        self.on_step = on_step
+        self.model, self.tokenizer = load_policy(cfg, model, tokenizer)
+        self.trainer = Trainer(cfg, self.model, self.tokenizer, "grpo", metadata=run_metadata(cfg, self.task))
+        self.update = PolicyUpdate(cfg, self.trainer)  # and the frozen reference when beta > 0
+        self.llm = LLM(model=self.model, tokenizer=self.tokenizer)  # live weights: no copy, no second sampler
+        self.rollout = RolloutBuilder(cfg, self.task, self.tokenizer, self._sample, self.trainer.device)
 
-    # ------------------------------------------------------------------ rollouts
-    def _problems(self, step: int, round_: int) -> tuple[list, list[int]]:
+    def _sample(self, problems: list, seeds: list[int]):
+        out = sample_groups(self.llm, self.tokenizer, self.task, problems, seeds, self.cfg)
+        self.model.train()
+        return out
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        return grpo_step(self.cfg, step, self.rollout, self.update, self.evaluate, self.on_step)
+
+    def evaluate(self, num_problems: int | None = None, seed: int = 1234) -> dict[str, float]:
+        """Held-out greedy accuracy and T=1 pass@1 of the live policy (the same problems every call)."""
+        from .evaluate import evaluate
+
+        problems = self.task.generate(num_problems or self.cfg.eval_problems, seed=seed, split="test")
+        return evaluate(self.llm, self.task, problems, max_tokens=self.cfg.max_tokens, seed=seed)
+
+    def run(self) -> FitResult:
+        self.trainer.resume_if_asked()
+        result = self.trainer.fit(self.train_step)
+        if result.status == "completed":
+            save_final(self.trainer, "grpo", parent=self.cfg.model)
+        return result
+
+
+def run_metadata(cfg: GRPOConfig, task) -> dict[str, Any]:
+    """What every GRPO checkpoint records about its run (qiusuo.json)."""
+    return {"parent": cfg.model, "task": task.name}
+
+
+def grpo_step(cfg: GRPOConfig, step: int, rollout: Callable[[int], tuple[Rollouts | None, dict]],
+              update: Callable[[Rollouts], dict[str, float]], evaluate: Callable[[], dict[str, float]],
+              on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """One GRPO step, the same in one process and on Ray: rollouts, the update, every eval_every steps
+    the held-out check; the step's metrics."""
+    batch, metrics = rollout(step)
+    t0 = time.perf_counter()
+    if batch is None:  # every group had equal rewards: nothing to learn from this step
+        metrics.update(loss=0.0, entropy=0.0, clip_fraction=0.0, kl=0.0, grad_norm=0.0)
+    else:
+        metrics.update(update(batch))
+    metrics["update_time"] = round(time.perf_counter() - t0, 4)
+    if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+        metrics.update({f"eval_{k}": v for k, v in evaluate().items()
+                        if k in ("accuracy", "pass1", "format_rate", "length", "empty_think_rate")})
+    if on_step is not None:
+        on_step(step, metrics)
+    return metrics
+
+
+class RolloutBuilder:
+    """Step s's batch: its prompts, G samples each from `sample`, rewards, group advantages, the groups
+    with a learning signal (more rounds of prompts with --dynamic-sampling), padded on `device`."""
+
+    def __init__(self, cfg: GRPOConfig, task, tokenizer, sample: Sampler, device: torch.device | str):
+        self.cfg, self.task, self.tokenizer, self.sample, self.device = cfg, task, tokenizer, sample, device
+
+    def problems(self, step: int, round_: int) -> tuple[list, list[int]]:
         """The prompts of (step, round) and one sampling seed each: a function of (seed, step, round, i)
         alone, which makes resume exact and lets any worker re-issue any prompt with the same result."""
         cfg = self.cfg
         problems = self.task.generate(cfg.prompts_per_step, seed=step_seed(cfg.seed, step, round_), split="train")
         return problems, [step_seed(cfg.seed, step, round_, i) for i in range(len(problems))]
 
-    def _sample(self, step: int, round_: int):
-        problems, seeds = self._problems(step, round_)
-        outs, completions, scores, seconds = sample_groups(self.llm, self.tokenizer, self.task, problems, seeds,
-                                                           self.cfg)
-        self.generate_seconds += seconds
-        self.model.train()
-        return outs, completions, scores
-
-    def rollout(self, step: int) -> tuple[Rollouts | None, dict[str, float]]:
+    def __call__(self, step: int) -> tuple[Rollouts | None, dict[str, float]]:
         cfg, G = self.cfg, self.cfg.group_size
         t0 = time.perf_counter()
         kept_rows, kept_masks, kept_adv, first_stats = [], [], [], None
         rounds = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1
-        gen_tokens, self.generate_seconds = 0, 0.0
+        gen_tokens, gen_seconds = 0, 0.0
         for round_ in range(rounds):
-            outs, completions, scores = self._sample(step, round_)
-            gen_tokens += sum(len(o.token_ids) for o in completions)
+            outs, completions, scores, seconds = self.sample(*self.problems(step, round_))
+            gen_tokens, gen_seconds = gen_tokens + sum(len(o.token_ids) for o in completions), gen_seconds + seconds
             rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32).view(-1, G)  # (P, G)
             if first_stats is None:
-                first_stats = self._rollout_stats(completions, scores, rewards)
+                first_stats = self._stats(completions, scores, rewards)
             adv = group_advantages(rewards, cfg.scale_rewards)  # (P, G)
-            signal = ~zero_variance_groups(rewards)
-            for g in torch.nonzero(signal).flatten().tolist():
+            for g in torch.nonzero(~zero_variance_groups(rewards)).flatten().tolist():
                 prompt = outs[g].prompt_token_ids
                 for j in range(G):
                     c = completions[g * G + j]
@@ -102,16 +137,15 @@ class GRPO:
             if len(kept_rows) >= cfg.batch_completions:
                 break
         kept_rows, kept_masks, kept_adv = (x[: cfg.batch_completions] for x in (kept_rows, kept_masks, kept_adv))
-        dt = time.perf_counter() - t0
-        stats = {**first_stats, "rollout_time": round(dt, 4),
-                 "rollout_tokens_per_s": round(gen_tokens / max(self.generate_seconds, 1e-9), 1),
+        stats = {**first_stats, "rollout_time": round(time.perf_counter() - t0, 4),
+                 "rollout_tokens_per_s": round(gen_tokens / max(gen_seconds, 1e-9), 1),
                  "tokens": gen_tokens, "groups_used": len(kept_rows) // G, "sampling_rounds": round_ + 1}
         if not kept_rows:
             return None, stats
-        ids, mask = pad_rows(kept_rows, kept_masks, pad_id(self.tokenizer), self.trainer.device)
+        ids, mask = pad_rows(kept_rows, kept_masks, pad_id(self.tokenizer), self.device)
         return Rollouts(ids, mask, torch.tensor(kept_adv, device=ids.device), len(kept_rows) // G), stats
 
-    def _rollout_stats(self, completions, scores, rewards: torch.Tensor) -> dict[str, float]:
+    def _stats(self, completions, scores, rewards: torch.Tensor) -> dict[str, float]:
         n = len(completions)
         think, end = self.tokenizer.think_start_id, self.tokenizer.think_end_id
         empty = sum(1 for o in completions if list(o.token_ids[:2]) == [think, end])
@@ -123,94 +157,6 @@ class GRPO:
             "completion_len": sum(len(o.token_ids) for o in completions) / n,
             "empty_think_rate": empty / n,
         }
-
-    # ------------------------------------------------------------------ update
-    def _logprobs(self, model, batch: Rollouts, rows: slice, entropy: bool = False):
-        with self.trainer.autocast():
-            return completion_logprobs(model, batch.input_ids[rows], batch.completion_mask[rows], entropy)
-
-    def _shard(self, rows: slice) -> tuple[slice, int]:
-        """The rows of minibatch `rows` this process trains on, and how many processes share it.
-        One process trains on all of them; a data-parallel learner (distributed/learner.py) takes its slice."""
-        return rows, 1
-
-    def _normalizer(self, batch: Rollouts, rows: slice, world: int) -> float | None:
-        """The loss denominator of minibatch `rows`, divided among `world` ranks: each rank's loss is its rows'
-        sum over (whole minibatch's normaliser / world), so the ranks' averaged gradient is the whole one's."""
-        n_rows, agg = rows.stop - rows.start, self.cfg.loss_agg
-        if agg == "constant":
-            return n_rows * self.cfg.max_tokens / world
-        if world == 1:
-            return None  # policy_loss's own: this minibatch's active tokens or sequences
-        whole = float(batch.completion_mask[rows].sum().clamp(min=1)) if agg == "token" else n_rows
-        return whole / world
-
-    def update(self, batch: Rollouts) -> dict[str, float]:
-        cfg, G = self.cfg, self.cfg.group_size
-        N = batch.input_ids.shape[0]
-        on_policy = cfg.updates_per_batch == 1 and cfg.minibatches == 1
-        old_logp = ref_logp = None
-        with torch.no_grad():
-            if not on_policy:  # the policy that sampled, frozen before the first update
-                old_logp = self._logprobs(self.model, batch, slice(0, N))[0]
-            if self.ref is not None:
-                ref_logp = self._logprobs(self.ref, batch, slice(0, N))[0]
-        groups_per_mb = max(1, batch.num_groups // cfg.minibatches)
-        stats: dict[str, list[float]] = {k: [] for k in ("loss", "clip_fraction", "kl", "ratio_mean", "grad_norm")}
-        entropy = None
-        for _ in range(cfg.updates_per_batch):
-            for start in range(0, batch.num_groups, groups_per_mb):
-                rows = slice(start * G, min(batch.num_groups, start + groups_per_mb) * G)
-                mine, world = self._shard(rows)
-                if mine.stop > mine.start:  # a data-parallel rank may hold none of a small minibatch
-                    logp, ent = self._logprobs(self.model, batch, mine, entropy=entropy is None)
-                    mask = batch.completion_mask[mine]
-                    if ent is not None:
-                        entropy = float((ent * mask).sum() / mask.sum().clamp(min=1))
-                    out = policy_loss(
-                        logp, logp.detach() if on_policy else old_logp[mine], batch.advantages[mine], mask,
-                        epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
-                        ref_logp=None if ref_logp is None else ref_logp[mine], agg=cfg.loss_agg,
-                        normalizer=self._normalizer(batch, rows, world),
-                    )
-                    self.trainer.backward(out.loss)
-                    for k in ("clip_fraction", "kl", "ratio_mean"):
-                        stats[k].append(getattr(out, k))
-                    stats["loss"].append(float(out.loss.detach()))
-                stats["grad_norm"].append(self.trainer.optimizer_step()["grad_norm"])
-        result = {k: sum(v) / len(v) for k, v in stats.items() if v}
-        result["entropy"] = entropy if entropy is not None else 0.0
-        return result
-
-    def train_step(self, step: int) -> dict[str, Any]:
-        batch, metrics = self.rollout(step)
-        t0 = time.perf_counter()
-        if batch is None:  # every group had equal rewards: nothing to learn from this step
-            metrics.update(loss=0.0, entropy=0.0, clip_fraction=0.0, kl=0.0, grad_norm=0.0)
-        else:
-            metrics.update(self.update(batch))
-        metrics["update_time"] = round(time.perf_counter() - t0, 4)
-        if self.cfg.eval_every and (step + 1) % self.cfg.eval_every == 0:
-            metrics.update({f"eval_{k}": v for k, v in self.evaluate().items()
-                            if k in ("accuracy", "pass1", "format_rate", "length", "empty_think_rate")})
-        if self.on_step is not None:
-            self.on_step(step, metrics)
-        return metrics
-
-    def evaluate(self, num_problems: int | None = None, seed: int = 1234) -> dict[str, float]:
-        """Held-out greedy accuracy and T=1 pass@1 of the live policy (the same problems every call)."""
-        from .evaluate import evaluate
-
-        problems = self.task.generate(num_problems or self.cfg.eval_problems, seed=seed, split="test")
-        return evaluate(self.llm, self.task, problems, max_tokens=self.cfg.max_tokens, seed=seed)
-
-    # ------------------------------------------------------------------ run
-    def run(self) -> FitResult:
-        self.trainer.resume_if_asked()
-        result = self.trainer.fit(self.train_step)
-        if result.status == "completed":
-            save_final(self.trainer, "grpo", parent=self.cfg.model)
-        return result
 
 
 def sample_groups(llm, tokenizer, task, problems: list, seeds: list[int], cfg: GRPOConfig):
@@ -234,4 +180,4 @@ def sample_groups(llm, tokenizer, task, problems: list, seeds: list[int], cfg: G
     return outs, completions, scores, seconds
 
 
-__all__ = ["GRPO", "Rollouts", "sample_groups"]
+__all__ = ["GRPO", "RolloutBuilder", "Rollouts", "grpo_step", "run_metadata", "sample_groups"]

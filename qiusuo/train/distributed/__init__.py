@@ -4,7 +4,7 @@
                  updates and evaluation sent to actors
     rollout.py   RolloutWorker (engine on a model copy) and RolloutPool (prompt split, weight
                  versions, restart + re-issue)
-    learner.py   Learner ranks (GRPO.update on a slice, gradients all-reduced) and LearnerGroup
+    learner.py   Learner ranks (PolicyUpdate on a slice, gradients all-reduced) and LearnerGroup
     cluster.py   start a local Ray on 127.0.0.1 or join --address; actor resources
 
 Ray is imported only inside functions of these modules, and only `RayGRPO.run` calls them, so

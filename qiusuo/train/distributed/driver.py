@@ -1,11 +1,13 @@
 """`RayGRPO`: the GRPO stage with rollouts on Ray actors and a data-parallel learner group.
 
 The driver runs the same `Trainer.fit` loop as the single process (metrics.jsonl, progress,
-Ctrl-C, checkpoints, `--resume`) and the same `GRPO.rollout` (advantages, zero-variance
-filtering, dynamic sampling, the same metrics); only three methods go remote:
+Ctrl-C, checkpoints, `--resume`), the same `RolloutBuilder` (advantages, zero-variance
+filtering, dynamic sampling, the same metrics) and the same `grpo_step`; only the three parts
+they are handed run remotely:
 
-    _sample   the step's prompts (same per-prompt seeds) -> RolloutPool, N engine actors
-    update    the batch -> LearnerGroup, M ranks; then the new weights -> rollout workers (version + 1)
+    sample    the step's prompts (same per-prompt seeds) -> RolloutPool, N engine actors
+    update    the batch -> LearnerGroup, M ranks each running `PolicyUpdate` on its slice; then the
+              new weights -> rollout workers (version + 1)
     evaluate  held-out problems on rollout worker 0
 
 The driver keeps a CPU copy of the model and an optimizer of the same shape only to write
@@ -26,8 +28,9 @@ import torch
 
 from ..data import load_task
 from ..final import save_final
-from ..grpo import GRPO
+from ..grpo import RolloutBuilder, grpo_step, run_metadata
 from ..loop import FitResult, Trainer, setup_torch
+from ..policy import Rollouts, load_policy
 from ..state import load_optimizer, optimizer_tensors
 from .cluster import ray_session
 
@@ -48,26 +51,20 @@ class RayTrainer(Trainer):
         return super().save()
 
 
-class RayGRPO(GRPO):
+class RayGRPO:
     """`RayGRPO(cfg).run()`; cfg.ray, cfg.address, cfg.rollout_workers, cfg.learner_workers choose the layout."""
 
     def __init__(self, cfg, task: Any = None, model=None, tokenizer=None,
                  on_step: Callable[[int, dict], None] | None = None):
-        from qiusuo.model import load_model
-
-        self.cfg = cfg
+        self.cfg, self.on_step = cfg, on_step
         setup_torch(cfg)
-        self.task = load_task(task if task is not None else cfg.task, cfg.template)
         self._task_arg = task if task is not None else cfg.task  # what the workers rebuild the task from
-        if model is None:
-            model, tokenizer = load_model(cfg.model, device="cpu")
-        if tokenizer is None:
-            raise ValueError(f"{cfg.model} has no tokenizer.json; GRPO needs the tokenizer to build prompts")
-        self.model, self.tokenizer = model.train().requires_grad_(True), tokenizer
-        self.ref = self.llm = None  # the reference lives on the learners, the engines on the rollout workers
-        self.trainer = RayTrainer(cfg, model, tokenizer, {"parent": cfg.model, "task": self.task.name},
+        self.task = load_task(self._task_arg, cfg.template)
+        # The driver's copy stays on the CPU: the reference lives on the learners, the engines on the workers.
+        self.model, self.tokenizer = load_policy(cfg, model, tokenizer, device="cpu")
+        self.trainer = RayTrainer(cfg, self.model, self.tokenizer, run_metadata(cfg, self.task),
                                   pull_state=lambda: self.learners.state())
-        self.on_step = on_step
+        self.rollout_builder = RolloutBuilder(cfg, self.task, self.tokenizer, self._sample, self.trainer.device)
         self.rollouts = self.learners = None
         self.version = 0
 
@@ -85,6 +82,9 @@ class RayGRPO(GRPO):
         if result.status == "completed":
             save_final(self.trainer, "grpo", parent=cfg.model)
         return result
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        return grpo_step(self.cfg, step, self.rollout, self.update, self.evaluate, self.on_step)
 
     def _start(self, ray) -> None:
         from .learner import LearnerGroup
@@ -108,21 +108,20 @@ class RayGRPO(GRPO):
                 part.shutdown()
 
     # ------------------------------------------------------------------ the three remote parts
-    def _sample(self, step: int, round_: int):
-        problems, seeds = self._problems(step, round_)
+    def _sample(self, problems: list, seeds: list[int]):
         t0 = time.perf_counter()
         outs, scores = self.rollouts.sample(problems, seeds)
-        self.generate_seconds += time.perf_counter() - t0  # wall time of the parallel rollout
-        return outs, [o for r in outs for o in r.outputs], scores
+        # wall time of the parallel rollout
+        return outs, [o for r in outs for o in r.outputs], scores, time.perf_counter() - t0
 
-    def rollout(self, step: int):
-        batch, stats = super().rollout(step)
+    def rollout(self, step: int) -> tuple[Rollouts | None, dict]:
+        batch, stats = self.rollout_builder(step)
         seen = self.rollouts.take_stats()
         stats.update(rollout_workers=len(self.rollouts.actors), rollout_retries=seen.retries,
                      rollout_stale=seen.stale, rollout_version_lag=seen.version_lag, rollout_prompts=seen.prompts)
         return batch, stats
 
-    def update(self, batch) -> dict[str, float]:
+    def update(self, batch: Rollouts) -> dict[str, float]:
         metrics = self.learners.update(batch, lr=self.trainer.optimizer.param_groups[0]["lr"])
         self.version += 1
         self.rollouts.set_weights(self.learners.weights_ref(), self.version)

@@ -1,10 +1,11 @@
 """The learner group: M Ray actors that train one policy with torch.distributed data parallelism.
 
-Each rank runs `GRPO.update` unchanged except for `_shard`: every minibatch (whole groups, as in
-the single process) is cut into M contiguous row slices, rank r trains on slice r, and its loss
-is divided by the whole minibatch's normaliser / M (`GRPO._normalizer`). Before every optimizer
-step the gradients are summed across ranks and divided by M, so each rank applies the gradient
-the single process would have computed on the whole minibatch, and the replicas stay equal.
+Each rank runs the single process's `PolicyUpdate` as rank r of M: every minibatch (whole
+groups, as in the single process) is cut into M contiguous row slices, rank r trains on slice r,
+and its loss is divided by the whole minibatch's normaliser / M (`PolicyUpdate.normalizer`).
+Before every optimizer step the gradients are summed across ranks and divided by M, so each rank
+applies the gradient the single process would have computed on the whole minibatch, and the
+replicas stay equal.
 
 Why an explicit all-reduce instead of wrapping the model in `DistributedDataParallel`: the loss
 is computed through `model.hidden_states` (not `forward`, which DDP hooks), a rank may hold no
@@ -18,14 +19,13 @@ process group at all.
 
 from __future__ import annotations
 
-import copy
 import math
 import socket
 
 import torch
 
-from ..grpo import GRPO
 from ..loop import NonFiniteLossError, Trainer, setup_torch
+from ..policy import PolicyUpdate
 from ..state import load_optimizer, optimizer_tensors
 from .cluster import actor_resources
 
@@ -78,21 +78,21 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class Learner(GRPO):
+class Learner:
     """Rank `rank` of `world`: a policy replica, its optimizer, and GRPO's update on its slice."""
 
     def __init__(self, cfg, model_config, tokenizer, init_weights: dict[str, torch.Tensor], rank: int, world: int):
         from qiusuo.model import Transformer
 
         setup_torch(cfg)
-        self.cfg, self.tokenizer, self.rank, self.world = cfg, tokenizer, rank, world
-        self.task = self.llm = self.on_step = None
+        self.cfg, self.rank, self.world = cfg, rank, world
         model = Transformer(model_config).to(cfg.device)
         model.load_state_dict(init_weights)
         self.model = model.train().requires_grad_(True)
-        # The reference is the initial policy (never a resumed checkpoint), as in the single process.
-        self.ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
         self.trainer = DataParallelTrainer(cfg, model, tokenizer, world)
+        # Built from the initial weights, before any resumed state arrives: its reference is the initial
+        # policy, as in the single process.
+        self.update = PolicyUpdate(cfg, self.trainer, rank, world)
 
     def rendezvous(self) -> str:
         """host:port for torch.distributed's TCP store (called on rank 0)."""
@@ -109,20 +109,12 @@ class Learner(GRPO):
         backend = "nccl" if self.cfg.device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{address}", rank=self.rank, world_size=self.world)
 
-    def _shard(self, rows: slice) -> tuple[slice, int]:
-        n = rows.stop - rows.start
-        return slice(rows.start + n * self.rank // self.world, rows.start + n * (self.rank + 1) // self.world), \
-            self.world
-
     def train_on(self, batch, lr: float) -> dict[str, float]:
         """One GRPO update on `batch` (the whole step's Rollouts; this rank trains on its slices)."""
         for g in self.trainer.optimizer.param_groups:
             g["lr"] = lr
-        device = self.trainer.device
-        batch.input_ids, batch.completion_mask = batch.input_ids.to(device), batch.completion_mask.to(device)
-        batch.advantages = batch.advantages.to(device)
         self.model.train()
-        result = self.update(batch)
+        result = self.update(batch.to(self.trainer.device))
         if "loss" not in result:  # this rank held no rows: its 0 entropy is not a measurement
             result.pop("entropy")
         return result

@@ -1,9 +1,9 @@
 """Rollout workers (Ray actors running the engine on a model copy) and the driver's pool of them.
 
 A step's prompts are cut into contiguous chunks, one per worker; each prompt keeps the seed the
-single process gives it (`GRPO._problems`), and the engine's noise depends only on (seed, token
-index), so a chunk's samples do not depend on which worker draws them or with what else it is
-batched. That is what makes re-issuing safe: a chunk lost with a killed worker is sent again
+single process gives it (`RolloutBuilder.problems`), and the engine's noise depends only on
+(seed, token index), so a chunk's samples do not depend on which worker draws them or with what
+else it is batched. That is what makes re-issuing safe: a chunk lost with a killed worker is sent again
 (to the next worker in line, which may be the restarted one) and comes back the same.
 
 Weights travel as a state_dict through Ray's object store with a version (the number of updates
