@@ -221,7 +221,7 @@ def test_killed_cli_driver_resumes_on_the_cluster(tmp_path, base, ray_cluster):
     checkpoint; the same command with --resume continues from its newest checkpoint, every step logged
     once. (--steps may change on resume: the schedule is constant, so the first run asks for a million
     and is killed long before the end.)"""
-    from qiusuo.deploy.head import ray_env
+    from qiusuo.local_ray import ray_env
     from qiusuo.train.state import list_checkpoints
 
     env = {**os.environ, **ray_env(os.environ["RAY_AUTH_TOKEN_PATH"]), "PYTHONUNBUFFERED": "1"}

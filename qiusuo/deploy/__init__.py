@@ -3,8 +3,9 @@
 Each model runs as its own Serve application (route prefix and served-model name) whose
 replicas run the unchanged OpenAI server of qiusuo.serve, with Serve's autoscaling, health
 checks and replica restarts; a dashboard application serves `/dashboard`. Ray is an optional
-extra (`pip install qiusuo[ray]`): only this package imports it, and only when a deployment
-command runs, so `qiusuo.deploy.config` and `qiusuo.deploy.manager` import without Ray.
+extra (`pip install qiusuo[ray]`): this package imports it only inside functions, when a
+deployment command runs, so `qiusuo.deploy.config` and `qiusuo.deploy.manager` import without
+Ray (so does qiusuo.train.distributed, the other user of Ray; both start it via qiusuo.local_ray).
 
     config.py    DeployConfig: replicas, autoscaling, health, server and engine knobs
     manager.py   deploy / status / stop, driven by the CLI (the detached lifecycle)

@@ -14,7 +14,6 @@ from typing import Any
 
 DASHBOARD_APP = "qiusuo-dashboard"  # the Serve application that serves /dashboard and collects reports
 DASHBOARD_ROUTE = "/dashboard"
-NAMESPACE = "qiusuo"  # Ray namespace of the drivers (Serve itself lives in "serve")
 _APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 

@@ -10,21 +10,15 @@ HTTP proxy on 127.0.0.1:PORT, deploys the dashboard app, writes
 workers it started, and it removes the state file. Stopping therefore signals one pid we
 started, never "all Ray processes on the machine" as `ray stop` would.
 
-Loopback: Ray replaces 127.0.0.1 in `_node_ip_address` by the machine's routable address
-(`services.resolve_ip_for_localhost`) unless multi-node clustering is off, so the daemon
-sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (Ray's switch for single-node clusters) before
-importing ray; the node, the addresses it advertises and Serve's proxy are then 127.0.0.1.
-Ray 2.60's token authentication guards the cluster's RPC ports (Ray binds some of them on all
-interfaces whatever the node address): the head and every driver run with RAY_AUTH_MODE=token
-and a token file of this deployment ($QIUSUO_HOME/deploy/auth_token, mode 0600), so a test's
-cluster never reads or writes ~/.ray/auth_token.
+The head is started by qiusuo.local_ray's `ray_init`: bound to loopback (Serve's proxy too) and
+with Ray's token authentication, the token file of this deployment being
+$QIUSUO_HOME/deploy/auth_token, so a test's cluster never reads or writes ~/.ray/auth_token.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import logging
 import os
 import signal
@@ -33,32 +27,9 @@ import threading
 import time
 from pathlib import Path
 
-from .config import DASHBOARD_APP, DASHBOARD_ROUTE, NAMESPACE
+from qiusuo.local_ray import LOOPBACK, ray_init
 
-LOOPBACK = "127.0.0.1"
-
-
-def ray_env(token_path: str | os.PathLike) -> dict[str, str]:
-    """Environment of the head and of the drivers that join it (set before ray is imported)."""
-    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(token_path)}
-
-
-def ensure_token(path: Path) -> Path:
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
-    return path
-
-
-def ray_init(token_path: Path, **kwargs) -> None:
-    """`ray.init` for a new local head, always on loopback and without Ray's web dashboard."""
-    os.environ.update(ray_env(ensure_token(token_path)))
-    import ray
-
-    ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, namespace=NAMESPACE, **kwargs)
+from .config import DASHBOARD_APP, DASHBOARD_ROUTE
 
 
 def deploy_dashboard(http_port: int) -> None:

@@ -6,7 +6,7 @@ acts, and disconnects, leaving the applications to Serve's detached controller. 
 `$QIUSUO_HOME/deploy/head.json` says where the head is (GCS address, HTTP port, daemon pid).
 `stop NAME` deletes one application; `stop` alone deletes every qiusuo application and, when
 the head is ours, stops the daemon (which shuts Ray down). Both are harmless when nothing runs.
-Only this module and its siblings import ray, and only inside functions.
+This module and its siblings import ray only inside functions (as does qiusuo.train.distributed).
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from qiusuo.local_ray import LOOPBACK, NAMESPACE, ensure_token, ray_env
 from qiusuo.registry.index import pid_alive
 
-from .config import DASHBOARD_APP, DASHBOARD_ROUTE, NAMESPACE, DeployConfig
-
-LOOPBACK = "127.0.0.1"
+from .config import DASHBOARD_APP, DASHBOARD_ROUTE, DeployConfig
 
 
 class DeployError(ValueError):
@@ -81,8 +80,6 @@ def start_head(port: int, *, home=None, num_cpus: float | None = None, object_st
            "--object-store-mb", str(object_store_mb)]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
-    from .head import ensure_token, ray_env
-
     env = {**os.environ, **ray_env(ensure_token(path.with_name("auth_token")))}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -112,8 +109,6 @@ def connect(state: dict[str, Any]) -> None:
     single-node switch too (or it looks for a raylet on the machine's routable address) and the token.
     A cluster joined with --address uses the caller's environment (RAY_AUTH_TOKEN, ...)."""
     if state.get("token_path"):
-        from .head import ray_env
-
         os.environ.update(ray_env(state["token_path"]))
     import ray
 

@@ -1,13 +1,11 @@
 """Starting or joining Ray for a training run, and the resources its actors ask for.
 
-A local run starts a private Ray head for the run's lifetime through qiusuo.deploy.head's
-`ray_init`: bound to 127.0.0.1 (with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, without which Ray
-2.60 swaps 127.0.0.1 for the machine's routable address), no dashboard, a small object store,
-and Ray's token authentication with a throw-away token file (Ray binds some RPC ports on all
-interfaces whatever the node address, so the token is what keeps them private). The
-environment it sets is put back afterwards. `--address` joins a running cluster with the
-caller's own environment (RAY_AUTH_TOKEN etc.), as `ray.init(address=...)` does. A Ray that is
-already initialised in this process (a test's, a notebook's) is used as it is and left running.
+A local run starts a private Ray head for the run's lifetime through qiusuo.local_ray's
+`ray_init` (the one `qiusuo deploy`'s head uses): bound to 127.0.0.1, no dashboard, a small
+object store, and Ray's token authentication with a throw-away token file. The environment it
+sets is put back afterwards. `--address` joins a running cluster with the caller's own
+environment (RAY_AUTH_TOKEN etc.), as `ray.init(address=...)` does. A Ray that is already
+initialised in this process (a test's, a notebook's) is used as it is and left running.
 """
 
 from __future__ import annotations
@@ -19,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from qiusuo.local_ray import NAMESPACE
 
 OBJECT_STORE_MB = 150  # rollout batches and a tiny model's weights are a few MB; real models: raise it
 
@@ -34,13 +34,13 @@ def ray_session(address: str = "", num_cpus: int | None = None,
     if address:
         import ray
 
-        ray.init(address=address, namespace="qiusuo")
+        ray.init(address=address, namespace=NAMESPACE)
         try:
             yield ray
         finally:
             ray.shutdown()
         return
-    from qiusuo.deploy.head import ray_env, ray_init
+    from qiusuo.local_ray import ray_env, ray_init
 
     token_dir = Path(tempfile.mkdtemp(prefix="qiusuo-ray-"))
     token_path = token_dir / "auth_token"
