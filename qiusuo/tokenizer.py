@@ -232,6 +232,13 @@ class Tokenizer:
         return self.encode(text) if tokenize else text
 
 
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """[bos] + prompt tokens: the exact prefix pretraining, SFT, GRPO and eval all use (any tokenizer
+    with `bos_token_id` and `encode`, this one or transformers')."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer.encode(prompt)
+
 def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Validate and normalize messages the way transformers does before rendering."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or len(messages) == 0:
@@ -309,4 +316,4 @@ class IncrementalDecoder:
         return full[len(prefix):]
 
 
-__all__ = ["Tokenizer", "IncrementalDecoder", "BUILTIN_ADDED_TOKENS", "BUILTIN_CHAT_TEMPLATE", "bytes_to_unicode"]
+__all__ = ["Tokenizer", "IncrementalDecoder", "prompt_ids", "BUILTIN_ADDED_TOKENS", "BUILTIN_CHAT_TEMPLATE", "bytes_to_unicode"]

@@ -55,7 +55,7 @@ def _think_split(token_ids: Sequence[int], think_end_id: int | None) -> tuple[in
 def encode_prompt(tokenizer: Any, task: Any, problem: Any) -> list[int]:
     """Token ids of a problem's prompt: the chat template for template="chat", else the [bos] + text
     prefix that pretraining, SFT and GRPO train on."""
-    from qiusuo.train.data import prompt_ids
+    from qiusuo.tokenizer import prompt_ids
 
     if task.template == "chat":
         return tokenizer.encode(tokenizer.apply_chat_template(problem.messages, add_generation_prompt=True))

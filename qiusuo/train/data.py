@@ -15,16 +15,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from qiusuo.tokenizer import prompt_ids  # re-exported: the stages build prompts with it
+
 
 def step_seed(seed: int, *parts: int) -> int:
     """A 31-bit seed for (seed, step, ...): independent streams per step without saved state."""
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """[bos] + prompt tokens: the exact prefix pretraining, SFT, GRPO and eval all use."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer.encode(prompt)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int,
