@@ -136,7 +136,7 @@ def test_stop_and_status_with_nothing_deployed_are_harmless(home):
 
 
 # ---------------------------------------------------------------------------- Ray stays optional
-RAY_PACKAGES = ("qiusuo/deploy/", "qiusuo/train/distributed/")  # deployment and GRPO --ray
+RAY_PACKAGES = ("qiusuo/deploy/", "qiusuo/train/distributed/", "qiusuo/local_ray.py")  # deploy, GRPO --ray
 
 
 def test_only_the_ray_packages_import_ray():

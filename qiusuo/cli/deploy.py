@@ -86,7 +86,7 @@ def run(args) -> int:
 
 
 def deploy(args) -> int:
-    from qiusuo.cli.common import resolve_model
+    from qiusuo.registry import resolve_model
     from qiusuo.deploy.config import DeployConfig
     from qiusuo.deploy.manager import deploy as run_deploy
 

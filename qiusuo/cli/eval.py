@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_compile_flag, add_runtime_flags, apply_threads, compile_setting, resolve_model
+from .common import add_compile_flag, add_runtime_flags, apply_threads, compile_setting
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +31,7 @@ def run(args) -> int:
     from qiusuo import tasks
     from qiusuo.engine import LLM
     from qiusuo.eval import evaluate, print_table, write_report
+    from qiusuo.registry import resolve_model
 
     apply_threads(args.threads)
     task = tasks.get(args.task, template=args.template)

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 def _load(args):
     from qiusuo.engine import LLM, SamplingParams
 
-    from qiusuo.cli.common import resolve_model
+    from qiusuo.registry import resolve_model
 
     llm = LLM(str(resolve_model(args.model)), device=args.device, dtype=args.dtype, quantization=args.quantize,
               num_threads=args.threads, compile=compile_setting(args))

@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
+    from qiusuo.registry import resolve_model
     from qiusuo.serve import create_app
     from qiusuo.serve.server import run as run_server
 
@@ -59,7 +60,7 @@ def run(args) -> int:
                                            max_num_seqs=args.max_num_seqs,
                                            kv_cache_bytes=args.kv_cache_bytes,
                                            compile=compile_setting(args) or None).items() if v is not None}
-    path = _resolve(args.model)  # fail fast (exit 2) on an unknown name, before binding the port
+    path = resolve_model(args.model)  # fail fast (exit 2) on an unknown name, before binding the port
     # a partial of a module-level function pickles: the engine process calls it to build its engine
     load = functools.partial(load_engine, path, device=args.device, dtype=args.dtype, quantization=args.quantize,
                              **engine_kwargs)
@@ -77,11 +78,3 @@ def load_engine(path, **options):
     from qiusuo.engine import LLM
 
     return LLM(path, **options).llm_engine
-
-
-def _resolve(name_or_path: str):
-    try:
-        from qiusuo.registry import resolve_model
-    except ImportError:  # the registry is optional: a plain directory still works
-        return name_or_path
-    return resolve_model(name_or_path)

@@ -51,10 +51,6 @@ class BlockManager:
         return len(self.blocks)
 
     @property
-    def num_free_blocks(self) -> int:
-        return len(self.free)
-
-    @property
     def num_used_blocks(self) -> int:
         return len(self.blocks) - len(self.free)
 

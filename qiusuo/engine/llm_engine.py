@@ -3,7 +3,8 @@
 The engine owns the scheduler, the block manager and the model runner. It never copies the
 model: it runs the live module under `torch.inference_mode()` in eval mode for each step and
 puts the module's previous mode back, so the GRPO trainer can generate from its own weights.
-The server drives `add_request` / `step` / `abort_request` from one background thread.
+The server drives `add_request` / `step` / `abort_request` from one loop: on a thread of the
+server's process, or in an engine-core process of its own (serve/, the two transports).
 """
 
 from __future__ import annotations
@@ -145,7 +146,6 @@ class LLMEngine:
                     self.scheduler.finish(seq)
                     seq.finish("abort")
 
-    abort = abort_request
 
     def reset_prefix_cache(self) -> None:
         """Drop the prefix cache (vLLM's name): call it when the model's weights change in place."""
@@ -153,9 +153,6 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
-
-    def get_num_unfinished_requests(self) -> int:
-        return len(self._groups)
 
     # ------------------------------------------------------------------ stepping
     def step(self, finished_only: bool = False) -> list[RequestOutput]:

@@ -1,7 +1,7 @@
 """Training configs: one dataclass for the loop, one per stage that extends it.
 
 Every stage config *is* a `TrainConfig` (dataclass inheritance), so the loop reads the same
-fields whatever the stage, and the CLI builds its flags from these classes (`cli_args.py`):
+fields whatever the stage, and the CLI builds its flags from these classes (cli/train.py):
 there is no second list of defaults. Each class validates itself in `__post_init__` and raises
 a `ValueError` that names the rule and the fix, so a bad run fails before its first step.
 
@@ -268,11 +268,9 @@ def _check_model_dir(path: str, flag: str) -> str:
         raise ValueError(f"{flag} is required: a checkpoint directory (e.g. the final/ of a pretrain run)")
     if (Path(path) / "config.json").is_file():
         return path
-    try:
-        from qiusuo.registry import resolve_model
-    except ImportError:
-        resolve_model = None
-    if resolve_model is not None and not Path(path).exists() and "/" not in path:  # NAME[:TAG]
+    from qiusuo.registry import resolve_model
+
+    if not Path(path).exists() and "/" not in path:  # NAME[:TAG]
         try:
             return str(resolve_model(path))
         except ValueError as e:
