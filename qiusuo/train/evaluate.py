@@ -2,8 +2,9 @@
 
 Greedy accuracy (deterministic) and temperature-1 pass@1 (over `samples` draws per problem),
 format rate, completion length, and the "empty think" rate: the share of completions that open
-with `<think></think>`, i.e. blurt an answer without working it out (the behaviour GRPO trains away
-in the miniature, reference/r1-zero-miniature.md), with the T=1 accuracy of each path.
+with `<think></think>`, i.e. blurt an answer without working it out (the behaviour GRPO trains
+away in the R1-Zero miniature: from 0.68 of completions to 0.00 in the CPU prototype), with the
+T=1 accuracy of each path.
 """
 
 from __future__ import annotations

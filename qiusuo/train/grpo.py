@@ -14,7 +14,7 @@ advantages -> a padded batch), `policy.PolicyUpdate` (the update on that batch) 
 rollouts, update, held-out check). `GRPO` wires them to the engine on the live weights in this process;
 `distributed.RayGRPO` wires the same ones to rollout actors and a learner group.
 
-Dimension letters (qiusuo/model/__init__.py): P prompts, G samples per prompt, N = P*G sequences, S positions.
+Dimension letters (qiusuo/model/__init__.py): P prompts, G samples per prompt, B = P * G rows, S positions.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .loop import FitResult, Trainer, setup_torch
 from .objectives import group_advantages, zero_variance_groups
 from .policy import PolicyUpdate, Rollouts, load_policy
 
-# (problems (P,), one seed each) -> (request outputs (P,), completions group-major (N,), scores (N,), seconds)
+# (problems (P,), one seed each) -> (request outputs (P,), completions group-major (B,), scores (B,), seconds)
 Sampler = Callable[[list, list[int]], tuple[list, list, list, float]]
 
 
@@ -162,7 +162,7 @@ class RolloutBuilder:
 def sample_groups(llm, tokenizer, task, problems: list, seeds: list[int], cfg: GRPOConfig):
     """G completions of each problem (problem i sampled with seed seeds[i]), scored by the task.
 
-    Returns (request outputs (P,), completions group-major (N,), scores (N,), generation seconds). The one
+    Returns (request outputs (P,), completions group-major (B,), scores (B,), generation seconds). The one
     rollout path: the single process calls it on the live weights, a Ray rollout worker on its copy.
     """
     from qiusuo.engine import SamplingParams
@@ -174,7 +174,7 @@ def sample_groups(llm, tokenizer, task, problems: list, seeds: list[int], cfg: G
     t0 = time.perf_counter()
     outs = llm.generate([prompt_ids(tokenizer, p.prompt) for p in problems], params)
     seconds = time.perf_counter() - t0
-    completions = [o for r in outs for o in r.outputs]  # group-major (N,)
+    completions = [o for r in outs for o in r.outputs]  # group-major (B,)
     group_problems = [p for p in problems for _ in range(cfg.group_size)]
     scores = task.score_many(group_problems, [o.text for o in completions])
     return outs, completions, scores, seconds

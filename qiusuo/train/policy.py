@@ -7,7 +7,7 @@ single process's; with M ranks each trains on a contiguous slice of the minibatc
 divides its loss by the whole minibatch's normaliser / M, so the ranks' averaged gradient is
 the one the single process computes on the whole minibatch.
 
-Dimension letters: see qiusuo/model/__init__.py (here N sequences of the batch, S positions).
+Dimension letters (qiusuo/model/__init__.py): B = P * G rows of the batch, S positions of a padded row.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from .objectives import completion_logprobs, policy_loss
 class Rollouts:
     """One step's kept groups, flattened group-major: rows g*G .. g*G+G-1 belong to prompt g."""
 
-    input_ids: torch.Tensor  # (N, S)
-    completion_mask: torch.Tensor  # (N, S) bool: generated tokens (eos included)
-    advantages: torch.Tensor  # (N,)
+    input_ids: torch.Tensor  # (B, S)
+    completion_mask: torch.Tensor  # (B, S) bool: generated tokens (eos included)
+    advantages: torch.Tensor  # (B,)
     num_groups: int
 
     def to(self, device: torch.device | str) -> "Rollouts":
@@ -85,14 +85,14 @@ class PolicyUpdate:
     def __call__(self, batch: Rollouts) -> dict[str, float]:
         """`updates_per_batch` passes over `minibatches` minibatches of whole groups; one optimizer step each."""
         cfg, G = self.cfg, self.cfg.group_size
-        N = batch.input_ids.shape[0]
+        B = batch.input_ids.shape[0]
         on_policy = cfg.updates_per_batch == 1 and cfg.minibatches == 1
         old_logp = ref_logp = None
         with torch.no_grad():
             if not on_policy:  # the policy that sampled, frozen before the first update
-                old_logp = self.logprobs(self.model, batch, slice(0, N))[0]
+                old_logp = self.logprobs(self.model, batch, slice(0, B))[0]
             if self.ref is not None:
-                ref_logp = self.logprobs(self.ref, batch, slice(0, N))[0]
+                ref_logp = self.logprobs(self.ref, batch, slice(0, B))[0]
         groups_per_mb = max(1, batch.num_groups // cfg.minibatches)
         stats: dict[str, list[float]] = {k: [] for k in ("loss", "clip_fraction", "kl", "ratio_mean", "grad_norm")}
         entropy = None
