@@ -100,13 +100,11 @@ def test_stats_series_is_a_sliding_window():
 
 # ---------------------------------------------------------------------------- CLI refusals (no Ray started)
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    from qiusuo.model import build_model, save_model
+def home(tmp_path_factory, make_checkpoint):
     from qiusuo.registry import Registry
 
     home = tmp_path_factory.mktemp("qiusuo-home")
-    model, tok = build_model("tiny-dense", max_position_embeddings=128, num_hidden_layers=1)
-    Registry(home).import_dir(save_model(model, tok, home.parent / "ckpt"), "tiny")
+    Registry(home).import_dir(make_checkpoint(max_position_embeddings=128, num_hidden_layers=1), "tiny")
     return home
 
 

@@ -64,13 +64,11 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    from qiusuo.model import build_model, save_model
+def cluster(tmp_path_factory, make_checkpoint):
     from qiusuo.registry import Registry
 
     home = tmp_path_factory.mktemp("qiusuo-home")
-    model, tok = build_model("tiny-dense", max_position_embeddings=256, num_hidden_layers=1)
-    Registry(home).import_dir(save_model(model, tok, home.parent / "ckpt"), "tiny")
+    Registry(home).import_dir(make_checkpoint(max_position_embeddings=256, num_hidden_layers=1), "tiny")
     c = Cluster(home, _free_port())
     started = time.monotonic()
     r = run_cli("deploy", "tiny", "--port", str(c.port), "--ray-num-cpus", "2", *FAST_SCALING, home=home)

@@ -142,11 +142,8 @@ class DigitsTask:
 
 
 @pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory):
-    from qiusuo.model import build_model, save_model
-
-    model, tok = build_model("tiny-dense", seed=0, num_hidden_layers=2)
-    return str(save_model(model, tok, tmp_path_factory.mktemp("grpo") / "base"))
+def base_ckpt(make_checkpoint):
+    return str(make_checkpoint(num_hidden_layers=2))
 
 
 def grpo_cfg(tmp_path, base_ckpt, name="run", **kw):

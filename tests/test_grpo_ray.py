@@ -94,11 +94,8 @@ print("ray imported:", "ray" in sys.modules)
     assert "ray imported: False" in r.stdout
 
 
-def test_ray_flags_are_validated(tmp_path):
-    from qiusuo.model import build_model, save_model
-
-    m, tok = build_model("tiny-dense", num_hidden_layers=1)
-    base = str(save_model(m, tok, tmp_path / "base"))
+def test_ray_flags_are_validated(tmp_path, make_checkpoint):
+    base = str(make_checkpoint(num_hidden_layers=1))
     with pytest.raises(ValueError, match="--address .* needs --ray"):
         cfg(base, tmp_path / "r", address="127.0.0.1:6379")
     with pytest.raises(ValueError, match="--rollout-workers 5 > --prompts-per-step 4"):
@@ -121,11 +118,8 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from qiusuo.model import build_model, save_model
-
-    model, tok = build_model("tiny-dense", seed=0, num_hidden_layers=2)
-    return str(save_model(model, tok, tmp_path_factory.mktemp("grpo-ray") / "base"))
+def base(make_checkpoint):
+    return str(make_checkpoint(num_hidden_layers=2))
 
 
 @pytest.fixture(scope="module")

@@ -43,12 +43,8 @@ def fake_checkpoint(path: Path, seed: int, *, tokenizer: str = "shared tokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    from qiusuo.model import build_model, save_model
-
-    model, tokenizer = build_model("tiny-dense", seed=0)
-    return save_model(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny-dense",
-                      metadata={"stage": "grpo", "run_dir": "runs/grpo-1", "eval": {"pass@1": 0.25}})
+def tiny_checkpoint(make_checkpoint) -> Path:
+    return make_checkpoint(metadata={"stage": "grpo", "run_dir": "runs/grpo-1", "eval": {"pass@1": 0.25}})
 
 
 def referenced_digests(reg: Registry) -> set[str]:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from qiusuo.model import build_model, save_model
+from qiusuo.model import build_model
 from qiusuo.train.config import DistillConfig, GRPOConfig, PretrainConfig, SFTConfig, TrainConfig
 from qiusuo.train.loop import NonFiniteLossError, lr_at
 from qiusuo.train.pretrain import Pretrain
@@ -23,9 +23,8 @@ def tiny_pretrain(tmp_path, name="run", **kw) -> PretrainConfig:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    model, tok = build_model("tiny-dense", seed=0)
-    return str(save_model(model, tok, tmp_path_factory.mktemp("ckpt") / "base"))
+def ckpt(make_checkpoint):
+    return str(make_checkpoint())
 
 
 # ------------------------------------------------------------------ config validation
