@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,23 +49,15 @@ class CompletionLM:
 
 def read_sft_records(path: str | Path, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
     """JSONL records -> training rows. `{"prompt", "completion"}`, or `{"messages": [...]}` whose
-    last message is the assistant turn to learn (earlier turns are rendered with the chat template)."""
-    rows, skipped = [], 0
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n} is not valid JSON ({e}); one JSON object per line") from None
-        rows_or_none = record_row(rec, tokenizer, f"{path}:{n}")
-        if len(rows_or_none[0]) > max_length:
-            skipped += 1
-            continue
-        rows.append(rows_or_none)
-    if not rows:
-        raise ValueError(f"{path} has no usable records ({skipped} longer than --max-length {max_length})")
-    return rows
+    last message is the assistant turn to learn (earlier turns are rendered with the chat template).
+    A malformed line raises ValueError naming file and line; records over `max_length` are dropped."""
+    from qiusuo.tasks.jsonl import read_jsonl
+
+    rows = [record_row(rec, tokenizer, f"{path}:{n}") for n, rec in read_jsonl(path, required=())]
+    kept = [row for row in rows if len(row[0]) <= max_length]
+    if not kept:
+        raise ValueError(f"{path} has no usable records ({len(rows)} longer than --max-length {max_length})")
+    return kept
 
 
 def record_row(rec: dict, tokenizer, where: str = "record") -> tuple[list[int], list[int]]:
