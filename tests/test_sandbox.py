@@ -223,6 +223,18 @@ HOSTILE = {
         "    for k, v in list(f.f_locals.items()):\n        found.append((k, v))\n    f = f.f_back\n"
         "blob = repr(found)\nassert '42' not in blob.replace('41', '')  # no expected value anywhere\n"
         "def inc(x):\n    return 'stolen' if '42' in blob else None"),
+    # against the old harness: find its config (nonce, tests) in a caller's frame, print the pass line
+    "frame_walk_steal_nonce_print_result": (
+        "import sys, os\nf = sys._getframe(0)\nwhile f is not None:\n    for v in list(f.f_locals.values()):\n"
+        "        if isinstance(v, dict) and 'nonce' in v:\n"
+        "            os.write(1, ('\\n%s 999 3\\n' % v['nonce']).encode())\n            os._exit(0)\n"
+        "    f = f.f_back\nimport os\nos._exit(0)"),
+    "frame_walk_replace_the_tests": (
+        "import sys\nf = sys._getframe(0)\nwhile f is not None:\n    for v in list(f.f_locals.values()):\n"
+        "        for key in ('tests', 'calls'):\n            if isinstance(v, dict) and isinstance(v.get(key), list):\n"
+        "                v[key][:] = [v[key][0]] * len(v[key]) if key == 'calls' else ['pass'] * len(v[key])\n"
+        "            if isinstance(v, list) and v and isinstance(v[0], tuple):\n                v[:] = [v[0]] * len(v)\n"
+        "    f = f.f_back\ndef inc(x):\n    return 'wrong'"),
     "frame_walk_rewrite_calls": (
         "import sys\nf = sys._getframe(0)\nwhile f is not None:\n"
         "    for v in list(f.f_locals.values()):\n        if isinstance(v, list):\n            v.clear()\n"

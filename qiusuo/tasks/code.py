@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ast
 import math
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -165,7 +166,8 @@ def count_passed(cases: list[TestCase], result: SandboxResult) -> int:
 class CodeTask(JsonlTask):
     """Options: `path`, `test_path`, `question_field`, `tests_field`, `signature_field`,
     `solution_field`, `partial_credit`, `limits` (SandboxLimits), `max_workers`,
-    `allow_weak_isolation` (run the code even when the kernel refuses a sandbox layer)."""
+    `allow_weak_isolation` (run the code even when the kernel refuses a sandbox layer; default:
+    the environment variable QIUSUO_ALLOW_WEAK_SANDBOX=1, which `qiusuo --allow-weak-sandbox` sets)."""
 
     name = "code"
     solution_styles = ("direct",)
@@ -174,7 +176,9 @@ class CodeTask(JsonlTask):
                  tests_field: str = "tests", signature_field: str | None = "signature",
                  solution_field: str | None = "solution", partial_credit: bool = False,
                  limits: SandboxLimits | None = None, max_workers: int = 2,
-                 allow_weak_isolation: bool = False, **options):
+                 allow_weak_isolation: bool | None = None, **options):
+        if allow_weak_isolation is None:  # `qiusuo --allow-weak-sandbox` sets it for the whole run
+            allow_weak_isolation = os.environ.get("QIUSUO_ALLOW_WEAK_SANDBOX") == "1"
         self.allow_weak_isolation = allow_weak_isolation
         self.tests_field, self.signature_field, self.solution_field = tests_field, signature_field, solution_field
         self.partial_credit, self.max_workers = partial_credit, max_workers
