@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -375,6 +376,7 @@ SECCOMP_DENIED = [
     ("bpf", "err(ctypes.CDLL(None, use_errno=True).syscall(321, 0, 0, 0))"),
     ("keyctl", "err(ctypes.CDLL(None, use_errno=True).syscall(250, 0, 0, 0))"),
     ("perf_event_open", "err(ctypes.CDLL(None, use_errno=True).syscall(298, 0, 0, -1, -1, 0))"),
+    ("unix_socket", "__import__('socket').socket(1)"),  # AF_UNIX: the caller's sockets by path (Ray's)
 ]
 
 
@@ -413,3 +415,45 @@ def test_whole_run_memory_is_bounded_by_the_cgroup():
     result = run_calls(program, [Call("hog")], SandboxLimits(wall_s=20.0, cpu_s=5, memory_mb=256, nproc=16))
     # the cgroup (memory.max = 256 MB for the run) OOM-kills some: not all 8 can hold 200 MB at once
     assert result.values is None or result.values[0][1] < 8, result
+
+
+def test_the_dataset_on_disk_is_unreadable_even_when_world_readable():
+    """The expected answers are also in the JSONL file: a program that knows (or guesses) its
+    path must not read them, even where file permissions would let any uid."""
+    if not probe_isolation(LIMITS).get("landlock_abi"):
+        pytest.skip("no Landlock here (the sandbox refuses to run without it)")
+    public = Path(tempfile.mkdtemp(prefix="qiusuo-data-"))
+    try:
+        public.chmod(0o755)
+        data = public / "code.jsonl"
+        data.write_text(json.dumps(SECRET_ROWS[0]) + "\n")
+        data.chmod(0o644)
+        program = (f"import json, re\ntry:\n    rows = open({str(data)!r}).read()\nexcept OSError:\n    rows = ''\n"
+                   "answers = dict(re.findall(r'inc\\((-?\\d+)\\) == (-?\\d+)', rows))\n"
+                   "def inc(x):\n    return int(answers.get(str(x), 'nan'))")
+        path = public / "tasks.jsonl"
+        path.write_text(data.read_text())
+        t = tasks.get("code", path=str(path), limits=LIMITS, test_fraction=0.01)
+        problem = (t._splits["train"] + t._splits["test"])[0]
+        assert t.score(problem, c(program)).accuracy == 0.0
+        assert run_calls(f"def peek():\n    return open({str(data)!r}).read()", [Call("peek")], LIMITS).values \
+            == (("error", "raised"),)
+    finally:
+        shutil.rmtree(public)
+
+
+def test_a_wall_that_fails_to_go_up_is_a_refusal(monkeypatch):
+    """Confinement raising (here: Landlock's setup) refuses the run with the reason, like a
+    missing kernel feature, instead of running unconfined or failing silently."""
+    source = sandbox.CHILD.read_text().replace(
+        "def apply_landlock(workdir: str, readable: list[int]) -> int:",
+        "def apply_landlock(workdir: str, readable: list[int]) -> int:\n    raise OSError(38, 'simulated')\n\n\n"
+        "def _unused(workdir, readable):")
+    broken = Path(tempfile.mkdtemp()) / "sandbox_child.py"
+    broken.write_text(source)
+    monkeypatch.setattr(sandbox, "CHILD", broken)
+    try:
+        result = run_calls("def f():\n    return 1", [Call("f")], LIMITS, allow_weak_isolation=True)
+        assert result.values is None and result.refused.startswith("confinement failed: OSError")
+    finally:
+        shutil.rmtree(broken.parent)

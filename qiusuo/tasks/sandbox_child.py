@@ -31,10 +31,12 @@ The walls, in this order:
    interpreter may live where the unprivileged uid cannot read), sets RLIMIT_CORE/CPU/AS/FSIZE/
    NOFILE/NPROC, drops every capability (bounding and ambient sets, then setuid to an
    unprivileged uid when root, then capset to zero), sets no-new-privs and parent-death SIGKILL,
-   applies Landlock (writes only beneath the work directory, no TCP, no signals or abstract
-   sockets outside) and a seccomp filter (libseccomp via pyseccomp) that denies namespace,
-   mount, bpf, keyring, ptrace, perf, module and io_uring syscalls. A layer the kernel refuses is
-   a refusal unless `allow_weak` is set. Each outcome is written to the report fd, which the
+   applies Landlock (writes only beneath the work directory; reads only there and in the Python
+   installation and system library directories, so the dataset holding the expected answers is
+   unreadable; no TCP, no signals or abstract sockets outside) and a seccomp filter (libseccomp
+   via pyseccomp) that denies namespace, mount, bpf, keyring, ptrace, perf, module and io_uring
+   syscalls and unix-domain sockets. A layer the kernel refuses, or a step that fails, is a
+   refusal unless `allow_weak` is set. Each outcome is written to the report fd, which the
    worker never holds.
 3. forks the worker (PID 1 only waits: the kernel drops signals to a namespace's init that it has
    no handler for, SIGXCPU included); a fork refused by RLIMIT_NPROC is reported as such, since
@@ -125,12 +127,35 @@ def mount_workdir(workdir: str, size_mb: int, uid: int, gid: int) -> str:
     return "tmpfs"
 
 
-def apply_landlock(workdir: str) -> int:
-    """Allow file writes only beneath `workdir`; deny TCP and outside signals.
-    Returns the Landlock ABI version applied (0: none)."""
+def read_roots() -> list[str]:
+    """Directories the program may read: the interpreter's installation and the system's
+    libraries, nothing else. The dataset with the expected answers, the caller's home, /proc (the
+    caller's environ when it runs as the same uid) and /sys stay unreadable."""
+    import sysconfig
+
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, "/usr", "/lib", "/lib64", "/etc",
+             "/dev", "/bin", "/sbin"}
+    roots |= {v for k, v in sysconfig.get_paths().items() if k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots |= {os.path.dirname(os.path.realpath(sys.executable))}
+    return sorted(r for r in roots if r and os.path.isdir(r))
+
+
+def open_paths(paths: list[str]) -> list[int]:
+    """O_PATH fds of `paths`, opened while still privileged (the interpreter may live where the
+    sandbox uid cannot even look, e.g. /root/.pyenv; DAC then denies it anyway)."""
+    return [os.open(p, os.O_PATH | os.O_CLOEXEC) for p in paths]
+
+
+def apply_landlock(workdir: str, readable: list[int]) -> int:
+    """Writes only beneath `workdir`; reads and execution only beneath it and `readable`; no TCP;
+    no signals or abstract unix sockets outside the sandbox. `readable` holds O_PATH fds (closed
+    here). Returns the ABI applied (0: none)."""
     abi = _syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, 1)  # flag 1: query the ABI version
     if abi < 1:
+        for fd in readable:
+            os.close(fd)
         return 0
+    read_fs = (1 << 0) | (1 << 2) | (1 << 3)  # execute, read_file, read_dir
     write_fs = sum(1 << b for b in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write, remove, make-*
     write_fs |= (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0)  # refer, truncate
     net = 0b11 if abi >= 4 else 0  # bind_tcp | connect_tcp, with no rule allowing any port
@@ -143,16 +168,20 @@ def apply_landlock(workdir: str) -> int:
         _pack_ = 1
         _fields_ = [("allowed", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
-    attr = RulesetAttr(write_fs, net, scoped)
+    attr = RulesetAttr(read_fs | write_fs, net, scoped)
     size = 8 if abi < 4 else 16 if abi < 6 else 24
     ruleset = _syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0)
     if ruleset < 0:
+        for fd in readable:
+            os.close(fd)
         return 0
-    dirfd = os.open(workdir, os.O_PATH | os.O_CLOEXEC)
-    rule = PathBeneath(write_fs, dirfd)
-    ok = _syscall(SYS_LANDLOCK_ADD_RULE, ruleset, 1, ctypes.byref(rule), 0) == 0  # 1: path-beneath rule
+    ok = True
+    for fd, allowed in [(os.open(workdir, os.O_PATH | os.O_CLOEXEC), read_fs | write_fs)] + \
+            [(fd, read_fs) for fd in readable]:
+        rule = PathBeneath(allowed, fd)
+        ok = ok and _syscall(SYS_LANDLOCK_ADD_RULE, ruleset, 1, ctypes.byref(rule), 0) == 0  # 1: path-beneath
+        os.close(fd)
     ok = ok and _syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) == 0
-    os.close(dirfd)
     os.close(ruleset)
     return abi if ok else 0
 
@@ -181,6 +210,8 @@ def clear_capabilities() -> bool:
 def install_seccomp() -> str:
     """Deny the syscalls in DENIED_SYSCALLS and namespace-creating clones. Returns "filter", or
     why there is none."""
+    import socket as socket_module
+
     try:
         import pyseccomp as seccomp
     except ImportError:
@@ -195,6 +226,9 @@ def install_seccomp() -> str:
         for flag in NAMESPACE_FLAGS:  # rules of one syscall are OR-ed: any namespace flag denies
             filt.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
         filt.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")  # flags live in memory, unfilterable
+        # unix sockets by path are not covered by the network namespace or Landlock: without
+        # this, a program running as the caller's uid could talk to its sockets (Ray's raylet...)
+        filt.add_rule(seccomp.ERRNO(errno.EPERM), "socket", seccomp.Arg(0, seccomp.EQ, socket_module.AF_UNIX))
         filt.load()
     except (OSError, RuntimeError) as e:
         return f"failed ({e})"
@@ -222,6 +256,7 @@ def confine(cfg: dict, report: dict) -> None:
         import pyseccomp  # noqa: F401 — imported while the interpreter's files are still readable
     except ImportError:
         pass
+    readable = open_paths(read_roots())  # before the uid drop, like the imports
     mb = 2**20
     limits = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_CPU, cfg["cpu_s"]),
               (resource.RLIMIT_AS, cfg["memory_mb"] * mb), (resource.RLIMIT_FSIZE, cfg["fsize_mb"] * mb),
@@ -237,7 +272,7 @@ def confine(cfg: dict, report: dict) -> None:
     report["capabilities_dropped"] = clear_capabilities()
     _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid: a uid change clears it
-    report.update(uid=os.getuid(), landlock_abi=apply_landlock(cfg["workdir"]))
+    report.update(uid=os.getuid(), landlock_abi=apply_landlock(cfg["workdir"], readable))
     if report["network"] != "netns":
         block_sockets()
     report["seccomp"] = install_seccomp()
@@ -390,7 +425,12 @@ def main() -> None:
         # code must run in a child of it. When init exits, the kernel kills the whole namespace.
         code = 1
         try:
-            confine(cfg, report)
+            try:
+                confine(cfg, report)
+            except Exception as e:  # noqa: BLE001 — any failed wall is a refusal, reported with its reason
+                traceback.print_exc()
+                send(refused=f"confinement failed: {type(e).__name__}: {e}")
+                os._exit(EXIT_REFUSED)
             send(**{k: report[k] for k in ("uid", "landlock_abi", "seccomp", "capabilities_dropped")})
             if weaknesses(report) and not cfg["allow_weak"]:
                 send(refused="; ".join(weaknesses(report)))
