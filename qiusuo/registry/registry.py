@@ -480,6 +480,9 @@ class Lease:
 def make_private_dir(path: Path) -> None:
     """Create `path` (and parents) with the last component 0700 when we create it; an existing
     directory is left as the user set it."""
+    if path.exists() and not path.is_dir():
+        raise RegistryError(f"the registry home {path} is not a directory; point QIUSUO_HOME at a directory "
+                            "(it is created, mode 0700, if missing)")
     if not path.is_dir():
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
