@@ -415,6 +415,7 @@ def test_whole_run_memory_is_bounded_by_the_cgroup():
     result = run_calls(program, [Call("hog")], SandboxLimits(wall_s=20.0, cpu_s=5, memory_mb=256, nproc=16))
     # the cgroup (memory.max = 256 MB for the run) OOM-kills some: not all 8 can hold 200 MB at once
     assert result.values is None or result.values[0][1] < 8, result
+    assert result.memory_exceeded and not result.timed_out
 
 
 def test_the_dataset_on_disk_is_unreadable_even_when_world_readable():

@@ -113,10 +113,12 @@ class SandboxResult:
     stderr: str = ""
     isolation: dict = field(default_factory=dict)
     refused: str | None = None
+    memory_exceeded: bool = False  # the run's cgroup OOM-killed a process (not a timeout)
 
 
 def stats() -> dict[str, int]:
-    """Counters since start: runs, refused_weak_isolation, timed_out, no_result, cgroup_unavailable."""
+    """Counters since start: runs, completed, refused_weak_isolation, timed_out, memory_exceeded,
+    no_result, cgroup_unavailable."""
     with _stats_lock:
         return dict(_stats)
 
@@ -190,21 +192,41 @@ def _make_cgroups(name: str, limits: SandboxLimits) -> list[Path]:
         _log_once("cgroups", logging.WARNING, f"sandbox: {why}; runs are bounded by per-process rlimits only")
         return []
     memory, pids = str(limits.memory_mb * 2**20), str(limits.nproc + 2)  # + launcher and init
-    made = []
-    for controller, parent in parents.items():
-        d = parent / name
-        d.mkdir()
-        made.append(d)
-        files = {"v2": [("memory.max", memory), ("memory.swap.max", "0"), ("pids.max", pids)],
-                 "memory": [("memory.limit_in_bytes", memory), ("memory.memsw.limit_in_bytes", memory)],
-                 "pids": [("pids.max", pids)]}[controller]
-        for filename, value in files:
-            try:
-                (d / filename).write_text(value)
-            except OSError:
-                if filename not in ("memory.swap.max", "memory.memsw.limit_in_bytes"):  # no swap accounting: fine
-                    raise
+    made: list[Path] = []
+    try:
+        for controller, parent in parents.items():
+            d = parent / name
+            d.mkdir()
+            made.append(d)
+            files = {"v2": [("memory.max", memory), ("memory.swap.max", "0"), ("pids.max", pids)],
+                     "memory": [("memory.limit_in_bytes", memory), ("memory.memsw.limit_in_bytes", memory)],
+                     "pids": [("pids.max", pids)]}[controller]
+            for filename, value in files:
+                try:
+                    (d / filename).write_text(value)
+                except OSError:
+                    if filename not in ("memory.swap.max", "memory.memsw.limit_in_bytes"):  # no swap accounting
+                        raise
+    except OSError as e:
+        _remove_cgroups(made)
+        _count("cgroup_unavailable")
+        _log_once("cgroups-failed", logging.WARNING, f"sandbox: could not make a cgroup ({e}); this run and any "
+                  "other that fails the same way is bounded by per-process rlimits only")
+        return []
     return made
+
+
+def _oom_killed(dirs: list[Path]) -> bool:
+    """Did the run's memory cgroup kill a process? (v2 memory.events, v1 memory.oom_control)"""
+    for d in dirs:
+        for filename in ("memory.events", "memory.oom_control"):
+            try:
+                counters = dict(line.split() for line in (d / filename).read_text().splitlines() if " " in line)
+            except (OSError, ValueError):
+                continue
+            if int(counters.get("oom_kill", "0")) > 0:
+                return True
+    return False
 
 
 def _remove_cgroups(dirs: list[Path]) -> None:
@@ -408,13 +430,15 @@ def run_calls(program: str, calls: list[Call], limits: SandboxLimits = SandboxLi
                       "accept weaker confinement")
             return SandboxResult(values=None, timed_out=False, returncode=proc.returncode, stdout=stdout,
                                  stderr=stderr, isolation=report, refused=report["refused"])
-        if proc.returncode in (128 + signal.SIGXCPU, 128 + signal.SIGKILL, -signal.SIGKILL):
-            timed_out = True  # CPU limit: soft SIGXCPU, then hard SIGKILL (or the cgroup's OOM kill)
+        oom = _oom_killed(cgroups)
+        if proc.returncode in (128 + signal.SIGXCPU, 128 + signal.SIGKILL, -signal.SIGKILL) and not oom:
+            timed_out = True  # CPU limit: soft SIGXCPU, then hard SIGKILL
         values = None if timed_out else decode_results(_read_capped(result_path, RESULT_READ_LIMIT) or b"",
                                                        len(calls))
-        _count("timed_out" if timed_out else "no_result" if values is None else "completed")
+        _count("timed_out" if timed_out else "memory_exceeded" if oom else "no_result" if values is None
+               else "completed")
         return SandboxResult(values=values, timed_out=timed_out, returncode=proc.returncode, stdout=stdout,
-                             stderr=stderr, isolation=report)
+                             stderr=stderr, isolation=report, memory_exceeded=oom)
     finally:
         _remove_cgroups(cgroups)
         shutil.rmtree(base, ignore_errors=True)
