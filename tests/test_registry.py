@@ -422,3 +422,18 @@ def test_models_list_escapes_markup_and_control_characters(home, tmp_path, qiusu
     assert "\x1b" not in out and "\\x1b[2J" in out
     assert qiusuo(["models", "show", "m"]) == 0
     assert "\x1b" not in capsys.readouterr().out
+
+
+def test_a_deployment_replica_leases_the_materialized_directory_it_was_given(home, tmp_path):
+    """Replicas get a path, not a name (the deploying CLI exits): they lease by path."""
+    from qiusuo.registry import lease_materialized
+
+    reg = Registry()
+    reg.import_dir(fake_checkpoint(tmp_path / "c", 0), "m:v1")
+    path = reg.materialize("m:v1")
+    assert lease_materialized("m:v1", tmp_path / "c", "x") is None  # a plain directory: nothing to lease
+    lease = lease_materialized("m:v1", path, "deployment m-v1 (Ray Serve replica)")
+    with pytest.raises(RegistryError, match=r"in use by pid \d+: deployment m-v1 \(Ray Serve replica\)"):
+        reg.remove("m:v1")
+    lease.release()
+    reg.remove("m:v1")

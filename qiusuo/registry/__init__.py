@@ -22,7 +22,7 @@ _leases: dict[tuple[str, str], Lease] = {}  # held until the process exits
 __all__ = [
     "DEFAULT_TAG", "CorruptBlobError", "FileEntry", "Lease", "ModelInfo", "Registry", "RegistryError",
     "UnknownModelError", "count_parameters", "default_home", "inspect_checkpoint", "parse_name",
-    "resolve_model", "safetensors_header",
+    "lease_materialized", "resolve_model", "safetensors_header",
 ]
 
 
@@ -59,3 +59,19 @@ def resolve_model(name_or_path: str | os.PathLike, *, home: str | os.PathLike | 
             raise ValueError(f"{path} is a directory but not a checkpoint (no config.json), "
                              f"and not a registry name: {e}") from None
         raise
+
+
+def lease_materialized(ref: str, path: str | os.PathLike, holder: str) -> Lease | None:
+    """A lease on registry model `ref` when `path` is its materialized directory (for processes
+    that receive the path, not the name: a deployment's replicas), else None. While held, `models
+    rm`/`tag`/re-import of `ref` are refused naming `holder`."""
+    path = Path(path)
+    if path.parent.name != "models":
+        return None
+    registry = Registry(path.parent.parent)
+    try:
+        if registry.materialized_path(ref) != path:
+            return None
+    except RegistryError:
+        return None  # not a registry name: a plain checkpoint directory
+    return registry.lease(ref, holder=holder)
