@@ -314,6 +314,12 @@ def test_the_untrusted_interpreter_never_sees_expected_values(hostile_task):
     assert [v for _, v in result.values] == [(False, False, False)] * 3
 
 
+def sandbox_child_encoder():
+    import runpy
+
+    return runpy.run_path(str(sandbox.CHILD))["make_encoder"]()
+
+
 def test_passed_is_clamped_and_forged_documents_rejected():
     cases = [parse_test("assert f() == 1")]
     forged = sandbox.SandboxResult(values=(("value", 1), ("value", 1)), timed_out=False, returncode=0)
@@ -323,6 +329,13 @@ def test_passed_is_clamped_and_forged_documents_rejected():
     assert decode_results(b'{"results":[{"value":' + b"9" * 5000 + b"}]}", 1) is None
     assert decode_results(b'{"results":[{"value":{"set":[{"list":[]}]}}]}', 1) == (("error", "undecodable"),)
     assert decode_results(b"[" * 100000, 1) is None
+    # 50k ints that all hash to 0 (multiples of 2**61 - 1): building a Python set of them took 204 s;
+    # the decoder keeps canonical strings (randomised hashing) instead
+    members = [k * (2**61 - 1) for k in range(50_000)]
+    doc = b'{"results":[{"value":{"set":[' + ",".join(map(str, members)).encode() + b']}}]}'
+    (kind, value), = decode_results(doc, 1)
+    assert kind == "value" and len(value.members) == 50_000
+    assert decode_results(b'{"results":[{"value":{"dict":[[1,2],[1,3]]}}]}', 1) == (("error", "undecodable"),)
 
 
 def test_parse_test_forms_and_refusals():
@@ -339,6 +352,14 @@ def test_parse_test_forms_and_refusals():
 
 
 def test_same_is_exact():
+    from qiusuo.tasks.sandbox import decode_value
+
+    def sent(v):  # what the parent gets back when the worker returns v
+        return decode_value(json.loads(sandbox_child_encoder()(v, [1 << 20])))
+
+    for value in ({1: [True], (2, "a"): {3.5}}, {frozenset({1, 2}), (1, None)}, [b"x", 1 + 2j, float("inf")]):
+        assert same(value, sent(value))
+    assert not same({1: 2}, sent({True: 2})) and not same({1}, sent({1.0})) and not same({1}, sent(frozenset({1})))
     assert same(1, 1) and not same(1, True) and not same(1, 1.0) and not same([1], (1,))
     assert same({1: [True]}, {1: [True]}) and not same({1: [True]}, {True: [True]})
     assert same({1, 2}, {2, 1}) and not same({1}, {True}) and not same({1}, frozenset({1}))

@@ -40,7 +40,7 @@ from pathlib import Path
 from qiusuo.tasks.base import Problem
 from qiusuo.tasks.jsonl import JsonlTask, read_jsonl
 from qiusuo.tasks.registry import register
-from qiusuo.tasks.sandbox import Call, SandboxLimits, SandboxResult, run_many
+from qiusuo.tasks.sandbox import Call, DecodedDict, DecodedSet, SandboxLimits, SandboxResult, canonical, run_many
 
 _FENCE = re.compile(r"```[A-Za-z0-9_+-]*[ \t]*\n?(.*?)```", re.DOTALL)
 
@@ -117,37 +117,35 @@ def parse_test(test: str, numeric: bool = False) -> TestCase:
     raise ValueError(f"test {test!r} has an unsupported form; {rule}")
 
 
-def _key(v):
-    """A hashable, type-tagged form of a plain value, for exact set and dict-key comparison."""
+def _kind(v) -> str:
     t = type(v)
-    if t in (list, tuple):
-        return (t.__name__, tuple(_key(x) for x in v))
-    if t in (set, frozenset):
-        return (t.__name__, frozenset(_key(x) for x in v))
-    if t is dict:
-        return ("dict", frozenset((_key(k), _key(x)) for k, x in v.items()))
-    if t is float and v != v:
-        return ("float", "nan")
-    return (t.__name__, v)
+    return v.kind if t is DecodedSet else "dict" if t is DecodedDict else t.__name__
+
+
+def _dict_items(v) -> list[tuple[str, object]]:
+    return list(v.items) if type(v) is DecodedDict else [(canonical(k), x) for k, x in v.items()]
 
 
 def same(expected, actual, tolerance: tuple[float, float] | None = None) -> bool:
-    """Exact structural equality of plain values: types must match at every level (bool is not
-    int; 1.0 is not 1 unless `tolerance` allows int/float to compare by value)."""
+    """Exact structural equality of plain values (actual ones as the sandbox decodes them): types
+    must match at every level (bool is not int; 1.0 is not 1 unless `tolerance` allows int/float
+    to compare by value). Sets and dict keys compare by `canonical` strings, exactly."""
     te, ta = type(expected), type(actual)
     if tolerance is not None and te in (int, float) and ta in (int, float):
         return math.isclose(expected, actual, rel_tol=tolerance[0], abs_tol=tolerance[1])
+    kind = _kind(expected)
+    if kind != _kind(actual):
+        return False
+    if kind in ("list", "tuple"):
+        return len(expected) == len(actual) and all(same(e, a, tolerance) for e, a in zip(expected, actual))
+    if kind == "dict":
+        want, got = dict(_dict_items(expected)), _dict_items(actual)
+        return len(got) == len(want) == len({k for k, _ in got}) and \
+            all(k in want and same(want[k], x, tolerance) for k, x in got)
+    if kind in ("set", "frozenset"):
+        return canonical(expected) == canonical(actual)
     if te is not ta:
         return False
-    if te in (list, tuple):
-        return len(expected) == len(actual) and all(same(e, a, tolerance) for e, a in zip(expected, actual))
-    if te is dict:
-        if len(expected) != len(actual):
-            return False
-        keyed = {_key(k): v for k, v in actual.items()}
-        return all(_key(k) in keyed and same(v, keyed[_key(k)], tolerance) for k, v in expected.items())
-    if te in (set, frozenset):
-        return _key(expected) == _key(actual)
     if te is float and expected != expected:
         return actual != actual  # NaN expected: NaN returned
     return expected == actual  # None, bool, int, float, str, bytes, complex: builtin __eq__ only

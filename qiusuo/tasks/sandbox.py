@@ -253,8 +253,56 @@ def _reject_constant(name: str):
     raise ValueError(f"bare {name} is not part of the result format")
 
 
+@dataclass(frozen=True)
+class DecodedSet:
+    """A set or frozenset the worker returned, as the `canonical` strings of its members. Never a
+    Python set of the decoded values: ints hash predictably, and 50,000 ints that all hash to 0
+    took 204 s to put in one set; str hashing is randomised per process."""
+
+    kind: str  # "set" or "frozenset"
+    members: frozenset
+
+
+@dataclass(frozen=True)
+class DecodedDict:
+    """A dict the worker returned: (canonical(key), value) pairs, for the same reason."""
+
+    items: tuple
+
+
+def canonical(v) -> str:
+    """A type-tagged, self-delimiting string of a plain or decoded value: equal strings mean
+    equal values of equal types (True is not 1, 1.0 is not 1, a tuple is not a list)."""
+    t = type(v)
+    if t is DecodedSet:
+        return v.kind + "{" + ",".join(sorted(v.members)) + "}"
+    if t is DecodedDict:
+        return "dict{" + ",".join(sorted(k + ":" + canonical(x) for k, x in v.items)) + "}"
+    if t in (set, frozenset):
+        return t.__name__ + "{" + ",".join(sorted(canonical(x) for x in v)) + "}"
+    if t is dict:
+        return "dict{" + ",".join(sorted(canonical(k) + ":" + canonical(x) for k, x in v.items())) + "}"
+    if t in (list, tuple):
+        return t.__name__ + "[" + ",".join(canonical(x) for x in v) + "]"
+    if t is float and v != v:
+        return "float:nan"
+    if t in (type(None), bool, int, float, str, bytes, complex):
+        return t.__name__ + ":" + repr(v)
+    raise ValueError(f"not a plain value: {t.__name__}")
+
+
+def _hashable(x) -> bool:
+    t = type(x)
+    if t in (list, DecodedDict):
+        return False
+    if t is DecodedSet:
+        return x.kind == "frozenset"
+    return all(_hashable(y) for y in x) if t is tuple else True
+
+
 def decode_value(v, depth: int = 0):
-    """A value of the result format -> plain Python (raises ValueError on anything else)."""
+    """A value of the result format -> plain Python, sets and dicts as DecodedSet / DecodedDict
+    (raises ValueError on anything else)."""
     if depth > MAX_DEPTH:
         raise ValueError("too deep")
     t = type(v)
@@ -265,14 +313,23 @@ def decode_value(v, depth: int = 0):
     (tag, body), = v.items()
     if tag in ("list", "tuple", "set", "frozenset") and type(body) is list:
         items = [decode_value(x, depth + 1) for x in body]
-        return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[tag](items)
+        if tag in ("set", "frozenset"):
+            if not all(_hashable(x) for x in items):
+                raise ValueError("unhashable member in a set")  # what Python itself would refuse
+            return DecodedSet(tag, frozenset(canonical(x) for x in items))
+        return list(items) if tag == "list" else tuple(items)
     if tag == "dict" and type(body) is list:
-        out = {}
+        pairs = []
         for pair in body:
             if type(pair) is not list or len(pair) != 2:
                 raise ValueError("dict items are [key, value] pairs")
-            out[decode_value(pair[0], depth + 1)] = decode_value(pair[1], depth + 1)
-        return out
+            key = decode_value(pair[0], depth + 1)
+            if not _hashable(key):
+                raise ValueError("unhashable dict key")
+            pairs.append((canonical(key), decode_value(pair[1], depth + 1)))
+        if len({k for k, _ in pairs}) != len(pairs):
+            raise ValueError("duplicate dict key")
+        return DecodedDict(tuple(pairs))
     if tag == "bytes" and type(body) is str:
         return bytes.fromhex(body)
     if tag == "float" and body in ("nan", "inf", "-inf"):
