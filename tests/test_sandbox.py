@@ -218,7 +218,7 @@ HOSTILE = {
     "eq_always_true": "class Any:\n    def __eq__(self, other):\n        return True\n    __hash__ = None\n"
                       "def inc(x):\n    return Any()",
     "int_subclass_eq_true": "class I(int):\n    def __eq__(self, other):\n        return True\n"
-                            "    __hash__ = int.__hash__\ndef inc(x):\n    return I(0)",
+                            "    __hash__ = int.__hash__\ndef inc(x):\n    return I(7)",
     "frame_walk_f_locals": (
         "import sys\nfound = []\nf = sys._getframe(0)\nwhile f is not None:\n"
         "    for k, v in list(f.f_locals.items()):\n        found.append((k, v))\n    f = f.f_back\n"
@@ -287,6 +287,25 @@ def test_honest_programs_still_score_one(hostile_task):
     for program in ("def inc(x):\n    return x + 1", "inc = lambda x: x + 1",
                     "import math\ndef inc(x):\n    print('noise 999 3')\n    return int(math.floor(x)) + 1"):
         assert hostile_task.score(hostile_task.problem, c(program)).accuracy == 1.0, program
+
+
+def test_subclasses_of_plain_types_count_as_their_contents(tmp_path):
+    """Honest code returns Counter, defaultdict, OrderedDict, namedtuple: they are sent as the dict
+    or tuple they hold, read through the base type's methods (their own methods never run)."""
+    rows = [{"question": "q", "tests": ["assert count('aab') == {'a': 2, 'b': 1}", "assert pair(1) == (1, 2)",
+                                        "assert big(3) == 3"]}]
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    t = tasks.get("code", path=str(path), limits=LIMITS, test_fraction=0.01)
+    problem = (t._splits["train"] + t._splits["test"])[0]
+    honest = ("from collections import Counter, namedtuple\nimport enum\nP = namedtuple('P', 'a b')\n"
+              "class N(enum.IntEnum):\n    THREE = 3\n"
+              "def count(s):\n    return Counter(s)\ndef pair(x):\n    return P(x, x + 1)\ndef big(x):\n    return N(x)")
+    assert t.score(problem, c(honest)).accuracy == 1.0
+    lying = ("class D(dict):\n    def items(self):\n        return [('a', 2), ('b', 1)]\n    def __iter__(self):\n"
+             "        return iter(['a', 'b'])\ndef count(s):\n    return D()\ndef pair(x):\n    return (1, 2)\n"
+             "def big(x):\n    return 3")
+    assert t.score(problem, c(lying)).accuracy == 0.0  # its overridden items() never runs: it is empty
 
 
 def test_one_for_bool_and_float_for_int_are_wrong(tmp_path):

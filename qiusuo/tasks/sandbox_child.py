@@ -9,10 +9,11 @@ to any fd it holds, exit at will. So nothing that decides the reward lives there
   (parsed by the parent from `assert f(args) == expected`). The expected values, the test source
   and any secret never enter this interpreter; there is nothing to steal or to overwrite.
 - The worker returns values only: after the program ran, it calls each function and encodes the
-  return value with a fixed encoder whose references are captured before the program runs
-  (exact-type dispatch, `type(v) is int` rather than isinstance, so a subclass with a hostile
-  `__eq__`, `__repr__` or `__hash__` is refused; no repr of untrusted objects; size, depth and
-  digit limits). It writes one JSON document to the result fd (a file the parent opened; the
+  return value with a fixed encoder whose references are captured before the program runs. It
+  reads values through the base types' own C methods (`int.__repr__(v)`, `dict.items(v)`,
+  `tuple.__iter__(v)`), so a subclass's `__eq__`, `__repr__`, `__iter__` or `__hash__` never runs
+  and only its real contents are sent (an int subclass "equal to everything" is sent as the int
+  it holds, a Counter as its dict); other types are refused; size, depth and digit limits. It writes one JSON document to the result fd (a file the parent opened; the
   program has no path to it).
 - The parent treats those bytes as hostile data: size-capped, decoded with a strict json.loads
   into plain types, compared with the expected values by exact type (see code.py), and `passed`
@@ -297,60 +298,76 @@ def weaknesses(report: dict) -> list[str]:
 # --- the worker: values out, nothing in ---------------------------------------------------------
 def make_encoder():
     """A JSON encoder bound, now, to the builtins it uses: later rebinding of names by the
-    program does not reach it. Exact types only; anything else is refused (raises)."""
-    _type, _len, _list, _enumerate = type, len, list, enumerate
-    _int_repr, _float_repr = int.__repr__, float.__repr__
+    program does not reach it. Values are read through the base types' own C methods
+    (`int.__repr__`, `dict.items`, `tuple.__iter__`...), never through the value's class, so a
+    subclass counts as its base (a Counter is its dict, a namedtuple its tuple) while its own
+    `__eq__`, `__repr__`, `__iter__` or `__hash__` never run. Other types are refused (raise)."""
+    _isinstance, _len, _list, _enumerate = isinstance, len, list, enumerate
+    _int_repr, _float_repr, _str_str, _bytes_hex = int.__repr__, float.__repr__, str.__str__, bytes.hex
+    _real, _imag = complex.real.__get__, complex.imag.__get__
+    _dict_items, _list_copy = dict.items, list.copy
+    _tuple_iter, _set_iter, _frozenset_iter = tuple.__iter__, set.__iter__, frozenset.__iter__
     _isnan, _isinf = __import__("math").isnan, __import__("math").isinf
     _quote = json.encoder.encode_basestring_ascii
-    _NoneType = _type(None)
-    containers = {list: "list", tuple: "tuple", set: "set", frozenset: "frozenset"}
 
     class Refused(Exception):
         pass
 
+    def number(x: float) -> str:
+        return '{"float":"%s"}' % _float_repr(x) if (_isnan(x) or _isinf(x)) else _float_repr(x)
+
     def encode(value, out: list, depth: int, budget: list) -> None:
-        t = _type(value)
         if depth > MAX_DEPTH:
             raise Refused("too deep")
-        if t is _NoneType:
+        kind = None
+        if value is None:
             piece = "null"
-        elif t is bool:
+        elif _isinstance(value, bool):  # bool cannot be subclassed: True or False
             piece = "true" if value is True else "false"
-        elif t is int:
+        elif _isinstance(value, int):
             piece = _int_repr(value)  # ValueError past sys.get_int_max_str_digits() (4300)
-        elif t is float:
-            piece = '{"float":"%s"}' % _float_repr(value) if (_isnan(value) or _isinf(value)) else _float_repr(value)
-        elif t is str:
-            piece = _quote(value)
-        elif t is bytes:
-            piece = '{"bytes":"%s"}' % value.hex()
-        elif t is complex:
-            piece = '{"complex":[%s,%s]}' % (_float_repr(value.real), _float_repr(value.imag))
-        elif t in containers or t is dict:
-            items = _list(value.items()) if t is dict else _list(value)
-            budget[0] -= _len(items)
-            if budget[0] < 0:
-                raise Refused("too large")
-            out.append('{"%s":[' % ("dict" if t is dict else containers[t]))
-            for i, item in _enumerate(items):
-                if i:
-                    out.append(",")
-                if t is dict:
-                    out.append("[")
-                    encode(item[0], out, depth + 1, budget)
-                    out.append(",")
-                    encode(item[1], out, depth + 1, budget)
-                    out.append("]")
-                else:
-                    encode(item, out, depth + 1, budget)
-            out.append("]}")
-            return
+        elif _isinstance(value, float):
+            piece = number(value)
+        elif _isinstance(value, str):
+            piece = _quote(_str_str(value))
+        elif _isinstance(value, bytes):
+            piece = '{"bytes":"%s"}' % _bytes_hex(value)
+        elif _isinstance(value, complex):
+            piece = '{"complex":[%s,%s]}' % (_float_repr(_real(value)), _float_repr(_imag(value)))
+        elif _isinstance(value, dict):
+            kind, items = "dict", _list(_dict_items(value))
+        elif _isinstance(value, list):
+            kind, items = "list", _list_copy(value)
+        elif _isinstance(value, tuple):
+            kind, items = "tuple", _list(_tuple_iter(value))
+        elif _isinstance(value, set):
+            kind, items = "set", _list(_set_iter(value))
+        elif _isinstance(value, frozenset):
+            kind, items = "frozenset", _list(_frozenset_iter(value))
         else:
             raise Refused("unsupported type")
-        budget[0] -= _len(piece)
+        if kind is None:
+            budget[0] -= _len(piece)
+            if budget[0] < 0:
+                raise Refused("too large")
+            out.append(piece)
+            return
+        budget[0] -= _len(items)
         if budget[0] < 0:
             raise Refused("too large")
-        out.append(piece)
+        out.append('{"%s":[' % kind)
+        for i, item in _enumerate(items):
+            if i:
+                out.append(",")
+            if kind == "dict":
+                out.append("[")
+                encode(item[0], out, depth + 1, budget)
+                out.append(",")
+                encode(item[1], out, depth + 1, budget)
+                out.append("]")
+            else:
+                encode(item, out, depth + 1, budget)
+        out.append("]}")
 
     def encode_value(value, budget: list) -> str:
         out: list = []
