@@ -43,3 +43,34 @@ def test_init_then_info(tmp_path, capsys):
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["info", "--model", str(tmp_path / "nope")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_user_mistakes_print_one_line_never_a_traceback(tmp_path, monkeypatch, capsys):
+    """Each mistake below raised a traceback (an OSError that is not FileNotFoundError, a
+    SandboxError) or crashed deep in torch (a config.json asking for 100000 layers)."""
+    import json
+
+    from qiusuo.tasks.sandbox import SandboxError
+
+    good = tmp_path / "good"
+    assert main(["init", "--preset", "tiny-dense", "--out", str(good)]) == 0
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / "config.json").write_text(json.dumps({"model_type": "qwen2", "num_hidden_layers": 100000}))
+    home_is_a_file = tmp_path / "home"
+    home_is_a_file.write_text("")
+    capsys.readouterr()
+    assert main(["info", "--model", str(huge)]) == 2
+    monkeypatch.setenv("QIUSUO_HOME", str(home_is_a_file))
+    assert main(["models", "import", str(good), "--name", "m"]) == 2
+
+    def sandbox_unusable(args):
+        raise SandboxError("the sandbox could not fork its worker: RLIMIT_NPROC=32 ...\nsecond line")
+
+    monkeypatch.setattr("qiusuo.cli.model.info", sandbox_unusable)
+    assert main(["info", "--model", str(good)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and not any("Traceback" in line for line in err), err
+    assert "num_hidden_layers=100000 must be in [1, 1024]" in err[0]
+    assert "not a directory; point QIUSUO_HOME at a directory" in err[1]
+    assert err[2].startswith("qiusuo info: error: the sandbox could not fork") and "second line" in err[2]

@@ -167,6 +167,10 @@ def test_deploy_returns_and_the_openai_client_works(cluster):
     print(r.stdout)
     r = run_cli("deploy", "tiny", "--port", str(_free_port()), home=cluster.home)  # another port: refused
     assert r.returncode == 2 and f"serves on port {cluster.port}" in r.stderr
+    # the deploying CLI has exited; the replicas hold the lease on the directory they serve from
+    r = run_cli("models", "rm", "tiny", home=cluster.home)
+    assert r.returncode == 2 and "in use by pid" in r.stderr and "deployment tiny (Ray Serve replica)" in r.stderr, \
+        r.stderr
 
 
 def test_two_models_side_by_side(cluster):

@@ -313,3 +313,123 @@ def test_cli_errors_are_one_line_and_exit_2(home, tmp_path, qiusuo, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 5 and all(line.startswith("qiusuo models: error: ") for line in err)
     assert "invalid model name" in err[0] and "ghost" in err[1] and "corrupt" in err[4]
+
+
+# ---------------------------------------------------------------------- hardening (issue 16)
+def test_home_is_created_private(home, tmp_path):
+    Registry().import_dir(fake_checkpoint(tmp_path / "c", 0), "m")
+    assert (home.stat().st_mode & 0o777) == 0o700
+
+
+def test_import_refuses_symlinks_leading_out_of_the_checkpoint(home, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("api-key-123")
+    secret.chmod(0o600)
+    ckpt = fake_checkpoint(tmp_path / "c", 0)
+    (ckpt / "notes.txt").symlink_to(secret)
+    reg = Registry()
+    with pytest.raises(RegistryError, match=r"notes\.txt is a symlink to .*secret\.txt, outside the checkpoint"):
+        reg.import_dir(ckpt, "m")
+    assert reg.list() == []
+    assert not any(b.read_bytes() == b"api-key-123" for b in reg.blobs.root.glob("sha256-*")) \
+        if reg.blobs.root.is_dir() else True
+    (ckpt / "notes.txt").unlink()
+    (ckpt / "sub").mkdir()
+    (ckpt / "sub" / "up").symlink_to(tmp_path)  # a directory link out
+    with pytest.raises(RegistryError, match="symlinked directory"):
+        reg.import_dir(ckpt, "m")
+    (ckpt / "sub" / "up").unlink()
+    (ckpt / "alias.json").symlink_to(ckpt / "config.json")  # a link inside is fine
+    assert "alias.json" in [f.path for f in reg.import_dir(ckpt, "m").files]
+
+
+def test_import_of_a_hugging_face_cache_snapshot_follows_its_blob_links(home, tmp_path):
+    repo = tmp_path / "hub" / "models--org--tiny"
+    src = fake_checkpoint(tmp_path / "src", 0)
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        blob = repo / "blobs" / f"hash-{f.name}"
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    info = Registry().import_dir(snap, "hf")
+    assert sorted(f.path for f in info.files) == sorted(f.name for f in src.iterdir())
+
+
+SERVER = """
+import sys, time
+from qiusuo.registry import resolve_model
+resolve_model(sys.argv[1])
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_rm_tag_and_reimport_refuse_a_model_a_running_server_uses(home, tmp_path, qiusuo, capsys):
+    import subprocess
+    import sys
+
+    ckpt = fake_checkpoint(tmp_path / "c", 0)
+    reg = Registry()
+    reg.import_dir(ckpt, "m:v1")
+    reg.import_dir(ckpt, "other")
+    script = tmp_path / "fake_server.py"
+    script.write_text(SERVER)
+    env = {**os.environ, "QIUSUO_HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    server = subprocess.Popen([sys.executable, str(script), "m:v1"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        directory = reg.materialized_path("m:v1")
+        for attempt in (lambda: reg.remove("m:v1"), lambda: reg.tag("other", "m:v1"),
+                        lambda: reg.import_dir(ckpt, "m:v1")):
+            with pytest.raises(RegistryError, match=rf"in use by pid {server.pid}: .*fake_server\.py m:v1"):
+                attempt()
+            assert (directory / "config.json").is_file()  # still there for the server
+        assert qiusuo(["models", "rm", "m:v1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use by" in err[0]
+    finally:
+        server.kill()
+        server.wait()
+    reg.remove("m:v1")  # the holder is gone (its flock went with it): allowed
+    assert not reg.materialized_path("m:v1").exists()
+
+
+def test_lease_in_process_and_release(home, tmp_path):
+    reg = Registry()
+    reg.import_dir(fake_checkpoint(tmp_path / "c", 0), "m")
+    lease = reg.lease("m", holder="deployment adder (replica 1)")
+    with pytest.raises(RegistryError, match=r"deployment adder \(replica 1\)"):
+        reg.remove("m")
+    lease.release()
+    reg.remove("m")
+
+
+def test_models_list_escapes_markup_and_control_characters(home, tmp_path, qiusuo, capsys):
+    ckpt = fake_checkpoint(tmp_path / "c", 0, meta={"run_dir": "[link=http://evil.example]runs/x[/link]\x1b[2J"})
+    (ckpt / "config.json").write_text(json.dumps({"architectures": ["[bold red]Evil[/bold red]"],
+                                                  "model_type": "qwen2"}))
+    qiusuo(["models", "import", str(ckpt), "--name", "m"])
+    capsys.readouterr()
+    assert qiusuo(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "[bold red]Evil[/bold red]" in out and "[link=http://evil.example]runs/x[/link]" in out
+    assert "\x1b" not in out and "\\x1b[2J" in out
+    assert qiusuo(["models", "show", "m"]) == 0
+    assert "\x1b" not in capsys.readouterr().out
+
+
+def test_a_deployment_replica_leases_the_materialized_directory_it_was_given(home, tmp_path):
+    """Replicas get a path, not a name (the deploying CLI exits): they lease by path."""
+    from qiusuo.registry import lease_materialized
+
+    reg = Registry()
+    reg.import_dir(fake_checkpoint(tmp_path / "c", 0), "m:v1")
+    path = reg.materialize("m:v1")
+    assert lease_materialized("m:v1", tmp_path / "c", "x") is None  # a plain directory: nothing to lease
+    lease = lease_materialized("m:v1", path, "deployment m-v1 (Ray Serve replica)")
+    with pytest.raises(RegistryError, match=r"in use by pid \d+: deployment m-v1 \(Ray Serve replica\)"):
+        reg.remove("m:v1")
+    lease.release()
+    reg.remove("m:v1")

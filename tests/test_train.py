@@ -268,3 +268,78 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path):
     steps = len(metrics.read_text().splitlines())
     assert f"saved step {steps}" in output
     assert (out / "checkpoints" / f"step-{steps:06d}" / "trainer_state.json").is_file()
+
+
+# ------------------------------------------------------------------ checkpoint crash safety (issue 16)
+@pytest.fixture
+def saver(tmp_path):
+    from qiusuo.train import state
+
+    model, tok = build_model("tiny-dense", seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    run = tmp_path / "run"
+
+    def save(step, keep=2):
+        return state.save_checkpoint(run, step, model, tok, optimizer, extra={}, keep=keep)
+
+    return run, save
+
+
+def test_checkpoint_files_and_directories_are_fsynced_before_the_rename(saver, monkeypatch):
+    import os
+
+    from qiusuo.train import state
+
+    run, save = saver
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(state.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(state.os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    final = save(1)
+    publish = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(final))
+    synced = {e[1] for e in events[:publish] if e[0] == "fsync"}
+    tmp = events[publish][1]
+    assert {f"{tmp}/{p.name}" for p in final.iterdir()} <= synced  # every file, before the rename
+    assert tmp in synced  # and the directory itself
+    assert ("fsync", str(final.parent)) in events[publish:]  # the rename itself, after
+
+
+def test_stale_temporaries_of_killed_saves_are_cleaned_at_start_up(saver):
+    import subprocess
+
+    from qiusuo.train.state import list_checkpoints
+
+    run, save = saver
+    save(1)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    stale = run / "checkpoints" / f".step-000002.tmp-{dead.pid}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    assert [p.name for p in list_checkpoints(run)] == ["step-000001"]
+    assert not stale.exists()
+
+
+def test_re_saving_a_step_never_leaves_zero_checkpoints(saver, monkeypatch):
+    import os
+
+    from qiusuo.train import state
+
+    run, save = saver
+    save(1, keep=1)
+    real_replace = os.replace
+
+    def killed_before_publishing(a, b):
+        if os.path.basename(b) == "step-000001" and ".tmp-" in str(a):
+            raise KeyboardInterrupt  # the process dies between moving the old copy aside and the rename
+        real_replace(a, b)
+
+    monkeypatch.setattr(state.os, "replace", killed_before_publishing)
+    with pytest.raises(KeyboardInterrupt):
+        save(1, keep=1)
+    monkeypatch.setattr(state.os, "replace", real_replace)
+    # at start-up (the pid of the interrupted save is ours here: not a save in progress) the old copy is back
+    found = state.list_checkpoints(run)
+    assert [p.name for p in found] == ["step-000001"] and (found[0] / state.STATE_FILE).is_file()
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]

@@ -1,11 +1,29 @@
 """`qiusuo models import|list|show|rm|tag|verify`: the model registry, with Ollama's verbs.
 
 Models live under $QIUSUO_HOME (default ~/.qiusuo) as NAME[:TAG], tag `latest` by default.
+Fields that come from a checkpoint's own files (architecture, source run, metadata, file names)
+are untrusted text: control characters are shown as escapes and Rich markup is escaped, so a
+config.json cannot restyle, hide or hyperlink the table or drive the terminal.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def plain(text: object) -> str:
+    """`text` with control characters (ANSI escapes, newlines, BEL...) as visible \\x.. escapes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+def cell(text: object) -> str:
+    """A table cell: `plain`, then Rich markup escaped (`[red]` prints as `[red]`)."""
+    from rich.markup import escape
+
+    return escape(plain(text))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -97,8 +115,9 @@ def list_(args) -> int:
     for col in ("NAME", "TAG", "ARCHITECTURE", "PARAMETERS", "SIZE", "CREATED", "SOURCE RUN", "EVAL"):
         table.add_column(col, justify="right" if col in ("PARAMETERS", "SIZE", "EVAL") else "left")
     for m in models:
-        table.add_row(m.name, m.tag, m.architecture or m.model_type or "-", human_count(m.parameters),
-                      human_size(m.size), _when(m.created), m.source_run or "-", _score(m.eval_score))
+        table.add_row(cell(m.name), cell(m.tag), cell(m.architecture or m.model_type or "-"),
+                      human_count(m.parameters), human_size(m.size), _when(m.created), cell(m.source_run or "-"),
+                      _score(m.eval_score))
     # Piped output (grep, a test's capture) would otherwise be wrapped at rich's 80-column default.
     Console(width=None if sys.stdout.isatty() else 200).print(table)
     return 0
@@ -116,12 +135,12 @@ def show(args) -> int:
         "created": _when(m.created), "source_run": m.source_run or "-", "eval_score": _score(m.eval_score),
     }
     for key, value in fields.items():
-        print(f"{key:>14}: {value}")
-    if m.metadata:
+        print(f"{key:>14}: {plain(value)}")
+    if m.metadata:  # json.dumps escapes control characters itself (ensure_ascii)
         print(f"{'metadata':>14}: {json.dumps(m.metadata, sort_keys=True)}")
     print(f"{'files':>14}:")
     for f in m.files:
-        print(f"    {f.path:<32} {human_size(f.size):>10}  sha256:{f.digest[:12]}")
+        print(f"    {plain(f.path):<32} {human_size(f.size):>10}  sha256:{f.digest[:12]}")
     return 0
 
 

@@ -45,7 +45,13 @@ class ModelServer:
     async def __init__(self, config: dict[str, Any]):
         from qiusuo.serve import create_app
 
+        from qiusuo.registry import lease_materialized
+
         self.config = DeployConfig(**config)
+        # held for the replica's life (released by the kernel when it dies): `qiusuo models rm`
+        # of the model under it is refused, naming this deployment
+        self._lease = lease_materialized(self.config.model, self.config.model_path,
+                                         f"deployment {self.config.app_name} (Ray Serve replica)")
         engine = await asyncio.to_thread(load_engine, self.config)
         self.server_app = create_app(engine, served_model_name=self.config.served_model_name,
                               **self.config.server_options)

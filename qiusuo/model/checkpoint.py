@@ -190,12 +190,33 @@ def _replace_dir(tmp: Path, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- load
+def index_shard_files(path: Path) -> list[str]:
+    """The shard files named by `path`'s model.safetensors.index.json, each checked to stay inside
+    `path`: the index is untrusted input, and an absolute path, a `..` or a symlink leading out
+    would make loading read any file the process can (ValueError naming the entry)."""
+    try:
+        weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path / INDEX_NAME} is not a valid index (needs a weight_map object): {e}") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{path / INDEX_NAME}: weight_map must be an object of tensor name -> shard file")
+    root = path.resolve()
+    files = sorted(set(weight_map.values()) if all(isinstance(v, str) for v in weight_map.values()) else [None])
+    for fname in files:
+        rel = Path(fname) if isinstance(fname, str) else None
+        if rel is None or not fname or rel.is_absolute() or ".." in rel.parts or "\\" in fname \
+                or not (path / rel).resolve().is_relative_to(root):
+            raise ValueError(f"{path / INDEX_NAME}: weight_map entry {fname!r} is not a file inside the checkpoint "
+                             "directory (absolute paths, '..' and links leading out are refused)")
+    return files
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory (single file or sharded); clear errors when corrupt."""
     path = Path(path)
     index = path / INDEX_NAME
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = index_shard_files(path)
     elif (path / WEIGHTS_NAME).exists():
         files = [WEIGHTS_NAME]
     else:

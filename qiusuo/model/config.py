@@ -4,12 +4,19 @@ A config.json written by transformers for Qwen2, Llama or DeepseekV3 maps onto
 `ModelConfig` one to one; `to_hf_dict` writes one transformers can read back.
 Fields transformers does not know (the balancing speed, the MTP loss weight)
 are written too: transformers ignores unknown keys.
+
+A config.json is untrusted input (a downloaded or hand-edited checkpoint): every field is
+type-checked (bool is not an int; a float field takes an int) and range-checked, with upper
+bounds far above any released model, before anything is allocated, and the error names the
+field. `num_hidden_layers=100000` or `hidden_size=0` is a ValueError, not an OOM or a crash
+deep inside torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,44 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
 }
+
+
+# Upper bounds: generous (DeepSeek-V3 has 61 layers, 7168 hidden, 256 experts; vocabularies reach
+# ~256k), low enough that a typo cannot ask for terabytes.
+_BOUNDS = {
+    "vocab_size": (1, 1 << 22), "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 20),
+    "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024),
+    "head_dim": (2, 4096), "max_position_embeddings": (1, 1 << 24), "q_lora_rank": (0, 1 << 16),
+    "kv_lora_rank": (1, 1 << 16), "qk_nope_head_dim": (1, 4096), "qk_rope_head_dim": (2, 4096),
+    "v_head_dim": (1, 4096), "n_routed_experts": (1, 4096), "n_shared_experts": (0, 64),
+    "moe_intermediate_size": (1, 1 << 20), "num_experts_per_tok": (1, 4096), "n_group": (1, 4096),
+    "topk_group": (1, 4096), "first_k_dense_replace": (0, 1024), "num_nextn_predict_layers": (0, 16),
+}
+_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta", "initializer_range")
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "dict": "an object", "None": "null", "list[int]": "a list of integers"}
+
+
+def _check_types(cfg: "ModelConfig") -> None:
+    """Each field against its annotation (`int | None` etc.), exactly: JSON `true` is not 1."""
+    for f in dataclasses.fields(cfg):
+        value, allowed = getattr(cfg, f.name), f.type
+        options = [a.strip() for a in allowed.split("|")] if isinstance(allowed, str) else [allowed]
+        ok = False
+        for option in options:
+            if option == "None" and value is None:
+                ok = True
+            elif option == "int" and type(value) is int:
+                ok = True
+            elif option == "float" and type(value) in (int, float) and math.isfinite(value):
+                ok = True
+            elif option in ("bool", "str", "dict") and type(value) is {"bool": bool, "str": str, "dict": dict}[option]:
+                ok = True
+            elif option == "list[int]" and type(value) is list and all(type(v) is int for v in value):
+                ok = True
+        if not ok:
+            wanted = " or ".join(_TYPE_WORDS.get(str(o), str(o)) for o in options)
+            raise ValueError(f"config field {f.name}={value!r:.60} must be {wanted}")
 
 
 @dataclass
@@ -71,6 +116,14 @@ class ModelConfig:
     mtp_loss_weight: float = 0.3  # lambda of the MTP loss
 
     def __post_init__(self):
+        _check_types(self)
+        for name, (low, high) in _BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"config field {name}={value} must be in [{low}, {high}]")
+        for name in _POSITIVE_FLOATS:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"config field {name}={getattr(self, name)} must be positive")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(
                 f"model_type={self.model_type!r} is not supported; use one of {', '.join(MODEL_TYPES)}"
@@ -157,9 +210,13 @@ class ModelConfig:
     # ------------------------------------------------------------------ I/O
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a model config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         # transformers 5.x writes rope_parameters instead of rope_theta / rope_scaling.
         rope = d.pop("rope_parameters", None)
+        if rope is not None and not isinstance(rope, dict):
+            raise ValueError(f"config field rope_parameters must be an object, got {rope!r:.60}")
         if rope:
             d.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
             if rope.get("rope_type", "default") != "default":
@@ -175,7 +232,12 @@ class ModelConfig:
             d = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json transformers reads (legacy rope keys for 4.x compatibility)."""

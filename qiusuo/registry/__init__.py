@@ -1,7 +1,8 @@
 """The model registry: checkpoints stored by name under `QIUSUO_HOME`, as Ollama stores models.
 
 `resolve_model` is what every `--model` option calls: a checkpoint directory is used as is, a
-registry name is materialized. Only the standard library is imported here (no torch), so
+registry name is materialized and leased for the life of the process (so `models rm` refuses
+to delete a directory a running server or deployment loads from). Only the standard library is imported here (no torch), so
 commands that merely resolve a name stay fast.
 """
 
@@ -12,14 +13,16 @@ from pathlib import Path
 
 from .checkpoint_info import count_parameters, inspect_checkpoint, safetensors_header
 from .registry import (
-    DEFAULT_TAG, CorruptBlobError, FileEntry, ModelInfo, Registry, RegistryError, UnknownModelError,
+    DEFAULT_TAG, CorruptBlobError, FileEntry, Lease, ModelInfo, Registry, RegistryError, UnknownModelError,
     default_home, parse_name,
 )
 
+_leases: dict[tuple[str, str], Lease] = {}  # held until the process exits
+
 __all__ = [
-    "DEFAULT_TAG", "CorruptBlobError", "FileEntry", "ModelInfo", "Registry", "RegistryError",
+    "DEFAULT_TAG", "CorruptBlobError", "FileEntry", "Lease", "ModelInfo", "Registry", "RegistryError",
     "UnknownModelError", "count_parameters", "default_home", "inspect_checkpoint", "parse_name",
-    "resolve_model", "safetensors_header",
+    "lease_materialized", "resolve_model", "safetensors_header",
 ]
 
 
@@ -40,9 +43,35 @@ def resolve_model(name_or_path: str | os.PathLike, *, home: str | os.PathLike | 
         raise ValueError(f"{ref!r} is neither a checkpoint directory (with config.json) nor a registry "
                          f"model name; {registry.known_models_hint()}") from None
     try:
-        return registry.materialize(ref)
+        registry.show(ref)  # unknown names fail before a lease file is made for them
+        key = (str(registry.home), ":".join(parse_name(ref)))
+        fresh = key not in _leases
+        if fresh:
+            _leases[key] = registry.lease(ref)  # before materializing: a remove cannot slip in between
+        try:
+            return registry.materialize(ref)
+        except BaseException:
+            if fresh:
+                _leases.pop(key).release()
+            raise
     except UnknownModelError as e:
         if path.is_dir():
             raise ValueError(f"{path} is a directory but not a checkpoint (no config.json), "
                              f"and not a registry name: {e}") from None
         raise
+
+
+def lease_materialized(ref: str, path: str | os.PathLike, holder: str) -> Lease | None:
+    """A lease on registry model `ref` when `path` is its materialized directory (for processes
+    that receive the path, not the name: a deployment's replicas), else None. While held, `models
+    rm`/`tag`/re-import of `ref` are refused naming `holder`."""
+    path = Path(path)
+    if path.parent.name != "models":
+        return None
+    registry = Registry(path.parent.parent)
+    try:
+        if registry.materialized_path(ref) != path:
+            return None
+    except RegistryError:
+        return None  # not a registry name: a plain checkpoint directory
+    return registry.lease(ref, holder=holder)

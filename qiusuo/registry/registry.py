@@ -7,16 +7,28 @@ never bytes; removing a model deletes the blobs no other model uses. Layout unde
     registry.db                  SQLite index (models, files, pending imports)
     blobs/sha256-<hex>           one file per distinct content, read-only
     models/<name>@<tag>/         a materialized checkpoint: hard links to (or copies of) blobs
+    leases/<name>@<tag>/lock     held (flock, shared) by every process using that directory
+    leases/<name>@<tag>/holder-* who holds it: pid and command line, for the refusal message
 
 `@` cannot occur in a name, so `a/b@latest` and `a@b` never share a directory (`<name>/<tag>`
 would put model `a:b` and model `a/b` in the same place).
+
+Safety: `QIUSUO_HOME` is created 0700 (checkpoints and their metadata are the user's). Import
+reads only files inside the checkpoint directory: a symlink is followed only when its target is
+inside it (or, for a Hugging Face cache snapshot, inside that repository's `blobs/`); anything
+else is refused naming the link. `resolve_model` takes a lease on the directory it returns for
+the life of the process; `rm`, `tag` onto and re-import of a model whose directory is leased are
+refused with the holders' command lines (a crashed holder's flock dies with it, so there is no
+stale refcount to clean).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import sys
 import shutil
 import tempfile
 import time
@@ -92,17 +104,42 @@ def default_home() -> Path:
     return Path(os.environ.get("QIUSUO_HOME") or "~/.qiusuo").expanduser()
 
 
+def _allowed_roots(path: Path) -> list[Path]:
+    """Where symlinks under `path` may lead: inside it, and for a Hugging Face cache snapshot
+    (`models--org--name/snapshots/<rev>/`) into that repository's own `blobs/`."""
+    root = path.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir() \
+            and root.parent.parent.name.startswith(("models--", "datasets--")):
+        roots.append((root.parent.parent / "blobs").resolve())
+    return roots
+
+
 def _checkpoint_files(path: Path) -> list[tuple[str, Path]]:
     """(relative '/'-path, file) for every file under `path`; hidden files and folders skipped
-    (editor swap files, `.git`, save_model's temporaries). Symlinked files are followed, so an
-    HF-cache snapshot (symlinks into its own blob store) imports its content."""
+    (editor swap files, `.git`, save_model's temporaries). Symlinks are followed only into the
+    allowed roots (see `_allowed_roots`); one leading elsewhere is a RegistryError, never read."""
+    roots = _allowed_roots(path)
     out = []
-    for p in sorted(path.rglob("*")):
-        rel = p.relative_to(path)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-            continue
-        out.append((rel.as_posix(), p))
-    return out
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in list(dirnames):
+            if (here / name).is_symlink():
+                raise RegistryError(f"{here / name} is a symlinked directory; import copies regular files only "
+                                    "(replace the link with the directory's content)")
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            p = here / name
+            if p.is_symlink():
+                target = p.resolve()
+                if not any(target.is_relative_to(r) for r in roots):
+                    raise RegistryError(f"{p} is a symlink to {target}, outside the checkpoint directory; "
+                                        "refusing to import it (copy the file in if it belongs to the model)")
+            if p.is_file():
+                out.append((p.relative_to(path).as_posix(), p))
+    return sorted(out)
 
 
 class Registry:
@@ -117,7 +154,7 @@ class Registry:
 
     # ------------------------------------------------------------------ reading
     def _connect(self):
-        self.home.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.home)
         return index.opened(self.db_path)
 
     def list(self) -> list[ModelInfo]:
@@ -177,40 +214,42 @@ class Registry:
         token = uuid.uuid4().hex
         staged: list[tuple[str, Path, str, int]] = []  # (rel path, temporary, digest, size)
         digests: set[str] = set()
-        try:
-            for rel, p in files:
-                tmp, digest, size = self.blobs.stage(p)
-                staged.append((rel, tmp, digest, size))
-                digests.add(digest)
-            with self._connect() as conn:
-                # Announce the digests before they become blobs, so a concurrent remove's garbage
-                # collection cannot delete one between our rename and our commit (see index.py).
-                index.add_pending(conn, token, sorted(digests))
-                for _, tmp, digest, _ in staged:
-                    self.blobs.commit(tmp, digest)
-                with index.transaction(conn):
-                    released = self._delete_row(conn, name, tag)
-                    cur = conn.execute(
-                        "INSERT INTO models (name, tag, created, architecture, model_type, parameters, size,"
-                        " source_run, eval_score, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (name, tag, time.time(), info["architecture"], info["model_type"], info["parameters"],
-                         sum(s for *_, s in staged),
-                         source_run if source_run is not None else info["source_run"],
-                         eval_score if eval_score is not None else info["eval_score"], meta_json))
-                    conn.executemany("INSERT INTO files (model_id, path, digest, size) VALUES (?, ?, ?, ?)",
-                                     [(cur.lastrowid, rel, d, s) for rel, _, d, s in staged])
-                    index.drop_pending(conn, token)
-                self._collect(conn, released)
-        except BaseException:
-            for _, tmp, _, _ in staged:
-                tmp.unlink(missing_ok=True)
-            if self.db_path.exists():
+        # the exclusive lease is held until the old directory is gone: no server can start on it meanwhile
+        with self._unused(name, tag, "re-import"):
+            try:
+                for rel, p in files:
+                    tmp, digest, size = self.blobs.stage(p)
+                    staged.append((rel, tmp, digest, size))
+                    digests.add(digest)
                 with self._connect() as conn:
+                    # Announce the digests before they become blobs, so a concurrent remove's garbage
+                    # collection cannot delete one between our rename and our commit (see index.py).
+                    index.add_pending(conn, token, sorted(digests))
+                    for _, tmp, digest, _ in staged:
+                        self.blobs.commit(tmp, digest)
                     with index.transaction(conn):
+                        released = self._delete_row(conn, name, tag)
+                        cur = conn.execute(
+                            "INSERT INTO models (name, tag, created, architecture, model_type, parameters, size,"
+                            " source_run, eval_score, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (name, tag, time.time(), info["architecture"], info["model_type"], info["parameters"],
+                             sum(s for *_, s in staged),
+                             source_run if source_run is not None else info["source_run"],
+                             eval_score if eval_score is not None else info["eval_score"], meta_json))
+                        conn.executemany("INSERT INTO files (model_id, path, digest, size) VALUES (?, ?, ?, ?)",
+                                         [(cur.lastrowid, rel, d, s) for rel, _, d, s in staged])
                         index.drop_pending(conn, token)
-                    self._collect(conn, digests)
-            raise
-        self._drop_materialized(name, tag)
+                    self._collect(conn, released)
+            except BaseException:
+                for _, tmp, _, _ in staged:
+                    tmp.unlink(missing_ok=True)
+                if self.db_path.exists():
+                    with self._connect() as conn:
+                        with index.transaction(conn):
+                            index.drop_pending(conn, token)
+                        self._collect(conn, digests)
+                raise
+            self._drop_materialized(name, tag)
         return self.show(f"{name}:{tag}")
 
     def tag(self, src: str, dst: str) -> ModelInfo:
@@ -219,7 +258,7 @@ class Registry:
         name, tag = parse_name(dst)
         if (name, tag) == (src_info.name, src_info.tag):
             return src_info
-        with self._connect() as conn:
+        with self._unused(name, tag, "replace"), self._connect() as conn:
             with index.transaction(conn):
                 row = conn.execute("SELECT id FROM models WHERE name = ? AND tag = ?",
                                    (src_info.name, src_info.tag)).fetchone()
@@ -233,21 +272,22 @@ class Registry:
                 conn.execute("INSERT INTO files (model_id, path, digest, size) SELECT ?, path, digest, size"
                              " FROM files WHERE model_id = ?", (cur.lastrowid, row["id"]))
             self._collect(conn, released)
-        self._drop_materialized(name, tag)
+            self._drop_materialized(name, tag)
         return self.show(f"{name}:{tag}")
 
     def remove(self, ref: str) -> None:
-        """Delete NAME[:TAG] and every blob no other model uses."""
+        """Delete NAME[:TAG] and every blob no other model uses (refused while a process that
+        resolved it is running: see `lease`)."""
         name, tag = parse_name(ref)
         if not self.db_path.exists():
             raise self._unknown(f"{name}:{tag}")
-        with self._connect() as conn:
+        with self._unused(name, tag, "remove"), self._connect() as conn:
             with index.transaction(conn):
                 released = self._delete_row(conn, name, tag)
             if released is None:
                 raise self._unknown(f"{name}:{tag}")
             self._collect(conn, released)
-        self._drop_materialized(name, tag)
+            self._drop_materialized(name, tag)
 
     def set_eval_score(self, ref: str, score: float | None) -> ModelInfo:
         name, tag = parse_name(ref)
@@ -354,3 +394,95 @@ class Registry:
 
     def _drop_materialized(self, name: str, tag: str) -> None:
         shutil.rmtree(self.materialized_path(f"{name}:{tag}"), ignore_errors=True)
+
+    # ------------------------------------------------------------------ leases
+    def _lease_dir(self, name: str, tag: str) -> Path:
+        """leases/<name>@<tag>/ ('/' in a name as '%', which cannot occur in one), created 0700."""
+        make_private_dir(self.home)
+        (self.home / "leases").mkdir(mode=0o700, exist_ok=True)
+        d = self.home / "leases" / f"{name.replace('/', '%')}@{tag}"
+        d.mkdir(mode=0o700, exist_ok=True)
+        return d
+
+    def lease(self, ref: str, holder: str | None = None) -> "Lease":
+        """Mark NAME[:TAG]'s materialized directory as in use until `Lease.release()` (or this
+        process exits): rm, tag onto and re-import of it are refused meanwhile. `holder` names
+        the user in the refusal (default: this process's command line)."""
+        name, tag = parse_name(ref)
+        d = self._lease_dir(name, tag)
+        fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a remove holds it exclusively
+        note = d / f"holder-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        description = holder or " ".join(sys.argv)[:300] or "python"
+        note.write_text(json.dumps({"pid": os.getpid(), "holder": description, "since": time.time()}))
+        return Lease(fd, note)
+
+    def holders(self, ref: str) -> list[str]:
+        """Who holds a lease on NAME[:TAG] ('pid N: command line'), from the notes of live leases."""
+        name, tag = parse_name(ref)
+        out = []
+        for note in sorted(self._lease_dir(name, tag).glob("holder-*")):
+            try:
+                info = json.loads(note.read_text())
+                os.kill(int(info["pid"]), 0)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a note of a process that died: its flock went with it
+            out.append(f"pid {info['pid']}: {str(info['holder'])[:200]}")
+        return out
+
+    def _unused(self, name: str, tag: str, action: str):
+        """A context in which NAME:TAG's directory is ours to delete: RegistryError naming the
+        holders when a lease exists. Writers queue on `write` (short waits: imports, tags,
+        removes of the same name), then take the lease lock exclusively without waiting, which
+        fails exactly when a lease (a shared lock) is held."""
+        registry = self
+
+        class _Exclusive:
+            def __enter__(self):
+                d = registry._lease_dir(name, tag)
+                self.queue = os.open(d / "write", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(self.queue, fcntl.LOCK_EX)
+                self.fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    self.__exit__()
+                    holders = registry.holders(f"{name}:{tag}") or ["a process that did not say who it is"]
+                    raise RegistryError(
+                        f"cannot {action} {name}:{tag}: its directory {registry.materialized_path(f'{name}:{tag}')} "
+                        f"is in use by {'; '.join(holders)}. Stop that server/deployment first, or import "
+                        "under a new tag") from None
+                for note in d.glob("holder-*"):
+                    note.unlink(missing_ok=True)  # notes of holders that died (no lease is held)
+                return self
+
+            def __exit__(self, *exc):
+                os.close(self.fd)  # releases the flocks
+                os.close(self.queue)
+                return False
+
+        return _Exclusive()
+
+
+class Lease:
+    """A held lease (see Registry.lease); released by `release()` or at process exit."""
+
+    def __init__(self, fd: int, note: Path):
+        self.fd, self.note = fd, note
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.note.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+def make_private_dir(path: Path) -> None:
+    """Create `path` (and parents) with the last component 0700 when we create it; an existing
+    directory is left as the user set it."""
+    if path.exists() and not path.is_dir():
+        raise RegistryError(f"the registry home {path} is not a directory; point QIUSUO_HOME at a directory "
+                            "(it is created, mode 0700, if missing)")
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)  # mkdir's mode is masked by the umask

@@ -7,9 +7,18 @@
     RUN/final/                     the trained model, HF layout, with qiusuo.json metadata
 
 No pickles: the optimizer state and torch RNG state are tensors in safetensors; the rest is JSON.
-A checkpoint is written to a hidden temporary directory and renamed into place, so a directory
-named step-N is always complete. Data position needs no state: every stage derives step s's
-batch (and its sampling seeds) from (seed, s) alone, so restoring the step restores the data.
+Data position needs no state: every stage derives step s's batch (and its sampling seeds) from
+(seed, s) alone, so restoring the step restores the data.
+
+Crash safety (a kill -9 or power loss at any instant leaves a usable run):
+- a checkpoint is written to `.step-N.tmp-<pid>`, every file and the directory are fsync'ed, and
+  only then is it renamed to `step-N` (and the parent directory fsync'ed), so a directory named
+  step-N is complete on disk, not only in the page cache;
+- re-saving an existing step moves the old one aside to `.step-N.old-<pid>` first and deletes it
+  only after the new one is in place: there is no instant with zero copies of that step;
+- `list_checkpoints` (called at start-up, resume included) first recovers what a killed save
+  left: temporaries of dead processes are deleted, and a moved-aside old copy whose step-N never
+  arrived is moved back.
 """
 
 from __future__ import annotations
@@ -33,11 +42,67 @@ def checkpoint_dir(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step-{step:06d}"
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers are from a save that raised: not in progress
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def recover_interrupted_saves(run: Path) -> None:
+    """Delete temporaries of killed saves; restore a moved-aside step whose replacement never
+    arrived. Leaves alone the temporaries of saves still running in other processes."""
+    root = run / "checkpoints"
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        name, sep, pid = p.name.rpartition("-")
+        if not (p.name.startswith(".step-") and sep and pid.isdigit()) or _pid_alive(int(pid)):
+            continue
+        step_name, _, kind = name[1:].rpartition(".")
+        final = root / step_name
+        if kind == "old" and not final.exists() and (p / STATE_FILE).is_file():
+            os.replace(p, final)  # the re-save died between moving the old copy aside and renaming
+            _fsync_dir(root)
+        elif kind in ("old", "tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file under `path`, then every directory (deepest first), so that a later
+    rename publishes content that is on disk."""
+    dirs = []
+    for dirpath, _, filenames in os.walk(path):
+        dirs.append(dirpath)
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in reversed(dirs):
+        _fsync_dir(Path(d))
+
+
 def list_checkpoints(run: Path) -> list[Path]:
-    """Complete step checkpoints of a run, oldest first."""
+    """Complete step checkpoints of a run, oldest first (after `recover_interrupted_saves`)."""
     root = run / "checkpoints"
     if not root.is_dir():
         return []
+    recover_interrupted_saves(run)
     found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
@@ -105,9 +170,14 @@ def save_checkpoint(run: Path, step: int, model, tokenizer, optimizer, extra: di
     save_file({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER_FILE)
     state = {"step": step, "param_groups": groups, "rng": rng_json, **extra}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+    _fsync_tree(tmp)
+    aside = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)  # not deleted yet: until the new copy is in place, this is the step
     os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
     for old in list_checkpoints(run)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -137,4 +207,5 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-__all__ = ["checkpoint_dir", "list_checkpoints", "save_checkpoint", "load_checkpoint", "truncate_metrics"]
+__all__ = ["checkpoint_dir", "list_checkpoints", "recover_interrupted_saves", "save_checkpoint", "load_checkpoint",
+           "truncate_metrics"]

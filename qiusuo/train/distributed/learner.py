@@ -20,7 +20,9 @@ process group at all.
 from __future__ import annotations
 
 import math
+import os
 import socket
+import tempfile
 
 import torch
 
@@ -94,20 +96,32 @@ class Learner:
         # policy, as in the single process.
         self.update = PolicyUpdate(cfg, self.trainer, rank, world)
 
-    def rendezvous(self) -> str:
-        """host:port for torch.distributed's TCP store (called on rank 0)."""
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def rendezvous(self, single_node: bool) -> str:
+        """init_method of torch.distributed's store (called on rank 0). torch's TCPStore listens
+        on every interface, whatever host it is given, and has no authentication: on one node
+        a FileStore in a fresh 0700 directory is used instead, so nothing listens at all. Across
+        nodes the TCP store is unavoidable; README's Ray section gives the firewall rule."""
+        if single_node:
+            return f"file://{tempfile.mkdtemp(prefix='qiusuo-store-')}/store"
         import ray
 
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
-        return f"{ray.util.get_node_ip_address()}:{port}"
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
-    def join(self, address: str) -> None:
+    def join(self, init_method: str) -> None:
         import torch.distributed as dist
 
         backend = "nccl" if self.cfg.device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{address}", rank=self.rank, world_size=self.world)
+        if init_method.startswith("file://"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets on loopback too
+        dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world)
 
     def train_on(self, batch, lr: float) -> dict[str, float]:
         """One GRPO update on `batch` (the whole step's Rollouts; this rank trains on its slices)."""
@@ -155,8 +169,9 @@ class LearnerGroup:
         remote = ray.remote(Learner).options(**resources, max_restarts=0)
         self.actors = [remote.remote(cfg, model_config, tokenizer, init_weights_ref, r, M) for r in range(M)]
         if M > 1:
-            address = ray.get(self.actors[0].rendezvous.remote())
-            ray.get([a.join.remote(address) for a in self.actors])
+            single_node = len(set(ray.get([a.node.remote() for a in self.actors]))) == 1
+            init_method = ray.get(self.actors[0].rendezvous.remote(single_node))
+            ray.get([a.join.remote(init_method) for a in self.actors])
 
     def load_state(self, weights, tensors, groups) -> None:
         refs = [self.ray.put(x) for x in (weights, tensors, groups)]
