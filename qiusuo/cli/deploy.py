@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
+
+from .serve import add_api_key_flags, api_key
 
 
 def _default(name: str):
@@ -58,10 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--kv-cache-bytes", type=int, default=None)
-    g.add_argument("--api-key", default=os.environ.get("QIUSUO_API_KEY"),
-                   help="require `Authorization: Bearer KEY` (env QIUSUO_API_KEY)")
+    add_api_key_flags(g)
     g.add_argument("--max-queue", type=int, default=None, help="requests waiting for a first token per replica")
     g.add_argument("--max-tokens-cap", type=int, default=None)
+    g.add_argument("--max-output-budget", type=int, default=None,
+                   help="per request, n x max_tokens x (1 + top_logprobs); over it, 400")
     g.add_argument("--thinking-budget", type=int, default=None)
     g = p.add_argument_group("local Ray head (first deploy only)")
     g.add_argument("--ray-num-cpus", type=float, default=None, help="CPUs Ray may hand out (default: all)")
@@ -91,7 +93,8 @@ def deploy(args) -> int:
     from qiusuo.deploy.manager import deploy as run_deploy
 
     path = resolve_model(verb := args.words[0])  # unknown names fail here, listing the known ones
-    server = {k: v for k, v in dict(api_key=args.api_key, max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
+    server = {k: v for k, v in dict(api_key=api_key(args), max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
+                                    max_output_budget=args.max_output_budget,
                                     default_thinking_budget=args.thinking_budget).items() if v is not None}
     engine = {k: v for k, v in dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                                     kv_cache_bytes=args.kv_cache_bytes).items() if v is not None}
