@@ -173,3 +173,24 @@ def test_stalled_reader_holds_one_merged_delta():
     assert len(outs) == 1 and outs[0].finished and len(outs[0].outputs[0].token_ids) == 1000
     assert outs[0].outputs[0].delta_token_ids == outs[0].outputs[0].token_ids
     assert grown < 1 << 20, f"{grown} bytes held for 1000 tokens"
+
+
+# ---------------------------------------------------------------------- a prompt too long to tokenize
+def test_overlong_text_is_refused_before_tokenizing(server, monkeypatch):
+    """768k characters: tokenizing them held the GIL for 6 s (every other request waited) only to
+    answer 400 context_length_exceeded. A token covers at most `max_token_chars` characters, so a
+    longer text cannot fit: it is refused before the tokenizer sees it."""
+    tok = server.engine.tokenizer
+    seen: list[int] = []
+    real_encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text, *a, **kw: (seen.append(len(text)), real_encode(text, *a, **kw))[1])
+    text = "ab " * (1 << 18)
+    e = error(post(server, "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": text}],
+                                                    "max_tokens": 2}), 400)
+    assert e["code"] == "context_length_exceeded" and e["param"] == "messages"
+    e = error(post(server, "/v1/completions", {"model": NAME, "prompt": ["hi", text], "max_tokens": 2}), 400)
+    assert e["code"] == "context_length_exceeded" and e["param"] == "prompt"
+    assert seen == [], f"the tokenizer was given {seen} characters"
+    # a prompt that fits is still served
+    assert post(server, "/v1/completions", {"model": NAME, "prompt": "ab " * 50, "max_tokens": 2}).status_code == 200
+    assert seen and max(seen) < 1000

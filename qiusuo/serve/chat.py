@@ -16,8 +16,8 @@ from starlette.requests import Request
 
 from .protocol import ChatCompletionRequest, OpenAIError
 from .reasoning import REASONING, ReasoningSplitter, split_final
-from .serving import (EngineRequest, ServerState, chat_logprobs, new_id, resolve_max_tokens, sampling_params, sse,
-                      start_all, unless_disconnected, usage)
+from .serving import (EngineRequest, ServerState, chat_logprobs, check_text_fits, new_id, resolve_max_tokens,
+                      sampling_params, sse, start_all, unless_disconnected, usage)
 from .streaming import AbortingStreamingResponse
 
 _RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tokenize", "chat_template"}
@@ -41,6 +41,7 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
         text = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
     except ValueError as e:
         raise OpenAIError(400, f"The messages could not be rendered: {e}", param="messages") from None
+    check_text_fits(state, text, "messages")
     return state.tokenizer.encode(text, add_special_tokens=False)  # the template has the bos
 
 

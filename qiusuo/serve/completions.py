@@ -15,8 +15,8 @@ from starlette.requests import Request
 
 from .protocol import CompletionRequest, OpenAIError
 from .reasoning import count_reasoning
-from .serving import (EngineRequest, ServerState, check_prompt_ids, completion_logprobs, merge, new_id,
-                      resolve_max_tokens, sampling_params, sse, start_all, unless_disconnected, usage)
+from .serving import (EngineRequest, ServerState, check_prompt_ids, check_text_fits, completion_logprobs, merge,
+                      new_id, resolve_max_tokens, sampling_params, sse, start_all, unless_disconnected, usage)
 from .streaming import AbortingStreamingResponse
 
 
@@ -32,6 +32,9 @@ def prompts_ids(state: ServerState, prompt: Any, n: int) -> list[list[int]]:
         prompt = [prompt]
     if len(prompt) * n > state.config.max_queue:
         state.admit(len(prompt) * n)  # raises the 400 that names the limit
+    for p in prompt:
+        if isinstance(p, str):
+            check_text_fits(state, p, "prompt")
     out = []
     for p in prompt:
         ids = state.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
