@@ -225,6 +225,22 @@ def test_load_error_is_reported():
         assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
 
 
+def test_step_messages_larger_than_the_pipe_buffer():
+    """n=64 with top_logprobs=20: one engine step's message is larger than a pipe's 64 KiB. Before: under
+    uvloop (uvicorn's default loop) the pipe was non-blocking, `recv_bytes` stopped half-way through a
+    message, the API process took that for the engine's death and failed the request (the 152-byte
+    request of the hostile bench killed the engine this way)."""
+    with serve(functools.partial(load_tiny, 2048), max_output_budget=1 << 20) as srv:
+        wait_until(lambda: health(srv.url) == 200)
+        assert srv.server.config.loop in ("auto", "uvloop")
+        body = {"model": NAME, "messages": MSG, "n": 64, "logprobs": True, "top_logprobs": 20, "max_tokens": 100,
+                "ignore_eos": True}
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=600)
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["usage"]["completion_tokens"] == 6400
+        assert metric(srv.url, "qiusuo:engine_restarts_total") == 0
+
+
 def metric(url: str, name: str) -> float:
     for line in httpx.get(url + "/metrics").text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import pickle
 import queue
 import threading
@@ -312,6 +313,10 @@ class MPClient(EngineCoreClient):
         cmd_read.close()  # only the child holds these ends: its exit is our EOF, ours is its EOF
         out_write.close()
         self._loop.add_reader(self._out.fileno(), self._on_readable, self._out, self.process)
+        # uvloop (libuv) makes a watched fd non-blocking; `recv_bytes` would then stop half-way through a
+        # message larger than the pipe (64 KiB: one step of n=64 with top_logprobs=20) and raise. We read
+        # only when a message has begun, and the child writes it whole: blocking for the rest is short.
+        os.set_blocking(self._out.fileno(), True)
 
     def _send(self, cmd: Any) -> None:
         self._cmd.send_bytes(pickle.dumps(cmd, protocol=PROTOCOL))
@@ -345,6 +350,10 @@ class MPClient(EngineCoreClient):
         self._loop.remove_reader(out.fileno())
         out.close()
         process.join(5)
+        if process.is_alive():  # its pipe broke but it runs: never leave it behind a new one
+            log.error("the engine process's pipe closed while it runs; killing it")
+            process.kill()
+            process.join(5)
         self._on_core_exit(f"process exited (exit code {process.exitcode})")
 
     def close(self, timeout: float = 30.0) -> None:
