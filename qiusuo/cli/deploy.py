@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 
 from .serve import add_api_key_flags, api_key
 
@@ -90,6 +91,7 @@ def run(args) -> int:
 def deploy(args) -> int:
     from qiusuo.cli.common import resolve_model
     from qiusuo.deploy.config import DeployConfig
+    from qiusuo.deploy.manager import ModelLoadError
     from qiusuo.deploy.manager import deploy as run_deploy
 
     path = resolve_model(verb := args.words[0])  # unknown names fail here, listing the known ones
@@ -108,8 +110,12 @@ def deploy(args) -> int:
         dtype=args.dtype, server_options=server, engine_options=engine,
     )  # fmt: skip
     print(f"deploying {verb} ({path}) as application {config.app_name} ...", flush=True)
-    info = run_deploy(config, port=args.port, address=args.address, num_cpus=args.ray_num_cpus,
-                      object_store_mb=args.object_store_mb)
+    try:
+        info = run_deploy(config, port=args.port, address=args.address, num_cpus=args.ray_num_cpus,
+                          object_store_mb=args.object_store_mb)
+    except ModelLoadError as e:  # exit 1 with the load error, as `qiusuo serve`
+        print(f"qiusuo deploy: error: {e}", file=sys.stderr, flush=True)
+        return 1
     print(f"{info['model']} is served at {info['url']} (Ray {info['address']})\n"
           f"dashboard: {info['dashboard']}\nstop it with: qiusuo deploy stop {info['app']}")
     return 0
