@@ -381,3 +381,28 @@ def test_health_stays_public_under_a_route_prefix():
     assert asyncio.run(call("/health", "")) == []
     denied = asyncio.run(call("/tiny/v1/models", "/tiny"))
     assert denied[0]["status"] == 401
+
+
+def test_engine_thread_failure_fails_requests_in_flight():
+    """An engine bug on the thread transport: the request in flight ends with an error event (it does
+    not hang), /health says error, new requests get 503 (the engine object is not reused)."""
+    engine = make_engine(256)
+    real_step, calls = engine.step, [0]
+
+    def failing_step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > 10:
+            raise RuntimeError("boom in step")
+        return real_step(*args, **kwargs)
+
+    engine.step = failing_step
+    with ServerThread(create_app(engine, served_model_name=NAME)) as srv:
+        body = {"model": NAME, "messages": MSG, "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        assert "boom in step" in json.loads(lines[-2][len("data: "):])["error"]["message"]
+        h = httpx.get(srv.url + "/health")
+        assert h.status_code == 503 and "boom in step" in h.json()["message"]
+        r = post(srv, "/v1/chat/completions", json={"model": NAME, "messages": MSG, "max_tokens": 2})
+        assert r.status_code == 503 and "boom in step" in r.json()["error"]["message"]

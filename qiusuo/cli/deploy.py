@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
+import sys
+
+from .serve import add_api_key_flags, api_key
 
 
 def _default(name: str):
@@ -58,10 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--kv-cache-bytes", type=int, default=None)
-    g.add_argument("--api-key", default=os.environ.get("QIUSUO_API_KEY"),
-                   help="require `Authorization: Bearer KEY` (env QIUSUO_API_KEY)")
+    add_api_key_flags(g)
     g.add_argument("--max-queue", type=int, default=None, help="requests waiting for a first token per replica")
     g.add_argument("--max-tokens-cap", type=int, default=None)
+    g.add_argument("--max-output-budget", type=int, default=None,
+                   help="per request, n x max_tokens x (1 + top_logprobs); over it, 400")
     g.add_argument("--thinking-budget", type=int, default=None)
     g = p.add_argument_group("local Ray head (first deploy only)")
     g.add_argument("--ray-num-cpus", type=float, default=None, help="CPUs Ray may hand out (default: all)")
@@ -88,10 +91,12 @@ def run(args) -> int:
 def deploy(args) -> int:
     from qiusuo.registry import resolve_model
     from qiusuo.deploy.config import DeployConfig
+    from qiusuo.deploy.manager import ModelLoadError
     from qiusuo.deploy.manager import deploy as run_deploy
 
     path = resolve_model(verb := args.words[0])  # unknown names fail here, listing the known ones
-    server = {k: v for k, v in dict(api_key=args.api_key, max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
+    server = {k: v for k, v in dict(api_key=api_key(args), max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
+                                    max_output_budget=args.max_output_budget,
                                     default_thinking_budget=args.thinking_budget).items() if v is not None}
     engine = {k: v for k, v in dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                                     kv_cache_bytes=args.kv_cache_bytes).items() if v is not None}
@@ -105,8 +110,12 @@ def deploy(args) -> int:
         dtype=args.dtype, server_options=server, engine_options=engine,
     )  # fmt: skip
     print(f"deploying {verb} ({path}) as application {config.app_name} ...", flush=True)
-    info = run_deploy(config, port=args.port, address=args.address, num_cpus=args.ray_num_cpus,
-                      object_store_mb=args.object_store_mb)
+    try:
+        info = run_deploy(config, port=args.port, address=args.address, num_cpus=args.ray_num_cpus,
+                          object_store_mb=args.object_store_mb)
+    except ModelLoadError as e:  # exit 1 with the load error, as `qiusuo serve`
+        print(f"qiusuo deploy: error: {e}", file=sys.stderr, flush=True)
+        return 1
     print(f"{info['model']} is served at {info['url']} (Ray {info['address']})\n"
           f"dashboard: {info['dashboard']}\nstop it with: qiusuo deploy stop {info['app']}")
     return 0

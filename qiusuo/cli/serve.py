@@ -1,9 +1,15 @@
 """`qiusuo serve --model NAME_OR_DIR`: the OpenAI-compatible server (qiusuo.serve) on one checkpoint.
 
-The HTTP server starts at once and loads the model on a thread: /health answers 503 until it is
-ready (as llama.cpp's does), so an orchestrator can tell "loading" from "down". By default the
-engine steps in its own process (`--engine-process`, vLLM V1's engine core): the API process's
-event loop then never waits on the engine for the GIL (issue 6: served throughput at 32 streams).
+The HTTP server starts at once and loads the model in the background: /health answers 503 until
+it is ready (as llama.cpp's does), so an orchestrator can tell "loading" from "down". If the model
+cannot load, the error is printed and the command exits 1 (as vLLM's and llama.cpp's servers do).
+By default the engine steps in its own process (`--engine-process`, vLLM V1's engine core): the
+API process's event loop then never waits on the engine for the GIL. If that process dies later
+(killed, out of memory), requests in flight get an error, the server restarts it with a backoff
+(`qiusuo:engine_restarts_total` counts it) and answers 503 until it is back.
+
+The API key: `--api-key-file PATH` or the environment variable QIUSUO_API_KEY keep it out of `ps`;
+`--api-key KEY` works too but every user of the machine can read it there.
 """
 
 from __future__ import annotations
@@ -12,8 +18,38 @@ import argparse
 import dataclasses
 import functools
 import os
+import sys
 
 from .common import add_compile_flag, compile_setting
+
+API_KEY_ENV = "QIUSUO_API_KEY"
+
+
+def add_api_key_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health "
+                                                   "(visible in `ps`: prefer --api-key-file or env QIUSUO_API_KEY)")
+    p.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
+
+
+def api_key(args) -> str | None:
+    """--api-key, else --api-key-file's first line, else $QIUSUO_API_KEY, else None (no auth)."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    if args.api_key is not None:
+        key = args.api_key
+    elif args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except OSError as e:
+            raise ValueError(f"--api-key-file {args.api_key_file}: cannot read it ({e.strerror})") from None
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file}: its first line is empty; write the key there")
+    else:
+        key = os.environ.get(API_KEY_ENV) or None
+    if key is not None and (not key.isprintable() or any(c.isspace() for c in key)):
+        raise ValueError("the API key must be printable with no spaces (it is sent as `Authorization: Bearer KEY`)")
+    return key
 
 
 def _default(cls, name: str):
@@ -28,12 +64,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="registry name (NAME[:TAG]) or checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only; 0.0.0.0 to expose)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("QIUSUO_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on every route but /health (env QIUSUO_API_KEY)")
+    add_api_key_flags(p)
     p.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: --model)")
     p.add_argument("--max-queue", type=int, default=_default(ServerConfig, "max_queue"),
-                   help="requests that may wait for their first token; past it, 429 with Retry-After")
-    p.add_argument("--max-tokens-cap", type=int, default=None, help="upper bound on any request's max_tokens")
+                   help="sequences (n per prompt) that may wait for their first token; past it, 429 with "
+                        "Retry-After")
+    p.add_argument("--max-tokens-cap", type=int, default=None, help="upper bound on any request's max_tokens "
+                                                                     "(default: the model's context)")
+    p.add_argument("--max-output-budget", type=int, default=_default(ServerConfig, "max_output_budget"),
+                   help="per request, n x max_tokens x (1 + top_logprobs) summed over its prompts; over it, 400")
     p.add_argument("--thinking-budget", type=int, default=None,
                    help="default max reasoning tokens per request (a request's thinking_budget wins)")
     p.add_argument("--device", default="cpu")
@@ -54,6 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args) -> int:
     from qiusuo.registry import resolve_model
     from qiusuo.serve import create_app
+    from qiusuo.serve.outputs import EngineLoadError
     from qiusuo.serve.server import run as run_server
 
     engine_kwargs = {k: v for k, v in dict(num_threads=args.threads, max_model_len=args.max_model_len,
@@ -64,12 +104,18 @@ def run(args) -> int:
     # a partial of a module-level function pickles: the engine process calls it to build its engine
     load = functools.partial(load_engine, path, device=args.device, dtype=args.dtype, quantization=args.quantize,
                              **engine_kwargs)
+    key = api_key(args)
     app = create_app(load, served_model_name=args.served_model_name or args.model,
-                     engine_process=args.engine_process, api_key=args.api_key, max_queue=args.max_queue,
-                     max_tokens_cap=args.max_tokens_cap, default_thinking_budget=args.thinking_budget)
+                     engine_process=args.engine_process, api_key=key, max_queue=args.max_queue,
+                     max_tokens_cap=args.max_tokens_cap, max_output_budget=args.max_output_budget,
+                     default_thinking_budget=args.thinking_budget)
     print(f"serving {args.model} ({path}) on http://{args.host}:{args.port}/v1"
-          f"{' (API key required)' if args.api_key else ''}")
-    run_server(app, host=args.host, port=args.port, log_level=args.log_level)
+          f"{' (API key required)' if key else ''}", flush=True)
+    error = run_server(app, host=args.host, port=args.port, log_level=args.log_level)
+    if error is not None:  # the model could not load (or reload), or a thread engine failed
+        what = "could not be loaded" if isinstance(error, EngineLoadError) else "stopped serving"
+        print(f"qiusuo serve: error: the model {args.model} {what}: {error}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,6 +32,23 @@ from .config import DASHBOARD_APP, DASHBOARD_ROUTE, DeployConfig
 
 class DeployError(ValueError):
     """A user-facing deploy error (the CLI prints it and exits 2)."""
+
+
+class ModelLoadError(DeployError):
+    """The replicas could not load the model (their constructor failed): the application has been
+    deleted and the CLI exits 1, as `qiusuo serve` does when its model cannot load."""
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+
+
+def _load_error(text: str) -> str | None:
+    """The last `SomeError: message` line of a replica's traceback as Serve reports it, if any."""
+    for line in reversed(text.splitlines()):
+        m = _EXCEPTION_LINE.match(line)
+        if m and not m.group(1).startswith(("Ray", "RuntimeError")):
+            return f"{m.group(1)}: {m.group(2)}"
+    return None
 
 
 def state_path(home: str | os.PathLike | None = None) -> Path:
@@ -170,6 +188,11 @@ def deploy(config: DeployConfig, *, port: int | None = None, address: str | None
         app_status = serve.status().applications.get(config.app_name)
         details = [d.message for d in app_status.deployments.values() if d.message] if app_status else []
         serve.delete(config.app_name)  # a failed application would only hold its route
+        cause = _load_error("\n".join(details) or str(e))
+        if cause is not None:
+            raise ModelLoadError(f"the model {config.model} could not be loaded by its replicas: {cause} (deployment "
+                                 f"{config.app_name} removed; the full traceback is in Ray's serve logs, "
+                                 "/tmp/ray/session_latest/logs/serve/)") from None
         raise DeployError(f"deploying {config.model} failed: {e}\n" + "\n".join(details)) from None
     base = f"http://{LOOPBACK}:{state['port']}"
     return {"app": config.app_name, "url": f"{base}{config.route_prefix}/v1", "model": config.served_model_name,

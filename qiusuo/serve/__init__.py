@@ -1,7 +1,8 @@
 """The OpenAI-compatible server: `create_app(engine, served_model_name=...)` and `qiusuo serve`.
 
-FastAPI routes over an `AsyncEngine` (the `LLMEngine` on one background thread), with the
-reasoning split, thinking budget, Prometheus metrics, Bearer auth and a bounded waiting queue.
+FastAPI routes over an `EngineCoreClient` (the `LLMEngine` stepping on a thread of the API
+process or in an engine-core process of its own), with the reasoning split, thinking budget,
+Prometheus metrics, Bearer auth and a bounded waiting queue.
 Names are imported on first use, so `qiusuo.serve.config` stays light for the CLI's parser.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "create_app": "app", "AsyncEngine": "async_engine", "ServerConfig": "config",
+    "create_app": "app", "EngineCoreClient": "core_client", "ServerConfig": "config",
     "ReasoningSplitter": "reasoning", "split_final": "reasoning", "ThinkingBudget": "thinking",
     "ServerThread": "server",
 }  # fmt: skip

@@ -1,23 +1,24 @@
 """`create_app`: the FastAPI app of the OpenAI-compatible server.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (503 while
-the model loads, 200 after; public, as llama.cpp's), GET /metrics (Prometheus). Every other
-route, /metrics and the OpenAPI pages included, needs the Bearer key when one is set (vLLM
-protects only /v1/*, its #18892). Every error a client can cause comes back in OpenAI's
-`{"error": {"message", "type", "param", "code"}}` shape with a 4xx; a body over the size limit
-is refused with 413 before it is parsed.
+the model loads or the engine restarts, 200 when it serves; public, as llama.cpp's), GET /metrics
+(Prometheus). Every other route, /metrics and the OpenAPI pages included, needs the Bearer key
+when one is set (vLLM protects only /v1/*, its #18892). Every error a client can cause comes back
+in OpenAI's `{"error": {"message", "type", "param", "code"}}` shape with a 4xx; a body over the
+size limit is refused with 413 before it is parsed.
 
-The engine steps on a thread of this process (`AsyncEngine`) or, with `engine_process=True`, in
-an engine-core process of its own (`ProcessEngine`); the routes cannot tell the difference.
+The engine steps on a thread of this process or, with `engine_process=True`, in an engine-core
+process of its own (core_client.py: one client interface, two transports); the routes cannot
+tell the difference.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import secrets
-import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Any, Callable
@@ -30,11 +31,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qiusuo.engine import LLMEngine
 
-from .async_engine import AsyncEngine
 from .chat import create_chat_completion
 from .completions import create_completion
 from .config import ServerConfig
-from .engine_process import EngineLoadError, ProcessEngine, check_loader
+from .core import check_loader, is_engine
+from .core_client import EngineCoreClient
+from .outputs import EngineLoadError
 from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
 from .serving import ServerState
 
@@ -46,72 +48,79 @@ EngineSource = LLMEngine | Callable[[], LLMEngine]
 def create_app(engine: EngineSource, *, served_model_name: str, engine_process: bool = False,
                **options: Any) -> FastAPI:
     """`engine`: an `LLMEngine` (or an `LLM`), or a zero-argument function that loads one; a function
-    runs on a thread at startup while /health answers 503. `options` are the other `ServerConfig`
-    fields (api_key, max_queue, max_body_bytes, max_tokens_cap, default_thinking_budget, ...).
-    The engine thread starts and stops with the app (its lifespan).
+    runs in the engine's thread at startup while /health answers 503. `options` are the other
+    `ServerConfig` fields (api_key, max_queue, max_body_bytes, max_tokens_cap, ...). The engine
+    starts and stops with the app (its lifespan).
 
-    engine_process=True: the engine steps in its own process (`ProcessEngine`, vLLM V1's engine
-    core), which frees the event loop from the engine's GIL: `engine` must then be a picklable
-    loader (a module-level function or `functools.partial`), called in that process."""
+    engine_process=True: the engine steps in its own process (vLLM V1's engine core), which frees
+    the event loop from the engine's GIL, and is restarted if it dies: `engine` must then be a
+    picklable loader (a module-level function or `functools.partial`), called in that process.
+
+    `app.state.qiusuo.on_fatal`, when set, is called once if the engine cannot load (or reload):
+    `qiusuo serve` uses it to exit 1; without it the server answers 503 with the load error."""
     config = ServerConfig(served_model_name=served_model_name, **options)
     if engine_process:
         check_loader(engine)  # a clear ValueError now, not a failed child at startup
     state = ServerState(config)
-
-    def attach(eng: Any, loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            async_engine = AsyncEngine(getattr(eng, "llm_engine", eng))  # an offline `LLM` wraps one
-        except (ValueError, AttributeError, TypeError) as e:  # not an engine: say so on /health
-            log.exception("the engine could not be attached")
-            state.load_error = e
-            return
-        async_engine.start(loop)
-        state.engine = async_engine
-
-    async def attach_when_ready(proc: ProcessEngine) -> None:
-        try:
-            await proc.ready()
-        except EngineLoadError as e:  # reported by /health and every route, as a failed load on a thread
-            log.error("the engine process could not load the model: %s", e)
-            state.load_error = e
-            return
-        state.engine = proc
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        loop = asyncio.get_running_loop()
-        proc = waiter = None
-        if engine_process:
-            proc = ProcessEngine(engine)
-            proc.start(loop)
-            waiter = loop.create_task(attach_when_ready(proc))
-        elif callable(engine) and not isinstance(engine, LLMEngine) and not hasattr(engine, "llm_engine"):
-            def load() -> None:
-                try:
-                    eng = engine()
-                except Exception as e:  # reported by /health and every route, not swallowed
-                    log.exception("loading the model failed")
-                    state.load_error = e
-                    return
-                loop.call_soon_threadsafe(attach, eng, loop)
-
-            threading.Thread(target=load, name="qiusuo-load", daemon=True).start()
-        else:
-            attach(engine, loop)
-        try:
-            yield
-        finally:
-            if waiter is not None:
-                waiter.cancel()
-            running = proc or state.engine
-            if running is not None:
-                await asyncio.to_thread(running.close)
-
-    created = int(time.time())
+    lifespan = functools.partial(_lifespan, state=state, source=engine, multiprocess=engine_process)
     app = FastAPI(title="qiusuo", version="1", lifespan=lifespan)
     app.state.qiusuo = state
+    _add_error_handlers(app)
+    created = int(time.time())
 
-    # ------------------------------------------------------------------ errors
+    @app.get("/health")
+    async def health():
+        status, message = state.health()
+        body = {"status": status} if message is None else {"status": status, "message": message}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    @app.get("/v1/models")
+    async def models():
+        entry = {"id": config.served_model_name, "object": "model", "created": created, "owned_by": "qiusuo"}
+        if state.engine is not None:
+            entry["max_model_len"] = state.max_model_len
+        return {"object": "list", "data": [entry]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+        return await create_chat_completion(state, req, raw)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request):
+        return await create_completion(state, req, raw)
+
+    return _wrap(app, config)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI, *, state: ServerState, source: Any, multiprocess: bool):
+    client = EngineCoreClient.make_client(source, multiprocess=multiprocess)
+    client.on_fatal = state.fatal
+    client.start(asyncio.get_running_loop())
+
+    async def attach_when_ready() -> None:
+        try:
+            await client.ready()
+        except EngineLoadError as e:  # reported by /health and every route (or fatal: see create_app)
+            state.load_error = e
+            return
+        state.engine = client
+
+    waiter = asyncio.get_running_loop().create_task(attach_when_ready())
+    if is_engine(source):  # a live engine is ready at once: serve it from the first request
+        await asyncio.shield(waiter)
+    try:
+        yield
+    finally:
+        waiter.cancel()
+        await asyncio.to_thread(client.close)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, e: OpenAIError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
@@ -139,38 +148,6 @@ def create_app(engine: EngineSource, *, served_model_name: str, engine_process: 
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(error_body(f"Internal server error: {type(e).__name__}", "internal_error"),
                             status_code=500)
-
-    # ------------------------------------------------------------------ routes
-    @app.get("/health")
-    async def health():
-        if state.load_error is not None:
-            return JSONResponse({"status": "error", "message": str(state.load_error)}, status_code=503)
-        if state.engine is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        if state.engine.dead is not None:
-            return JSONResponse({"status": "error", "message": repr(state.engine.dead)}, status_code=503)
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models():
-        entry = {"id": config.served_model_name, "object": "model", "created": created, "owned_by": "qiusuo"}
-        if state.engine is not None:
-            entry["max_model_len"] = state.max_model_len
-        return {"object": "list", "data": [entry]}
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, raw: Request):
-        return await create_chat_completion(state, req, raw)
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, raw: Request):
-        return await create_completion(state, req, raw)
-
-    return _wrap(app, config)
 
 
 def _wrap(app: FastAPI, config: ServerConfig) -> FastAPI:

@@ -16,8 +16,8 @@ from starlette.requests import Request
 
 from .protocol import ChatCompletionRequest, OpenAIError
 from .reasoning import REASONING, ReasoningSplitter, split_final
-from .serving import (EngineRequest, ServerState, chat_logprobs, new_id, resolve_max_tokens, sampling_params, sse,
-                      start_all, unless_disconnected, usage)
+from .serving import (EngineRequest, ServerState, chat_logprobs, check_text_fits, new_id, resolve_max_tokens,
+                      sampling_params, sse, start_all, unless_disconnected, usage)
 from .streaming import AbortingStreamingResponse
 
 _RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tokenize", "chat_template"}
@@ -41,6 +41,7 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
         text = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
     except ValueError as e:
         raise OpenAIError(400, f"The messages could not be rendered: {e}", param="messages") from None
+    check_text_fits(state, text, "messages")
     return state.tokenizer.encode(text, add_special_tokens=False)  # the template has the bos
 
 
@@ -51,14 +52,16 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     prompt_ids = render_prompt(state, req)
     if not prompt_ids:
         raise OpenAIError(400, "The rendered prompt is empty.", param="messages")
-    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = resolve_max_tokens(state, requested, len(prompt_ids))
     if req.top_logprobs and not req.logprobs:
         raise OpenAIError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
     k = (req.top_logprobs or 0) if req.logprobs else None
+    use_completion_tokens = req.max_completion_tokens is not None
+    requested = req.max_completion_tokens if use_completion_tokens else req.max_tokens
+    max_tokens = resolve_max_tokens(state, requested, len(prompt_ids), n=req.n, top_logprobs=k,
+                                    param="max_completion_tokens" if use_completion_tokens else "max_tokens")
     params = sampling_params(req, max_tokens, k)
     budget = req.thinking_budget if req.thinking_budget is not None else state.config.default_thinking_budget
-    state.admit()
+    state.admit(req.n)
     er = EngineRequest(state, new_id("chatcmpl"), prompt_ids, params, budget, arrival)
     await start_all([er])
     created = int(time.time())

@@ -15,13 +15,14 @@ from starlette.requests import Request
 
 from .protocol import CompletionRequest, OpenAIError
 from .reasoning import count_reasoning
-from .serving import (EngineRequest, ServerState, check_prompt_ids, completion_logprobs, merge, new_id,
-                      resolve_max_tokens, sampling_params, sse, start_all, unless_disconnected, usage)
+from .serving import (EngineRequest, ServerState, check_prompt_ids, check_text_fits, completion_logprobs, merge,
+                      new_id, resolve_max_tokens, sampling_params, sse, start_all, unless_disconnected, usage)
 from .streaming import AbortingStreamingResponse
 
 
-def prompts_ids(state: ServerState, prompt: Any) -> list[list[int]]:
-    """Text prompts get the tokenizer's bos (as `LLM.generate` does); id prompts are taken as they are."""
+def prompts_ids(state: ServerState, prompt: Any, n: int) -> list[list[int]]:
+    """Text prompts get the tokenizer's bos (as `LLM.generate` does); id prompts are taken as they are.
+    A batch whose sequences (prompts x n) could never be admitted is refused before any tokenizing."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
@@ -29,6 +30,11 @@ def prompts_ids(state: ServerState, prompt: Any) -> list[list[int]]:
                           param="prompt")
     if isinstance(prompt[0], int):
         prompt = [prompt]
+    if len(prompt) * n > state.config.max_queue:
+        state.admit(len(prompt) * n)  # raises the 400 that names the limit
+    for p in prompt:
+        if isinstance(p, str):
+            check_text_fits(state, p, "prompt")
     out = []
     for p in prompt:
         ids = state.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
@@ -41,10 +47,11 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     arrival = time.monotonic()
     state.ready()
     state.check_model(req.model)
-    all_ids = prompts_ids(state, req.prompt)
+    all_ids = prompts_ids(state, req.prompt, req.n)
     k = req.logprobs
-    params = [sampling_params(req, resolve_max_tokens(state, req.max_tokens, len(ids)), k) for ids in all_ids]
-    state.admit(len(all_ids))
+    params = [sampling_params(req, resolve_max_tokens(state, req.max_tokens, len(ids), n=req.n, top_logprobs=k,
+                                                      num_prompts=len(all_ids)), k) for ids in all_ids]
+    state.admit(len(all_ids) * req.n, len(all_ids))
     rid = new_id("cmpl")
     ers = [EngineRequest(state, f"{rid}-{i}", ids, p, None, arrival) for i, (ids, p) in enumerate(zip(all_ids, params))]
     await start_all(ers)

@@ -1,6 +1,6 @@
 """Prometheus metrics with vLLM's names under a `qiusuo:` prefix, in a registry per app.
 
-vLLM's names (reference/serving.md §1e) so that existing dashboards and autoscaling policies
+vLLM's names (docs.vllm.ai, "Metrics") so that existing dashboards and autoscaling policies
 (TTFT, queue length, KV usage) work by changing the prefix. Each app owns its
 `CollectorRegistry`: no process-global state, so tests can build many apps in one process.
 
@@ -11,12 +11,12 @@ output token as the mean gap between later tokens of a request, end-to-end to th
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .async_engine import EngineSnapshot
+from .outputs import EngineSnapshot
 
 P = "qiusuo:"
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -27,18 +27,18 @@ _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 1
 
 
 class _EngineCollector:
-    """Gauges read at scrape time: the server's queue view and the engine thread's last snapshot."""
+    """Read at scrape time: the server's queue view, the engine's last snapshot and its restarts."""
 
-    def __init__(self, model_name: str, queue_view: Callable[[], tuple[int, int]],
-                 snapshot: Callable[[], EngineSnapshot | None]):
-        self.model_name, self.queue_view, self.snapshot = model_name, queue_view, snapshot
+    def __init__(self, model_name: str, queue_view: Callable[[], tuple[int, int]], engine: Callable[[], Any]):
+        self.model_name, self.queue_view, self.engine = model_name, queue_view, engine
 
     def describe(self):
         return []  # generated at collect time; no duplicate-name checks needed
 
     def collect(self):
         running, waiting = self.queue_view()
-        snap = self.snapshot() or EngineSnapshot()
+        engine = self.engine()
+        snap = engine.snapshot if engine is not None else EngineSnapshot()
         labels = ["model_name"]
         for name, doc, value in (
             ("num_requests_running", "Requests generating (their first token came).", running),
@@ -52,11 +52,14 @@ class _EngineCollector:
         c = CounterMetricFamily(P + "num_preemptions", "Sequences preempted (recomputed later).", labels=labels)
         c.add_metric([self.model_name], snap.num_preemptions)
         yield c
+        c = CounterMetricFamily(P + "engine_restarts", "Engine processes respawned after dying.", labels=labels)
+        c.add_metric([self.model_name], engine.num_restarts if engine is not None else 0)
+        yield c
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, queue_view: Callable[[], tuple[int, int]],
-                 snapshot: Callable[[], EngineSnapshot | None]):
+    def __init__(self, model_name: str, queue_view: Callable[[], tuple[int, int]], engine: Callable[[], Any]):
+        """`engine()`: the engine client (its `snapshot` and `num_restarts`), or None while loading."""
         self.registry = CollectorRegistry(auto_describe=False)
         self.model_name = model_name
         lab = ["model_name"]
@@ -79,7 +82,7 @@ class ServerMetrics:
             m.labels(model_name)  # exported as 0 from the start, so rate() has a baseline
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(model_name, reason)
-        r.register(_EngineCollector(model_name, queue_view, snapshot))
+        r.register(_EngineCollector(model_name, queue_view, engine))
 
     def finished(self, reason: str) -> None:
         self.request_success.labels(self.model_name, reason).inc()

@@ -9,8 +9,24 @@ import time
 import uvicorn
 
 
-def run(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+def run(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> BaseException | None:
+    """Serve until Ctrl-C / SIGTERM, or until the engine cannot load (or reload): then shut down and
+    return that error (the CLI prints it and exits 1, as vLLM's and llama.cpp's servers do)."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                          timeout_graceful_shutdown=5))
+    state = app.state.qiusuo
+    fatal: list[BaseException] = []
+
+    def stop(error: BaseException) -> None:
+        fatal.append(error)
+        server.should_exit = True  # uvicorn's main loop polls it
+
+    state.on_fatal = stop
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled once it has shut down
+        pass
+    return fatal[0] if fatal else None
 
 
 class ServerThread:

@@ -8,7 +8,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.requests import Request
 
@@ -16,10 +16,10 @@ from qiusuo.engine import CompletionOutput, RequestOutput, SamplingParams
 
 from qiusuo.tokenizer import bytes_to_unicode
 
-from .async_engine import AsyncEngine, EngineDeadError
 from .config import ServerConfig
-from .engine_process import ProcessEngine
+from .core_client import EngineCoreClient
 from .metrics import ServerMetrics
+from .outputs import EngineDeadError, EngineLoadError
 from .protocol import OpenAIError, _SamplingFields
 from .reasoning import count_reasoning, prompt_opens_think
 
@@ -28,32 +28,65 @@ _BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
 
 
 class ServerState:
-    """Everything the routes need; `engine` is None while the model loads."""
+    """Everything the routes need; `engine` is None until the engine first became ready."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.engine: AsyncEngine | ProcessEngine | None = None
+        self.engine: EngineCoreClient | None = None
         self.load_error: BaseException | None = None
-        self.num_waiting = 0  # admitted, no output yet
-        self.num_running = 0  # admitted, outputs flowing
+        self.on_fatal: Callable[[BaseException], None] | None = None  # see create_app
+        self.num_waiting = 0  # requests admitted, no output yet
+        self.num_running = 0  # requests admitted, outputs flowing
+        self.num_waiting_seqs = 0  # their sequences (n each): what max_queue bounds
+        self._max_prompt_chars: int | None = None
         self.metrics = ServerMetrics(config.served_model_name, lambda: (self.num_running, self.num_waiting),
-                                     lambda: self.engine.snapshot if self.engine else None)
+                                     lambda: self.engine)
+
+    def fatal(self, error: BaseException) -> None:
+        """The engine can never serve (again): it could not load, or a thread engine failed."""
+        if isinstance(error, EngineLoadError):
+            self.load_error = error
+        if self.on_fatal is not None:
+            self.on_fatal(error)
+
+    def health(self) -> tuple[str, str | None]:
+        """(status, message): ok, loading, restarting or error."""
+        if self.load_error is not None:
+            return "error", str(self.load_error)
+        if self.engine is None:
+            return "loading", None
+        if self.engine.dead is not None:
+            return "error", str(self.engine.dead)
+        if self.engine.restarting:
+            return "restarting", f"the engine is restarting (restart {self.engine.num_restarts})"
+        return "ok", None
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
 
     @property
+    def max_prompt_chars(self) -> int | None:
+        """Characters beyond which a text cannot fit the context whatever it says (None: unknown)."""
+        if self._max_prompt_chars is None and self.engine is not None:
+            longest = max_token_chars(self.tokenizer)
+            self._max_prompt_chars = self.max_model_len * longest if longest else 0
+        return self._max_prompt_chars or None
+
+    @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    def ready(self) -> AsyncEngine | ProcessEngine:
+    def ready(self) -> EngineCoreClient:
         if self.engine is None:
             msg = ("the model is still loading" if self.load_error is None
                    else f"the model failed to load: {self.load_error}")
             raise OpenAIError(503, msg, "service_unavailable", code="model_loading")
         if self.engine.dead is not None:
-            raise OpenAIError(503, f"the engine stopped: {self.engine.dead!r}", "service_unavailable")
+            raise OpenAIError(503, f"the engine stopped: {self.engine.dead}", "service_unavailable")
+        if self.engine.restarting:
+            raise OpenAIError(503, "the engine is restarting after a crash; retry shortly", "service_unavailable",
+                              code="engine_restarting", headers={"Retry-After": str(self.config.retry_after_s)})
         return self.engine
 
     def check_model(self, name: str) -> None:
@@ -61,14 +94,21 @@ class ServerState:
             raise OpenAIError(404, f"The model `{name}` does not exist; this server serves "
                               f"`{self.config.served_model_name}`.", param="model", code="model_not_found")
 
-    def admit(self, count: int = 1) -> None:
-        """Reserve `count` waiting places or raise 429; the caller must hand each back via `EngineRequest`."""
-        if self.num_waiting + count > self.config.max_queue:
+    def admit(self, num_seqs: int, num_requests: int = 1) -> None:
+        """Reserve `num_seqs` waiting places (every sample of every prompt is a row of the engine's batch)
+        or raise 429 (400 if they could never fit); each `EngineRequest` hands its own back."""
+        limit = self.config.max_queue
+        if num_seqs > limit:
+            raise OpenAIError(400, f"This request has {num_seqs} sequences (n x prompts) but the server admits "
+                              f"at most {limit} at once (max_queue); lower n or send fewer prompts per request.",
+                              param="n", code="too_many_sequences")
+        if self.num_waiting_seqs + num_seqs > limit:
             self.metrics.rejected.labels(self.config.served_model_name).inc()
-            raise OpenAIError(429, f"The server is busy: {self.num_waiting} requests are waiting "
-                              f"(max_queue={self.config.max_queue}); retry later.", "rate_limit_error",
+            raise OpenAIError(429, f"The server is busy: {self.num_waiting_seqs} sequences are waiting "
+                              f"(max_queue={limit}); retry later.", "rate_limit_error",
                               code="server_busy", headers={"Retry-After": str(self.config.retry_after_s)})
-        self.num_waiting += count
+        self.num_waiting_seqs += num_seqs
+        self.num_waiting += num_requests
 
 
 async def start_all(requests: list["EngineRequest"]) -> None:
@@ -87,7 +127,10 @@ def new_id(prefix: str) -> str:
 
 
 # ---------------------------------------------------------------------- request parameters
-def resolve_max_tokens(state: ServerState, requested: int | None, num_prompt_tokens: int) -> int:
+def resolve_max_tokens(state: ServerState, requested: int | None, num_prompt_tokens: int, *, n: int = 1,
+                       top_logprobs: int | None = None, num_prompts: int = 1, param: str = "max_tokens") -> int:
+    """The max_tokens a prompt runs with: within the context, `max_tokens_cap`, and the request's output
+    budget (num_prompts x n x max_tokens x (1 + top_logprobs)); unset, it is lowered to fit the budget."""
     room = state.max_model_len - num_prompt_tokens
     if room < 1:
         raise OpenAIError(400, f"The prompt has {num_prompt_tokens} tokens but this model's context holds "
@@ -96,10 +139,17 @@ def resolve_max_tokens(state: ServerState, requested: int | None, num_prompt_tok
         raise OpenAIError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, "
                           f"you requested {num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the "
                           f"prompt, {requested} for the completion). Lower max_tokens.",
-                          param="max_tokens", code="context_length_exceeded")
-    max_tokens = requested or room
-    if state.config.max_tokens_cap is not None:
-        max_tokens = min(max_tokens, state.config.max_tokens_cap)
+                          param=param, code="context_length_exceeded")
+    k = top_logprobs or 0
+    fan_out = num_prompts * n * (1 + k)
+    cap, budget = state.config.max_tokens_cap or state.max_model_len, state.config.max_output_budget
+    max_tokens = min(room, cap, budget // fan_out) if requested is None else min(requested, cap)
+    if max_tokens < 1 or max_tokens * fan_out > budget:
+        asked = max(max_tokens, 1)
+        raise OpenAIError(400, f"This request asks for {num_prompts} prompt(s) x n={n} x max_tokens={asked} x "
+                          f"(1 + top_logprobs={k}) = {asked * fan_out} tokens and logprob entries, "
+                          f"over this server's budget of {budget} (max_output_budget); lower max_tokens, n or "
+                          "top_logprobs.", param=param, code="request_too_large")
     return max_tokens
 
 
@@ -118,6 +168,27 @@ def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None)
         )
     except ValueError as e:
         raise OpenAIError(400, str(e)) from None
+
+
+def max_token_chars(tokenizer: Any) -> int | None:
+    """The most characters one token of `tokenizer` covers (a byte-level BPE piece: its bytes, at
+    least as many as the characters it decodes to), or None when the vocabulary cannot be read."""
+    inner = getattr(tokenizer, "tokenizer", tokenizer)
+    try:
+        vocab = inner.get_vocab(with_added_tokens=True)
+    except (AttributeError, TypeError):
+        return None
+    return max(map(len, vocab), default=0) or None
+
+
+def check_text_fits(state: ServerState, text: str, param: str) -> None:
+    """Refuse a prompt text too long for the context BEFORE tokenizing it: tokenizing holds the GIL,
+    so the event loop (every other request) waits; 768k characters took 6 s on a busy machine."""
+    limit = state.max_prompt_chars
+    if limit is not None and len(text) > limit:
+        raise OpenAIError(400, f"The prompt has {len(text)} characters, more than this model's context of "
+                          f"{state.max_model_len} tokens can hold ({limit} characters at most); shorten it.",
+                          param=param, code="context_length_exceeded")
 
 
 def check_prompt_ids(state: ServerState, ids: list[int], param: str) -> None:
@@ -147,10 +218,11 @@ class EngineRequest:
 
     async def start(self) -> None:
         """Submit and wait for the engine's acceptance: a 400 here comes before any response bytes."""
-        self._stream = self.state.ready().submit(self.request_id, self.prompt_ids, self.params,
-                                                 self.thinking_budget, self.opened_by_prompt)
-        self._submitted = True
+        engine = self.state.ready()
         try:
+            self._stream = engine.submit(self.request_id, self.prompt_ids, self.params, self.thinking_budget,
+                                         self.opened_by_prompt)
+            self._submitted = True
             await self._stream.accepted()
         except ValueError as e:
             raise OpenAIError(400, str(e)) from None
@@ -173,7 +245,7 @@ class EngineRequest:
                     self.final = out
                 yield out
         except EngineDeadError as e:
-            raise OpenAIError(500, str(e), "internal_error") from None
+            raise OpenAIError(503, str(e), "service_unavailable") from None  # retryable: a new engine may serve it
         finally:
             self.close()
 
@@ -181,6 +253,7 @@ class EngineRequest:
         state = self.state
         if self._phase == "waiting":
             state.num_waiting -= 1
+            state.num_waiting_seqs -= self.params.n
         elif self._phase == "running":
             state.num_running -= 1
         if phase == "running":
