@@ -28,7 +28,7 @@ install-runtime: $(RUNTIME_STAMP)
 $(RUNTIME_STAMP): pyproject.toml
 	@if [ -f $(DEV_STAMP) ] && [ $(DEV_STAMP) -nt pyproject.toml ]; then touch $@; exit 0; fi; \
 	set -e; \
-	echo "make: installing qiusuo and its runtime dependencies into $(VENV)/ ($(TORCH_SPEC) CPU build, tokenizers, FastAPI, matplotlib, ...): about 1-3 minutes, once"; \
+	echo "make: installing qiusuo and its runtime dependencies into $(VENV)/ ($(TORCH_SPEC) CPU build, tokenizers, FastAPI, matplotlib, ...): a few minutes, once"; \
 	test -x $(PY) || $(PYTHON) -m venv $(VENV); \
 	$(PY) -m pip install --quiet --upgrade pip; \
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"; \
@@ -38,7 +38,7 @@ $(RUNTIME_STAMP): pyproject.toml
 
 $(DEV_STAMP): pyproject.toml | $(RUNTIME_STAMP)
 	@$(CHECK_CC)
-	@echo "make: installing the dev extra into $(VENV)/ (pytest, transformers, Ray Serve, gguf, and llama-cpp-python, which builds llama.cpp from source): about 10 minutes on 2 cores, once"
+	@echo "make: installing the dev extra into $(VENV)/ (pytest, transformers, Ray Serve, gguf, and llama-cpp-python, which builds llama.cpp from source): 10 minutes or more on 2 cores, once"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@$(CHECK_TORCH)
 	touch $(RUNTIME_STAMP) $(DEV_STAMP)

@@ -265,6 +265,9 @@ def test_readme_runs(tmp_path):
     env.update(QIUSUO_SMOKE="1", QIUSUO_HOME=str(home), PYTHONUNBUFFERED="1")
     prelude, server, ran = "set -euo pipefail\n", None, []
     t0 = time.perf_counter()
+    where = run(["bash", "-c", prelude + "source .venv/bin/activate\npython -c 'import qiusuo; print(qiusuo.__file__)'"],
+                tmp_path, env, "which qiusuo the README's commands run")
+    assert Path(where.stdout.strip()).is_relative_to(ROOT), f"the README would run {where.stdout}, not {ROOT}"
     try:
         for block in readme_blocks(README.read_text()):
             code = block.code.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
