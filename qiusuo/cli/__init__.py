@@ -19,6 +19,8 @@ import sys
 
 from qiusuo import __version__
 
+# Commands that train or generate on the CPU: they say so when a busy machine lowers their thread count.
+COMPUTE_COMMANDS = {"demo", "pretrain", "sft", "distill", "grpo", "generate", "eval"}
 # Command modules, in the order `qiusuo --help` lists them.
 COMMAND_MODULES = ["demo", "train", "generate", "eval", "serve", "deploy", "export", "model", "models"]
 
@@ -62,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from qiusuo.cli.common import apply_smoke, note_busy_machine
+
+    apply_smoke(args)  # QIUSUO_SMOKE=1: every command's budgets capped, here and nowhere else
+    if args.command in COMPUTE_COMMANDS:
+        note_busy_machine(args)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

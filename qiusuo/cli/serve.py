@@ -20,7 +20,7 @@ import functools
 import os
 import sys
 
-from .common import add_compile_flag, compile_setting
+from .common import add_compile_flag, check_port_free, compile_setting
 
 API_KEY_ENV = "QIUSUO_API_KEY"
 
@@ -101,6 +101,7 @@ def run(args) -> int:
                                            kv_cache_bytes=args.kv_cache_bytes,
                                            compile=compile_setting(args) or None).items() if v is not None}
     path = resolve_model(args.model)  # fail fast (exit 2) on an unknown name, before binding the port
+    check_port_free(args.host, args.port)  # a busy port: one line and exit 2, not a traceback after loading
     # a partial of a module-level function pickles: the engine process calls it to build its engine
     load = functools.partial(load_engine, path, device=args.device, dtype=args.dtype, quantization=args.quantize,
                              **engine_kwargs)
