@@ -32,20 +32,6 @@ def apply_threads(threads: int | None) -> int:
     return set_threads(threads)
 
 
-def resolve_model(name_or_path: str):
-    """A checkpoint directory, or a registry name (NAME[:TAG]) when the registry is installed."""
-    from pathlib import Path
-
-    p = Path(name_or_path)
-    if (p / "config.json").is_file():
-        return p
-    try:
-        from qiusuo.registry import resolve_model as registry_resolve
-    except ImportError:
-        raise FileNotFoundError(f"{name_or_path} is not a checkpoint directory (no config.json)") from None
-    return registry_resolve(name_or_path)
-
-
 # --- QIUSUO_SMOKE=1: every command's budgets capped, for tests/test_readme.py and CI smoke runs -------------
 # One place, applied by `qiusuo.cli.main` to the parsed flags of every command before any config is built:
 # a flag with one of these names (the config dataclasses' field names) is lowered to the cap, never raised.
