@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 from qiusuo.engine import LLMEngine, RequestOutput, SamplingParams
 
-from .thinking import with_thinking_budget
+from qiusuo.engine.reasoning import with_thinking_budget
 
 log = logging.getLogger("qiusuo.serve")
 

@@ -34,9 +34,9 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from qiusuo.engine import CompletionOutput, RequestOutput, SamplingParams
+from qiusuo.engine.reasoning import with_thinking_budget
 
 from .async_engine import EngineDeadError, EngineSnapshot, RequestStream, _ACK, take_commands
-from .thinking import with_thinking_budget
 
 log = logging.getLogger("qiusuo.serve")
 

@@ -39,9 +39,10 @@ def pad_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_
     return ids.to(device), mask.to(device)
 
 
-def completion_row(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """(ids, target mask) of a training example: loss on the completion and the closing eos."""
-    p = prompt_ids(tokenizer, prompt)
+def completion_row(tokenizer, prompt: str | list[int], completion: str) -> tuple[list[int], list[int]]:
+    """(ids, target mask) of a training example: loss on the completion and the closing eos. A text
+    prompt gets the bos; token ids (`qiusuo.tasks.prompts.prompt_ids`) are taken as they are."""
+    p = prompt_ids(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     c = tokenizer.encode(completion) + [tokenizer.eos_token_id]
     return p + c, [0] * len(p) + [1] * len(c)
 

@@ -23,7 +23,9 @@ from typing import Any, Callable
 import torch
 
 from .config import GRPOConfig
-from .data import load_task, pad_id, pad_rows, prompt_ids, step_seed
+from qiusuo.tasks.prompts import chat_template, prompt_ids
+
+from .data import load_task, pad_id, pad_rows, step_seed
 from .loop import FitResult, Trainer, setup_torch
 from .objectives import completion_logprobs, group_advantages, policy_loss, zero_variance_groups
 
@@ -54,6 +56,7 @@ class GRPO:
         if tokenizer is None:
             raise ValueError(f"{cfg.model} has no tokenizer.json; GRPO needs the tokenizer to build prompts")
         self.model, self.tokenizer = model, tokenizer
+        tokenizer.chat_template = chat_template(self.task, tokenizer)  # checkpoints render prompts as trained
         model.train().requires_grad_(True)
         # The reference is the one extra copy GRPO keeps, and only when beta > 0 (it is never sampled from).
         self.ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
@@ -226,7 +229,7 @@ def sample_groups(llm, tokenizer, task, problems: list, seeds: list[int], cfg: G
     params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=seed)
               for seed in seeds]
     t0 = time.perf_counter()
-    outs = llm.generate([prompt_ids(tokenizer, p.prompt) for p in problems], params)
+    outs = llm.generate([prompt_ids(tokenizer, task, p) for p in problems], params)
     seconds = time.perf_counter() - t0
     completions = [o for r in outs for o in r.outputs]  # group-major (N,)
     group_problems = [p for p in problems for _ in range(cfg.group_size)]

@@ -20,6 +20,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from qiusuo.tasks.prompts import chat_template
+from qiusuo.tasks.prompts import prompt_ids as task_prompt_ids
+from qiusuo.tokenizer import prompt_chat_template
+
 from .config import PretrainConfig, SFTConfig
 from .data import completion_row, load_task, pad_id, pad_rows, step_seed
 from .grpo import save_final
@@ -69,13 +73,15 @@ class Pretrain(_CompletionLM):
         self.mix = {k: v for k, v in self.mix.items() if k in self.task.solution_styles and v > 0}
         self.task.corpus(1, seed=0, mix=self.mix)  # validates the mix against the task before step 1
         self.model, self.tokenizer = build_model(cfg.preset, seed=cfg.seed)
+        # Every checkpoint renders chat prompts exactly as this stage encodes the task's prompts.
+        self.tokenizer.chat_template = chat_template(self.task, self.tokenizer)
         self.model.to(cfg.device)
         self.trainer = Trainer(cfg, self.model, self.tokenizer, "pretrain",
                                metadata={"preset": cfg.preset, "task": self.task.name, "mix": self.mix})
 
     def batch_rows(self, step: int):
         pairs = self.task.corpus(self.cfg.batch_size, seed=step_seed(self.cfg.seed, step), mix=self.mix)
-        return [completion_row(self.tokenizer, p.prompt, c) for p, c in pairs]
+        return [completion_row(self.tokenizer, task_prompt_ids(self.tokenizer, self.task, p), c) for p, c in pairs]
 
     def run(self) -> FitResult:
         self.trainer.resume_if_asked()
@@ -106,6 +112,12 @@ def read_sft_records(path: str | Path, tokenizer, max_length: int) -> list[tuple
     return rows
 
 
+def has_chat_records(path: str | Path) -> bool:
+    """Whether a JSONL file holds chat records (`record_row` renders them with the chat template)."""
+    records = (json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    return any("messages" in r and not ("prompt" in r and "completion" in r) for r in records)
+
+
 def record_row(rec: dict, tokenizer, where: str = "record") -> tuple[list[int], list[int]]:
     if "prompt" in rec and "completion" in rec:
         return completion_row(tokenizer, str(rec["prompt"]), str(rec["completion"]))
@@ -132,6 +144,9 @@ class SFT(_CompletionLM):
             raise ValueError(f"{cfg.model} has no tokenizer.json; SFT needs it to encode the records")
         self.model, self.tokenizer = model.train(), tokenizer
         self.rows = list(rows) if rows is not None else read_sft_records(cfg.data, tokenizer, cfg.max_length)
+        if rows is None and not has_chat_records(cfg.data):
+            # prompt/completion records train on [bos] + prompt: the checkpoint's chat template renders that
+            tokenizer.chat_template = prompt_chat_template()
         self.stage, self.parent = stage, parent or cfg.model
         self.trainer = Trainer(cfg, model, tokenizer, stage, metadata={"parent": self.parent})
 

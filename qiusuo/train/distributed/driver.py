@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 
+from qiusuo.tasks.prompts import chat_template
+
 from ..data import load_task
 from ..grpo import GRPO, save_final
 from ..loop import FitResult, Trainer, setup_torch
@@ -63,6 +65,7 @@ class RayGRPO(GRPO):
         if tokenizer is None:
             raise ValueError(f"{cfg.model} has no tokenizer.json; GRPO needs the tokenizer to build prompts")
         self.model, self.tokenizer = model.train().requires_grad_(True), tokenizer
+        tokenizer.chat_template = chat_template(self.task, tokenizer)  # checkpoints render prompts as trained
         self.ref = self.llm = None  # the reference lives on the learners, the engines on the rollout workers
         self.trainer = RayTrainer(cfg, model, tokenizer, {"parent": cfg.model, "task": self.task.name},
                                   pull_state=lambda: self.learners.state())
