@@ -126,3 +126,30 @@ def test_sft_on_prompt_completion_records_gets_the_bare_template(tmp_path):
     prompt = rendered_ids(saved, None, [{"role": "user", "content": "0+1="}])
     ids, mask = stage.rows[0]
     assert ids[: len(prompt)] == prompt and mask[len(prompt)] == 1 and not any(mask[: len(prompt)])
+
+
+def test_evaluate_served_on_a_tiny_checkpoint(tmp_path):
+    """Both routes of a real server on a random checkpoint: the same greedy completions as offline."""
+    from qiusuo.engine import LLM
+    from qiusuo.eval import evaluate, evaluate_served
+
+    task = get_task("arithmetic", digits=2, template="compact")
+    cfg = PretrainConfig(out=str(tmp_path / "pre"), steps=1, batch_size=4, warmup_steps=0, preset="tiny-dense", **FAST)
+    Pretrain(cfg, task=task).run()
+    path = tmp_path / "pre" / "final"
+    problems = task.generate(6, seed=0, split="test")
+    offline = evaluate(LLM(str(path), num_threads=1), task, problems, max_tokens=12)
+    texts = [rec["samples"][0]["text"] for rec in offline.records]
+    for route in ("chat", "completions"):
+        r = evaluate_served(path, task, problems, route=route, max_tokens=12, engine_process=False, num_threads=1,
+                            with_outputs=True)
+        assert r["n"] == 6 and r["route"] == route and r["accuracy"] == offline.metrics["accuracy"]
+        if route == "completions":  # the chat route returns the think block apart: compared via the score
+            assert [o["completion"] for o in r["outputs"]] == texts
+    with pytest.raises(ValueError, match="route must be one of"):
+        evaluate_served(path, task, problems, route="ollama")
+    with pytest.raises(ValueError, match="no problems"):
+        evaluate_served(path, task, [], route="chat")
+    (path / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(RuntimeError, match="did not become healthy"):
+        evaluate_served(path, task, problems, engine_process=False, startup_timeout=120)
