@@ -72,7 +72,8 @@ def evaluate_served(model: str | Path, task: Any, problems: Sequence[Any], route
                                                                       "content": user_message(task, problem)}]}
         # The raw prompt: its text (the server adds the bos, as training did) or, where a chat
         # template renders it, the exact token ids.
-        prompt = problem.prompt if task.template != "chat" else prompt_ids(tokenizer, task, problem)
+        chat_rendered = getattr(task, "template", "") == "chat"
+        prompt = prompt_ids(tokenizer, task, problem) if chat_rendered else problem.prompt
         return "/v1/completions", {**common, "prompt": prompt}
 
     t0 = time.perf_counter()
@@ -106,7 +107,7 @@ def _completion_text(reply: dict[str, Any], route: str, task: Any) -> str:
     if reasoning is None:
         return content
     # score_many puts `<think>` back itself when the task's prompt opens the block.
-    return ("" if task.think_in_prompt else "<think>") + reasoning + "</think>" + content
+    return ("" if getattr(task, "think_in_prompt", False) else "<think>") + reasoning + "</think>" + content
 
 
 def _post(url: str, route: str, payload: dict[str, Any], timeout: float, retries: int = 20) -> dict[str, Any]:

@@ -28,9 +28,18 @@ from qiusuo.tokenizer import prompt_chat_template
 from .base import R1_TEMPLATE, Problem, Task
 
 
+def _template(task: Task) -> str:
+    # A duck-typed task (any object with generate/score_many) gives its prompts as raw text.
+    return getattr(task, "template", "compact")
+
+
+def _think_in_prompt(task: Task) -> bool:
+    return bool(getattr(task, "think_in_prompt", False))
+
+
 def prompt_ids(tokenizer: Any, task: Task, problem: Problem) -> list[int]:
     """The token ids of a problem's prompt: [bos] + prompt text, or the chat-rendered messages."""
-    if task.template == "chat":
+    if _template(task) == "chat":
         return tokenizer.encode(tokenizer.apply_chat_template(problem.messages, add_generation_prompt=True))
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer.encode(problem.prompt)
@@ -38,20 +47,20 @@ def prompt_ids(tokenizer: Any, task: Task, problem: Problem) -> list[int]:
 
 def user_message(task: Task, problem: Problem) -> str:
     """What a chat client sends for `problem`: under `chat_template(task, ...)` it renders as `prompt_ids`."""
-    if task.template == "chat":
+    if _template(task) == "chat":
         return problem.messages[-1]["content"]
-    if task.template == "r1":
+    if _template(task) == "r1":
         return task.instruction(problem.question, problem.metadata)
     prompt = problem.prompt
-    return prompt[: -len(THINK_OPEN)] if task.think_in_prompt and prompt.endswith(THINK_OPEN) else prompt
+    return prompt[: -len(THINK_OPEN)] if _think_in_prompt(task) and prompt.endswith(THINK_OPEN) else prompt
 
 
 def chat_template(task: Task, tokenizer: Any) -> str | None:
     """The chat template a checkpoint trained on `task`'s prompts must carry (see the module docstring)."""
-    if task.template == "chat":
+    if _template(task) == "chat":
         return tokenizer.chat_template
-    generation = THINK_OPEN if task.think_in_prompt else ""
-    if task.template == "r1":
+    generation = THINK_OPEN if _think_in_prompt(task) else ""
+    if _template(task) == "r1":
         prefix, _, suffix = R1_TEMPLATE.partition("{question}")
         return prompt_chat_template(prefix, suffix, generation, sentence=True)
     return prompt_chat_template(generation_prompt=generation)

@@ -41,7 +41,8 @@ def rejection_sample(llm, tokenizer, task, problems, samples: int, temperature: 
                     kept.append(text)
         solved += bool(kept)
         # A chat-template task's records are chat records, rendered with the student's template.
-        records += [{"messages": [*problem.messages, {"role": "assistant", "content": t}]} if task.template == "chat"
+        chat = getattr(task, "template", "") == "chat"
+        records += [{"messages": [*problem.messages, {"role": "assistant", "content": t}]} if chat
                     else {"prompt": problem.prompt, "completion": t} for t in kept]
     n = max(1, len(problems) * samples)
     return records, {"teacher_accuracy": correct / n, "problems_solved": solved / max(1, len(problems)),
