@@ -60,7 +60,7 @@ def sft_model(base):
     data = base.parent / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p.prompt},
                                                      {"role": "assistant", "content": c}]}) + "\n"
-                            for p, c in TASK.corpus(4096, seed=7)))
+                            for p, c in TASK.corpus(4096, seed=7, mix={"scratchpad": 1.0})))
     out = base.parent / "sft"
     SFT(SFTConfig(model=str(base.parent / "base-roles"), data=str(data), out=str(out), steps=80, batch_size=32,
                   lr=1e-3, warmup_steps=8, threads=1, progress=False)).run()
