@@ -49,6 +49,37 @@ BUILTIN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
+
+def prompt_chat_template(prefix: str = "", suffix: str = "", generation_prompt: str = "",
+                         sentence: bool = False) -> str:
+    """A chat template for a model trained on bare prompts (no role markers): bos, then each user
+    message as `prefix + content + suffix`, each assistant message as its content + eos, and
+    `generation_prompt` (e.g. `<think>`) after the last turn.
+
+    So `apply_chat_template([{"role": "user", "content": q}])` is exactly the text the model was
+    trained on for question `q`. `sentence=True` strips the message and ends it with a period unless
+    it ends with . ? or ! (R1-Zero's "User: prompt. Assistant:"). A system message is refused: the
+    model never saw one, and a prompt it never saw gives answers as wrong as unseen role markers do.
+    """
+
+    def text(s: str) -> str:  # a JSON string is a valid Jinja string literal, escapes and all
+        return "{{ " + json.dumps(s) + " }}" if s else ""
+
+    content = ("{% set q = message['content'] | trim %}{{ q if q[-1:] in ['.', '?', '!'] else q + '.' }}"
+               if sentence else "{{ message['content'] }}")
+    return (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}" + text(prefix) + content + text(suffix) +
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+        "{% else %}{{ raise_exception('this model was trained on bare prompts, with no ' + message['role'] + "
+        "' role; send only user and assistant messages') }}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}" + text(generation_prompt) + "{% endif %}"
+    )
+
+
 # The names transformers passes to a chat template (its `special_tokens_map`).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # transformers copies a message's reasoning under all of these names before rendering.
@@ -233,11 +264,12 @@ class Tokenizer:
 
 
 
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """[bos] + prompt tokens: the exact prefix pretraining, SFT, GRPO and eval all use (any tokenizer
-    with `bos_token_id` and `encode`, this one or transformers')."""
+def bos_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """[bos] + prompt tokens: the text prompts every stage trains on (`qiusuo.tasks.prompts.prompt_ids` builds a
+    problem's prompt with it); any tokenizer with `bos_token_id` and `encode`, this one or transformers'."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer.encode(prompt)
+
 
 def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Validate and normalize messages the way transformers does before rendering."""
@@ -316,4 +348,5 @@ class IncrementalDecoder:
         return full[len(prefix):]
 
 
-__all__ = ["Tokenizer", "IncrementalDecoder", "prompt_ids", "BUILTIN_ADDED_TOKENS", "BUILTIN_CHAT_TEMPLATE", "bytes_to_unicode"]
+__all__ = ["Tokenizer", "IncrementalDecoder", "bos_prompt_ids", "BUILTIN_ADDED_TOKENS", "BUILTIN_CHAT_TEMPLATE",
+           "bytes_to_unicode", "prompt_chat_template"]

@@ -8,31 +8,26 @@ import pytest
 import torch
 
 from qiusuo.cli import generate as generate_cli
-from qiusuo.engine.reasoning import ReasoningStream, split_reasoning
+from qiusuo.engine import CompletionOutput
+from qiusuo.engine.reasoning import split_final
 from qiusuo.model import save_model
 from qiusuo.tokenizer import Tokenizer
 from test_engine import make_model
 
 torch.set_num_threads(1)
+TOK = Tokenizer.builtin()
 
 
-@pytest.mark.parametrize("text,want", [
-    ("<think>add 2 and 2</think><answer>4</answer>", ("add 2 and 2", "4")),
-    ("add 2 and 2</think> 4", ("add 2 and 2", "4")),  # <think> was in the prompt
-    ("just 4", ("", "just 4")),
-    ("<think>still going", ("still going", "")),
+@pytest.mark.parametrize("text,prompt_opens,want", [
+    ("<think>add 2 and 2</think><answer>4</answer>", False, ("add 2 and 2", "<answer>4</answer>")),
+    ("add 2 and 2</think> 4", True, ("add 2 and 2", " 4")),  # <think> was in the prompt
+    ("just 4", False, (None, "just 4")),
+    ("<think>still going", False, ("still going", "")),
 ])
-def test_split_reasoning(text, want):
-    assert split_reasoning(text) == want
-
-
-def test_reasoning_stream_handles_tags_split_across_deltas():
-    s = ReasoningStream()
-    text = "<think>two plus two</think><answer>4</answer>"
-    pieces = [p for i in range(0, len(text), 3) for p in s.feed(text[i:i + 3])] + s.flush()
-    think = "".join(t for k, t in pieces if k == "think")
-    answer = "".join(t for k, t in pieces if k == "answer")
-    assert (think, answer) == ("two plus two", "4")
+def test_split_final_on_text(text, prompt_opens, want):
+    ids = TOK.encode(text)  # the tags are single ids, as the engine generates them
+    prompt = [TOK.bos_token_id] + ([TOK.think_start_id] if prompt_opens else [])
+    assert split_final(TOK, prompt, CompletionOutput(0, text, ids, finish_reason="length"))[:2] == want
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,9 @@ def test_metrics_on_known_completions():
     assert m["empty_think_rate"] == pytest.approx(2 / 8)
     assert m["mean_completion_tokens"] == pytest.approx(
         sum(len(tok.encode(t)) + 1 for t in [right0, blurt_wrong0, blurt_wrong0, right0, wrong1, wrong1, malformed, right1]) / 8)
-    assert r.records[0]["samples"][1]["think_tokens"] == 2
+    # think tokens as the server's usage counts them: inside the block, tags excluded
+    assert [s["think_tokens"] for s in r.records[0]["samples"]] == [5, 0, 0, 5]
+    assert r.records[0]["samples"][0]["answer_tokens"] == len(tok.encode(right0)) + 1 - 5
 
 
 def test_bad_eval_settings():

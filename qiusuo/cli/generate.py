@@ -50,7 +50,7 @@ def _load(args):
 def generate(args) -> int:
     from rich.console import Console
 
-    from qiusuo.engine.reasoning import split_reasoning
+    from qiusuo.engine.reasoning import split_final, strip_answer_tags
 
     llm, SamplingParams, params = _load(args)
     sp = SamplingParams(n=args.n, **params)
@@ -63,12 +63,14 @@ def generate(args) -> int:
     for o in out.outputs:
         if args.n > 1:
             console.print(f"[bold]--- sample {o.index}[/bold]")
-        reasoning, answer = split_reasoning(o.text)
+        reasoning, answer = None, o.text
+        if tok is not None:
+            reasoning, answer, _ = split_final(tok, out.prompt_token_ids, o, sp.skip_special_tokens)
         if reasoning:
             console.print("[bold]reasoning:[/bold]")
-            console.print(reasoning, style="dim", markup=False)
+            console.print(reasoning.strip(), style="dim", markup=False)
         console.print("[bold]answer:[/bold]")
-        console.print(answer, markup=False)
+        console.print(strip_answer_tags(answer).strip(), markup=False)
         console.print(f"[dim]({len(o.token_ids)} tokens, finish_reason={o.finish_reason})[/dim]")
     return 0
 
@@ -76,7 +78,7 @@ def generate(args) -> int:
 def chat(args) -> int:
     from rich.console import Console
 
-    from qiusuo.engine.reasoning import ReasoningStream
+    from qiusuo.engine.reasoning import REASONING, ReasoningSplitter, strip_answer_tags
 
     llm, SamplingParams, params = _load(args)
     tok = llm.get_tokenizer()
@@ -101,13 +103,18 @@ def chat(args) -> int:
             continue
         history.append({"role": "user", "content": line})
         prompt = tok.apply_chat_template(system + history, add_generation_prompt=True)
-        splitter, text = ReasoningStream(), ""
-        for out in llm.stream(prompt, SamplingParams(**params), add_special_tokens=False):
-            delta = out.outputs[0].delta_text
-            text += delta
-            for kind, piece in splitter.feed(delta):
-                console.print(piece, style="dim" if kind == "think" else None, end="", markup=False)
-        for kind, piece in splitter.flush():
-            console.print(piece, style="dim" if kind == "think" else None, end="", markup=False)
+        ids = tok.encode(prompt)  # the template writes its own bos
+        sp = SamplingParams(**params)
+        splitter, answer = ReasoningSplitter(tok, ids, sp.skip_special_tokens), ""
+        for out in llm.stream(ids, sp):
+            # The splitter decides on token ids, so a template that opens `<think>` itself (as
+            # DeepSeek-R1's does) starts the reply inside the reasoning, and tags cut across
+            # deltas are handled; the `<answer>` tags are display noise here.
+            for kind, piece in splitter.feed(out.outputs[0]):
+                if kind == REASONING:
+                    console.print(piece, style="dim", end="", markup=False)
+                else:
+                    answer += piece
+                    console.print(strip_answer_tags(piece), end="", markup=False)
         console.print()
-        history.append({"role": "assistant", "content": text})
+        history.append({"role": "assistant", "content": strip_answer_tags(answer).strip()})

@@ -1,10 +1,11 @@
 """`evaluate`: sample K completions per problem through the engine and score them with the task.
 
 Metrics: pass@1 and pass@k (the unbiased estimator of Chen et al. 2021), maj@k (majority vote
-over parsed answers), format rate, completion length split into think and answer tokens, the
-rate of empty think blocks (the "blurt" path of reference/r1-zero-miniature.md), timeouts of the
-answer checker, and generation tokens/s. With temperature 0 and one sample, pass@1 is greedy
-accuracy.
+over parsed answers), format rate, completion length split into think tokens (inside think blocks,
+tags excluded: the server's usage `reasoning_tokens`, counted by `qiusuo.engine.reasoning`) and the
+rest, the rate of empty think blocks (`<think></think><answer>...`: the answer blurted without
+working), timeouts of the answer checker, and generation tokens/s. With temperature 0 and one
+sample, pass@1 is greedy accuracy.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from qiusuo.engine.reasoning import ThinkState
 from qiusuo.rewards.metrics import maj_at_k, mean_pass_at_k
+from qiusuo.tasks.prompts import prompt_ids
 
 
 @dataclass
@@ -44,22 +47,9 @@ def _pass_ks(samples: int) -> list[int]:
     return ks + [samples]
 
 
-def _think_split(token_ids: Sequence[int], think_end_id: int | None) -> tuple[int, int]:
-    """(think tokens, answer tokens): everything up to and including `</think>` is thinking."""
-    if think_end_id is None or think_end_id not in token_ids:
-        return 0, len(token_ids)
-    end = list(token_ids).index(think_end_id) + 1
-    return end, len(token_ids) - end
-
-
 def encode_prompt(tokenizer: Any, task: Any, problem: Any) -> list[int]:
-    """Token ids of a problem's prompt: the chat template for template="chat", else the [bos] + text
-    prefix that pretraining, SFT and GRPO train on."""
-    from qiusuo.tokenizer import prompt_ids
-
-    if task.template == "chat":
-        return tokenizer.encode(tokenizer.apply_chat_template(problem.messages, add_generation_prompt=True))
-    return prompt_ids(tokenizer, problem.prompt)
+    """Token ids of a problem's prompt, exactly as the training stages encode it (`qiusuo.tasks.prompts`)."""
+    return prompt_ids(tokenizer, task, problem)
 
 
 def evaluate(llm: Any, task: Any, problems: Sequence[Any], *, samples: int = 1, temperature: float = 0.0,
@@ -84,18 +74,18 @@ def evaluate(llm: Any, task: Any, problems: Sequence[Any], *, samples: int = 1, 
     completions = [c for out in outputs for c in out.outputs]
     scores = task.score_many(flat_problems, [c.text for c in completions])
 
-    think_end = getattr(tokenizer, "think_end_id", None)
-    think_start = getattr(tokenizer, "think_start_id", None)
     records = []
     for i, (problem, out) in enumerate(zip(problems, outputs)):
         rec_samples = []
         for j, c in enumerate(out.outputs):
             s = scores[i * samples + j]
-            think, answer = _think_split(c.token_ids, think_end)
-            empty = think_start is not None and think == 2 and c.token_ids[:2] == [think_start, think_end]
+            # The server's splitter and usage count: tags excluded, a prompt-opened block included.
+            think = ThinkState.for_prompt(tokenizer, prompts[i]).scan(c.token_ids)
+            n_think = think.num_reasoning_tokens
             rec_samples.append({"text": c.text, "reward": s.reward, "correct": s.accuracy >= 1.0,
                                 "format": s.format, "answer": s.parsed_answer, "tokens": len(c.token_ids),
-                                "think_tokens": think, "answer_tokens": answer, "empty_think": empty,
+                                "think_tokens": n_think, "answer_tokens": len(c.token_ids) - n_think,
+                                "empty_think": think.closed and n_think == 0,
                                 "truncated": c.finish_reason == "length", "timed_out": s.timed_out})
         records.append({"question": problem.question, "gold": problem.answer,
                         "difficulty": problem.metadata.get("difficulty"), "samples": rec_samples})

@@ -14,8 +14,9 @@ from typing import Any, AsyncIterator
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
+from qiusuo.engine.reasoning import REASONING, ReasoningSplitter, split_final
+
 from .protocol import ChatCompletionRequest, OpenAIError
-from .reasoning import REASONING, ReasoningSplitter, split_final
 from .serving import (EngineRequest, ServerState, chat_logprobs, check_text_fits, new_id, resolve_max_tokens,
                       sampling_params, sse, start_all, unless_disconnected, usage)
 from .streaming import AbortingStreamingResponse

@@ -13,8 +13,9 @@ from typing import Any, AsyncIterator
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
+from qiusuo.engine.reasoning import count_reasoning
+
 from .protocol import CompletionRequest, OpenAIError
-from .reasoning import count_reasoning
 from .serving import (EngineRequest, ServerState, check_prompt_ids, check_text_fits, completion_logprobs, merge,
                       new_id, resolve_max_tokens, sampling_params, sse, start_all, unless_disconnected, usage)
 from .streaming import AbortingStreamingResponse

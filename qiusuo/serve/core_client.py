@@ -46,11 +46,11 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from qiusuo.engine import SamplingParams
+from qiusuo.engine.reasoning import with_thinking_budget
 
 from .core import (PROTOCOL, AbortRequest, AddRequest, EngineFailed, LoadFailed, Ready, Shutdown, StepOutput,
                    check_loader, engine_core_main, run_engine_core)
 from .outputs import EngineDeadError, EngineLoadError, EngineSnapshot, RequestStream
-from .thinking import with_thinking_budget
 
 log = logging.getLogger("qiusuo.serve")
 

@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from starlette.requests import Request
 
 from qiusuo.engine import CompletionOutput, RequestOutput, SamplingParams
+from qiusuo.engine.reasoning import count_reasoning, prompt_opens_think
 
 from qiusuo.tokenizer import bytes_to_unicode
 
@@ -21,7 +22,6 @@ from .core_client import EngineCoreClient
 from .metrics import ServerMetrics
 from .outputs import EngineDeadError, EngineLoadError
 from .protocol import OpenAIError, _SamplingFields
-from .reasoning import count_reasoning, prompt_opens_think
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
 _BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}

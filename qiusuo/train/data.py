@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from qiusuo.tokenizer import prompt_ids  # re-exported: the stages build prompts with it
+from qiusuo.tokenizer import bos_prompt_ids
 
 
 def step_seed(seed: int, *parts: int) -> int:
@@ -35,9 +35,10 @@ def pad_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_
     return ids.to(device), mask.to(device)
 
 
-def completion_row(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """(ids, target mask) of a training example: loss on the completion and the closing eos."""
-    p = prompt_ids(tokenizer, prompt)
+def completion_row(tokenizer, prompt: str | list[int], completion: str) -> tuple[list[int], list[int]]:
+    """(ids, target mask) of a training example: loss on the completion and the closing eos. A text
+    prompt gets the bos; token ids (`qiusuo.tasks.prompts.prompt_ids`) are taken as they are."""
+    p = bos_prompt_ids(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     c = tokenizer.encode(completion) + [tokenizer.eos_token_id]
     return p + c, [0] * len(p) + [1] * len(c)
 
@@ -55,4 +56,4 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-__all__ = ["step_seed", "prompt_ids", "pad_rows", "completion_row", "load_task", "pad_id"]
+__all__ = ["step_seed", "pad_rows", "completion_row", "load_task", "pad_id"]

@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qiusuo.tasks.prompts import chat_template, prompt_ids
+
 from .config import DistillConfig
-from .data import load_task, prompt_ids, step_seed
+from .data import load_task, step_seed
 from .loop import FitResult, setup_torch
 from .sft import SFT, record_row
 
@@ -26,7 +28,7 @@ def rejection_sample(llm, tokenizer, task, problems, samples: int, temperature: 
     from qiusuo.engine import SamplingParams
 
     params = SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens, seed=seed)
-    outs = llm.generate([prompt_ids(tokenizer, p.prompt) for p in problems], params)
+    outs = llm.generate([prompt_ids(tokenizer, task, p) for p in problems], params)
     records, correct, solved = [], 0, 0
     for problem, out in zip(problems, outs):
         texts = [o.text for o in out.outputs]
@@ -38,7 +40,10 @@ def rejection_sample(llm, tokenizer, task, problems, samples: int, temperature: 
                 if text not in kept and len(kept) < keep:
                     kept.append(text)
         solved += bool(kept)
-        records += [{"prompt": problem.prompt, "completion": t} for t in kept]
+        # A chat-template task's records are chat records, rendered with the student's template.
+        chat = getattr(task, "template", "") == "chat"
+        records += [{"messages": [*problem.messages, {"role": "assistant", "content": t}]} if chat
+                    else {"prompt": problem.prompt, "completion": t} for t in kept]
     n = max(1, len(problems) * samples)
     return records, {"teacher_accuracy": correct / n, "problems_solved": solved / max(1, len(problems)),
                      "records": len(records)}
@@ -79,6 +84,7 @@ class Distill:
         model, tokenizer = load_model(cfg.student, device=cfg.device)
         if tokenizer is None:
             raise ValueError(f"--student {cfg.student} has no tokenizer.json")
+        tokenizer.chat_template = chat_template(self.task, tokenizer)  # checkpoints render prompts as trained
         rows = [record_row(r, tokenizer) for r in self.records()]
         sft = SFT(cfg, rows=rows, model=model, tokenizer=tokenizer, stage="distill", parent=cfg.student)
         sft.trainer.metadata["teacher"] = cfg.teacher

@@ -25,7 +25,9 @@ from typing import Any, Callable
 import torch
 
 from .config import GRPOConfig
-from .data import load_task, pad_id, pad_rows, prompt_ids, step_seed
+from qiusuo.tasks.prompts import chat_template, prompt_ids
+
+from .data import load_task, pad_id, pad_rows, step_seed
 from .final import save_final
 from .loop import FitResult, Trainer, setup_torch
 from .objectives import group_advantages, zero_variance_groups
@@ -46,6 +48,7 @@ class GRPO:
         setup_torch(cfg)
         self.task = load_task(task if task is not None else cfg.task, cfg.template)
         self.model, self.tokenizer = load_policy(cfg, model, tokenizer)
+        self.tokenizer.chat_template = chat_template(self.task, self.tokenizer)  # checkpoints render prompts as trained
         self.trainer = Trainer(cfg, self.model, self.tokenizer, "grpo", metadata=run_metadata(cfg, self.task))
         self.update = PolicyUpdate(cfg, self.trainer)  # and the frozen reference when beta > 0
         self.llm = LLM(model=self.model, tokenizer=self.tokenizer)  # live weights: no copy, no second sampler
@@ -172,7 +175,7 @@ def sample_groups(llm, tokenizer, task, problems: list, seeds: list[int], cfg: G
     params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=seed)
               for seed in seeds]
     t0 = time.perf_counter()
-    outs = llm.generate([prompt_ids(tokenizer, p.prompt) for p in problems], params)
+    outs = llm.generate([prompt_ids(tokenizer, task, p) for p in problems], params)
     seconds = time.perf_counter() - t0
     completions = [o for r in outs for o in r.outputs]  # group-major (B,)
     group_problems = [p for p in problems for _ in range(cfg.group_size)]

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from qiusuo.tasks.prompts import chat_template
+from qiusuo.tasks.prompts import prompt_ids as task_prompt_ids
+
 from .config import PretrainConfig
 from .data import completion_row, load_task, step_seed
 from .final import save_final
@@ -34,13 +37,15 @@ class Pretrain(CompletionLM):
         self.mix = {k: v for k, v in self.mix.items() if k in self.task.solution_styles and v > 0}
         self.task.corpus(1, seed=0, mix=self.mix)  # validates the mix against the task before step 1
         self.model, self.tokenizer = build_model(cfg.preset, seed=cfg.seed)
+        # Every checkpoint renders chat prompts exactly as this stage encodes the task's prompts.
+        self.tokenizer.chat_template = chat_template(self.task, self.tokenizer)
         self.model.to(cfg.device)
         self.trainer = Trainer(cfg, self.model, self.tokenizer, "pretrain",
                                metadata={"preset": cfg.preset, "task": self.task.name, "mix": self.mix})
 
     def batch_rows(self, step: int):
         pairs = self.task.corpus(self.cfg.batch_size, seed=step_seed(self.cfg.seed, step), mix=self.mix)
-        return [completion_row(self.tokenizer, p.prompt, c) for p, c in pairs]
+        return [completion_row(self.tokenizer, task_prompt_ids(self.tokenizer, self.task, p), c) for p, c in pairs]
 
     def run(self) -> FitResult:
         self.trainer.resume_if_asked()

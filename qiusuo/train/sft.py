@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from qiusuo.tokenizer import prompt_chat_template
+
 from .config import SFTConfig
 from .data import completion_row, pad_id, pad_rows, step_seed
 from .final import save_final
@@ -60,6 +62,13 @@ def read_sft_records(path: str | Path, tokenizer, max_length: int) -> list[tuple
     return kept
 
 
+def has_chat_records(path: str | Path) -> bool:
+    """Whether a JSONL file holds chat records (`record_row` renders them with the chat template)."""
+    from qiusuo.tasks.jsonl import read_jsonl
+
+    return any("messages" in r and not ("prompt" in r and "completion" in r) for _, r in read_jsonl(path, required=()))
+
+
 def record_row(rec: dict, tokenizer, where: str = "record") -> tuple[list[int], list[int]]:
     if "prompt" in rec and "completion" in rec:
         return completion_row(tokenizer, str(rec["prompt"]), str(rec["completion"]))
@@ -86,6 +95,9 @@ class SFT(CompletionLM):
             raise ValueError(f"{cfg.model} has no tokenizer.json; SFT needs it to encode the records")
         self.model, self.tokenizer = model.train(), tokenizer
         self.rows = list(rows) if rows is not None else read_sft_records(cfg.data, tokenizer, cfg.max_length)
+        if rows is None and not has_chat_records(cfg.data):
+            # prompt/completion records train on [bos] + prompt: the checkpoint's chat template renders that
+            tokenizer.chat_template = prompt_chat_template()
         self.stage, self.parent = stage, parent or cfg.model
         self.trainer = Trainer(cfg, model, tokenizer, stage, metadata={"parent": self.parent})
 

@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 
+from qiusuo.tasks.prompts import chat_template
+
 from ..data import load_task
 from ..final import save_final
 from ..grpo import RolloutBuilder, grpo_step, run_metadata
@@ -62,6 +64,7 @@ class RayGRPO:
         self.task = load_task(self._task_arg, cfg.template)
         # The driver's copy stays on the CPU: the reference lives on the learners, the engines on the workers.
         self.model, self.tokenizer = load_policy(cfg, model, tokenizer, device="cpu")
+        self.tokenizer.chat_template = chat_template(self.task, self.tokenizer)  # checkpoints render prompts as trained
         self.trainer = RayTrainer(cfg, self.model, self.tokenizer, run_metadata(cfg, self.task),
                                   pull_state=lambda: self.learners.state())
         self.rollout_builder = RolloutBuilder(cfg, self.task, self.tokenizer, self._sample, self.trainer.device)
