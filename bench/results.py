@@ -97,6 +97,7 @@ class Run:
     def __init__(self, bench: str, threads: Any = None, args: dict[str, Any] | None = None):
         self.bench = bench
         self.started = _dt.datetime.now(_dt.timezone.utc)
+        self.git = git_commit()  # the code that ran: fixed at the start, so saving twice writes one file
         self.data: dict[str, Any] = {
             "bench": bench, "started": self.started.isoformat(timespec="seconds"), "threads": threads,
             "args": args or {}, "load_before": load_average(), "records": [], "tables": [],
@@ -120,7 +121,7 @@ class Run:
 
     def save(self, summary: dict[str, Any] | None = None, directory: Path | None = None) -> Path:
         """Write the file (medians and context included) and print its path."""
-        commit = git_commit()
+        commit = self.git
         self.data.update(summary=summary or {}, load_after=load_average(), versions=versions(), git=commit,
                          cpu=cpu_info(), python=platform.python_version(),
                          finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
