@@ -288,6 +288,9 @@ def main() -> None:
                     print(f"[{workload}] {side} failed: {errors[side]}", flush=True)
                     continue
                 prompt_ids.setdefault(side, res.pop("step0_prompt_ids"))
+                first = next(iter(prompt_ids.values()))
+                assert prompt_ids[side] == first, (  # fail fast, before the other sides' runs
+                    f"[{workload}] step 0's prompt ids differ between sides: {prompt_ids}")
                 runs[side].append(res)
                 run.add(workload=workload, side=side, repeat=r, **res)
                 print(f"[{workload}] repeat {r} {side:<24} median {median(res['wall']):.3f} s/step wall, "
