@@ -233,7 +233,7 @@ class Server:
                                       "--engine-process" if engine_process else "--no-engine-process"], env=env)
         self.engine_pid: int | None = None
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 600) -> None:  # a loaded 2-core machine starts the engine slowly
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -253,7 +253,11 @@ class Server:
 
     def close(self) -> None:
         self.proc.terminate()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # the bench must not leave a server behind
+            self.proc.wait(timeout=30)
 
 
 def check_same(preset: str, clients: int, mode: str, served: dict, offline: dict, requests: int,
