@@ -318,6 +318,15 @@ def main() -> None:
                                            round(trl[best]["cpu_seconds_per_step"] / summary[s]["cpu_seconds_per_step"], 2)])
             run.add(workload=workload, kind="summary", summary=summary, errors=errors,
                     step0_prompt_ids_equal=True, step0_prompt_ids=ids[0])
+            save(run, rows, ratio_rows, args, versions)  # after every workload: a later one that runs out of time keeps this
+    for row in rows:
+        print(" | ".join(str(x) for x in row))
+    for row in ratio_rows:
+        print("ratio:", " | ".join(str(x) for x in row))
+
+
+def save(run: Run, rows: list, ratio_rows: list, args: argparse.Namespace, versions: dict) -> None:
+    run.data["tables"] = []
     cols = ["workload", "side", "s/step", "CPU s/step", "compl/s", "compl/CPU-s", "mean len", "rows trained/step",
             "zero-var groups", "timed steps"]
     run.table("GRPO steps: medians over every timed step of every repeat", cols, rows,
@@ -328,10 +337,6 @@ def main() -> None:
     run.table("qiusuo over the better TRL side (step-time ratio; > 1: qiusuo faster)",
               ["workload", "qiusuo side", "better TRL side", "ratio wall", "ratio CPU"], ratio_rows)
     run.save(summary={"pinned": PINNED, "versions": versions})
-    for row in rows:
-        print(" | ".join(str(x) for x in row))
-    for row in ratio_rows:
-        print("ratio:", " | ".join(str(x) for x in row))
 
 
 if __name__ == "__main__":
