@@ -379,7 +379,12 @@ def bench_real(args, run: Run) -> None:
                 cmd = [sys.executable, __file__, "--_real", shape, side, str(path), "--threads", str(args.threads),
                        "--new-tokens", str(args.new_tokens), "--prefill-len", str(args.prefill_len),
                        "--seed", str(args.seed)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.side_timeout)
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.side_timeout)
+                except subprocess.TimeoutExpired:  # recorded, and the other sides still run
+                    print(f"{shape} repeat {r}: {side} took over {args.side_timeout:.0f} s; skipped", flush=True)
+                    run.add(kind="real", shape=shape, side=side, repeat=r, error=f"over {args.side_timeout:.0f} s")
+                    continue
                 lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT)]
                 if proc.returncode or not lines:
                     sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -402,7 +407,8 @@ def bench_real(args, run: Run) -> None:
                       f"decode {res['decode_tok_s']:.1f}, batch {[round(res[f'batch{b}_tok_s'], 1) for b in batches]} "
                       f"tok/s, RSS {res['peak_rss_mb']:.0f} MiB", flush=True)
             keys = ["load_s", "prefill_tok_s", "decode_tok_s"] + [f"batch{b}_tok_s" for b in batches] + ["peak_rss_mb"]
-            rows = [[s] + [round(median([x[k] for x in got[s]]), 2 if k == "load_s" else 1) for k in keys] for s in sides]
+            rows = [[s] + [round(median([x[k] for x in got[s]]), 2 if k == "load_s" else 1) for k in keys]
+                    if got[s] else [f"{s} (timed out)"] + [None] * len(keys) for s in sides]
             run.table(f"{shape}: {params / 1e6:.0f} M parameters, random weights (medians of {args.repeats})", cols, rows,
                       note=f"prompt {args.prefill_len} tokens for prefill; 16-token prompts and {args.new_tokens} new "
                            f"tokens for decode (single stream: prefill subtracted) and batches (prefill included); "
