@@ -9,7 +9,11 @@ generated from these files (`python bench/tables.py`), never typed by hand.
     from results import Run                               # bench/ is sys.path[0] for `python bench/x.py`
     run = Run("edge", threads=[1, 2], args=vars(args))   # records the load before
     ...                                                    # measure, run.add(...) raw values
+    run.table("Decode tok/s", ["engine", "tok/s"], [["qiusuo", 812.0], ...])  # what README shows
     path = run.save(summary={...})                         # load after, versions; prints the path
+
+A table is data, not text: `bench/tables.py` renders every table of the newest file of each bench
+into `bench/README.md` between `<!-- tables:BENCH -->` and `<!-- /tables:BENCH -->`.
 """
 
 from __future__ import annotations
@@ -74,15 +78,29 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def alternating(sides: list[str], repeats: int) -> list[tuple[int, str]]:
+    """(repeat, side) in the order to run them: forward on even repeats, reversed on odd ones, so a
+    burst of outside load, or a warm cache left by the previous side, does not always favour one side."""
+    return [(r, side) for r in range(repeats) for side in (sides if r % 2 == 0 else sides[::-1])]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class Run:
     """One benchmark run: raw records in, one JSON file out."""
 
     def __init__(self, bench: str, threads: Any = None, args: dict[str, Any] | None = None):
         self.bench = bench
         self.started = _dt.datetime.now(_dt.timezone.utc)
+        self.git = git_commit()  # the code that ran: fixed at the start, so saving twice writes one file
         self.data: dict[str, Any] = {
             "bench": bench, "started": self.started.isoformat(timespec="seconds"), "threads": threads,
-            "args": args or {}, "load_before": load_average(), "records": [],
+            "args": args or {}, "load_before": load_average(), "records": [], "tables": [],
         }
 
     def add(self, **record: Any) -> dict[str, Any]:
@@ -90,13 +108,20 @@ class Run:
         self.data["records"].append(record)
         return record
 
+    def table(self, title: str, columns: list[str], rows: list[list[Any]], note: str | None = None) -> None:
+        """A table for bench/README.md: a title, column names, rows of values (numbers stay numbers)."""
+        if any(len(r) != len(columns) for r in rows):
+            raise ValueError(f"table {title!r}: every row needs {len(columns)} values ({', '.join(columns)})")
+        self.data["tables"].append({"title": title, "columns": list(columns), "rows": [list(r) for r in rows],
+                                    "note": note})
+
     @property
     def records(self) -> list[dict[str, Any]]:
         return self.data["records"]
 
     def save(self, summary: dict[str, Any] | None = None, directory: Path | None = None) -> Path:
         """Write the file (medians and context included) and print its path."""
-        commit = git_commit()
+        commit = self.git
         self.data.update(summary=summary or {}, load_after=load_average(), versions=versions(), git=commit,
                          cpu=cpu_info(), python=platform.python_version(),
                          finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))

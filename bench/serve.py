@@ -12,8 +12,13 @@ the clients are a minimal asyncio HTTP/1.1 client in this process. The server's 
 its own engine-core process by default (`--engine-process`, as `qiusuo serve`), or on a thread of
 the API process (`--no-engine-process`); `--both-modes` runs a server of each kind and measures
 both against the same offline runs. CPU per token is reported for the API process and the
-engine process separately. Each level alternates served and offline runs `--repeats` times and
-keeps each side's best (a shared machine only ever makes a run slower). Ends with one JSON line.
+engine process separately, and it leads the report: the served side spends CPU in two processes
+(API and engine core) while the offline engine runs on one thread, so CPU per token is the
+like-for-like cost; wall-clock rates follow. Each level alternates served and offline runs
+`--repeats` times (order reversed on odd repeats) and reports medians. Prefix caching is off on
+both sides, so no repeat reuses KV from an earlier one. Every request's token count and its
+streamed text (reasoning and content deltas joined) are asserted equal to the offline engine's.
+Results go to bench/results/serve-*.json. Ends with one JSON line.
 
     python bench/serve.py                       # both presets, 1/8/32 clients
     python bench/serve.py --presets tiny-moe --levels 32 --max-tokens 32 --both-modes
@@ -33,6 +38,11 @@ import time
 
 import httpx
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results import Run, alternating, median  # noqa: E402
+
+THINK = ("<think>", "</think>")  # tag tokens: the served stream splits on them and drops their text
+
 
 def build_engine(preset: str, threads: int, max_num_seqs: int):
     """A fresh tiny model and its engine (module level: the engine process unpickles it by name)."""
@@ -46,7 +56,7 @@ def build_engine(preset: str, threads: int, max_num_seqs: int):
     model, tok = build_model(preset, seed=0)
     model.eval()  # as a loaded checkpoint is; in train mode every served step pays a train/eval switch
     return LLMEngine(model, tok, EngineConfig(num_threads=threads, max_num_seqs=max_num_seqs,
-                                              kv_cache_bytes=256 << 20))
+                                              kv_cache_bytes=256 << 20, enable_prefix_caching=False))
 
 
 def serve_main(preset: str, port: int, threads: int, max_num_seqs: int, engine_process: bool) -> None:
@@ -99,7 +109,7 @@ async def one_request(host: str, port: int, model: str, messages, seed: int, max
         if status != b"200":
             raise RuntimeError(f"HTTP {status.decode()}: {(await reader.read(300)).decode(errors='replace')}")
         first = last = None
-        tokens, buffer = 0, b""
+        tokens, buffer, text = 0, b"", []
         while True:
             size = int((await reader.readline()).strip() or b"0", 16)
             if size == 0:
@@ -113,14 +123,17 @@ async def one_request(host: str, port: int, model: str, messages, seed: int, max
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
-                if delta.get("content") or delta.get("reasoning_content"):  # random weights may "think"
+                piece = (delta.get("reasoning_content") or "") + (delta.get("content") or "")
+                if piece:  # random weights may "think": a delta carries one of the two
+                    text.append(piece)
                     last = time.perf_counter()
                     first = first or last
     finally:
         writer.close()
     if first is None:
         raise RuntimeError("no token streamed")
-    return {"ttft": first - t0, "tpot": (last - first) / max(tokens - 1, 1), "tokens": tokens}
+    return {"ttft": first - t0, "tpot": (last - first) / max(tokens - 1, 1), "tokens": tokens, "seed": seed,
+            "text": "".join(text)}
 
 
 async def run_level(host: str, port: int, model: str, clients: int, requests: list, max_tokens: int) -> dict:
@@ -143,6 +156,7 @@ async def run_level(host: str, port: int, model: str, clients: int, requests: li
     tokens = sum(r["tokens"] for r in results)
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "errors": len(errors),
             "error_examples": errors[:3],
+            "per_request": {r["seed"]: (r["tokens"], r["text"]) for r in results},
             "ttft_p50_ms": 1e3 * pct([r["ttft"] for r in results], 0.5),
             "ttft_p99_ms": 1e3 * pct([r["ttft"] for r in results], 0.99),
             "tpot_ms": 1e3 * statistics.fmean([r["tpot"] for r in results]) if results else float("nan")}
@@ -165,14 +179,19 @@ class Offline:
         from qiusuo.engine import SamplingParams
 
         llm = self.LLM(self.model, self.tok, num_threads=self.threads, max_num_seqs=clients,
-                       kv_cache_bytes=256 << 20)
+                       kv_cache_bytes=256 << 20, enable_prefix_caching=False)
         params = [SamplingParams(**sampling(seed, max_tokens)) for seed in range(len(requests))]
         llm.chat(requests[:2], params[:2])  # warm-up
         t0, c0 = time.perf_counter(), time.process_time()
         outs = llm.chat(requests, params)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         tokens = sum(o.num_completion_tokens for o in outs)
-        return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "cpu_s": cpu}
+        # The served stream carries no tag text: its reasoning and content deltas, joined in order,
+        # are the offline text with the think tags taken out.
+        per_request = {i: (o.num_completion_tokens, o.outputs[0].text.replace(THINK[0], "").replace(THINK[1], ""))
+                       for i, o in enumerate(outs)}
+        return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "cpu_s": cpu,
+                "per_request": per_request}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -214,7 +233,7 @@ class Server:
                                       "--engine-process" if engine_process else "--no-engine-process"], env=env)
         self.engine_pid: int | None = None
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 600) -> None:  # a loaded 2-core machine starts the engine slowly
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -234,11 +253,28 @@ class Server:
 
     def close(self) -> None:
         self.proc.terminate()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # the bench must not leave a server behind
+            self.proc.wait(timeout=30)
+
+
+def check_same(preset: str, clients: int, mode: str, served: dict, offline: dict, requests: int,
+               max_tokens: int) -> None:
+    """Served and offline runs produced the same tokens: every request's count, and its text."""
+    got, want = served["per_request"], offline["per_request"]
+    assert len(got) == len(want) == requests, (
+        f"[{preset}, {mode}] {clients} clients: {len(got)} served and {len(want)} offline results for {requests} requests")
+    for i in sorted(want):
+        (n, text), (n_off, text_off) = got[i], want[i]
+        assert n == n_off == max_tokens, (
+            f"[{preset}, {mode}] request {i}: {n} tokens served, {n_off} offline, {max_tokens} requested")
+        assert text == text_off, f"[{preset}, {mode}] request {i}: streamed text {text!r} != offline text {text_off!r}"
 
 
 def bench_preset(preset: str, levels: list[int], per_client: int, max_tokens: int, threads: int,
-                 time_limit: float, repeats: int, modes: list[bool]) -> list[dict]:
+                 time_limit: float, repeats: int, modes: list[bool], run: Run) -> list[dict]:
     servers = [Server(preset, threads, max(levels), engine_process) for engine_process in modes]
     rows = []
     offline = Offline(preset, threads)
@@ -251,51 +287,66 @@ def bench_preset(preset: str, levels: list[int], per_client: int, max_tokens: in
                 print(f"[{preset}] time limit reached; skipping {clients} clients", file=sys.stderr)
                 continue
             requests = make_messages(clients * per_client, seed=clients)
-            for server in servers:  # warm-up
+            for server in servers:  # warm-up, on other prompts
                 asyncio.run(run_level("127.0.0.1", server.port, preset, clients, make_messages(clients, seed=999), 8))
-            # Alternate served and offline runs and keep each one's best: on a shared machine the
-            # noise is other processes taking the CPU, which only ever makes a run slower.
-            served: dict[str, dict] = {}
-            base = None
-            for _ in range(repeats):
+            # Served and offline alternate (served first on even repeats, offline first on odd ones) and
+            # the medians are reported. Prefix caching is off on both sides, so no repeat reuses another's KV.
+            served: dict[str, list[dict]] = {server.mode: [] for server in servers}
+            base: list[dict] = []
+            for r, side in alternating(["served", "offline"], repeats):
+                if side == "offline":
+                    b = offline.run(clients, requests, max_tokens)
+                    base.append(b)
+                    run.add(preset=preset, clients=clients, side="offline", repeat=r, wall_s=b["wall_s"],
+                            tokens=b["tokens"], cpu_s=b["cpu_s"])
+                    continue
                 for server in servers:
                     api0, eng0 = server.cpu()
                     s = asyncio.run(run_level("127.0.0.1", server.port, preset, clients, requests, max_tokens))
                     api1, eng1 = server.cpu()
                     s["api_cpu_s"], s["engine_cpu_s"] = api1 - api0, eng1 - eng0
-                    best = served.get(server.mode)
-                    served[server.mode] = s if best is None or s["tokens_per_s"] > best["tokens_per_s"] else best
-                b = offline.run(clients, requests, max_tokens)
-                base = b if base is None or b["tokens_per_s"] > base["tokens_per_s"] else base
-            for mode, s in served.items():
-                rows.append(report_row(preset, clients, mode, len(requests), max_tokens, s, base))
+                    served[server.mode].append(s)
+                    run.add(preset=preset, clients=clients, side=f"served ({server.mode})", repeat=r,
+                            **{k: v for k, v in s.items() if k != "per_request"})
+            for mode, runs in served.items():
+                for s in runs:
+                    for b in base:
+                        check_same(preset, clients, mode, s, b, len(requests), max_tokens)
+                rows.append(report_row(preset, clients, mode, len(requests), max_tokens, runs, base))
     finally:
         for server in servers:
             server.close()
     return rows
 
 
-def report_row(preset: str, clients: int, mode: str, num_requests: int, max_tokens: int, served: dict,
-               base: dict) -> dict:
-    per_token = lambda seconds: round(1e3 * seconds / max(served["tokens"], 1), 3)  # noqa: E731
-    api_cpu, engine_cpu = served.pop("api_cpu_s"), served.pop("engine_cpu_s")
+def report_row(preset: str, clients: int, mode: str, num_requests: int, max_tokens: int, served: list[dict],
+               base: list[dict]) -> dict:
+    """Medians over the repeats. CPU per token leads: the served side spends it in two processes
+    (API and engine core), the offline engine in one thread; wall-clock figures follow."""
+    med = lambda runs, key: median([r[key] for r in runs])  # noqa: E731
+    tokens = served[0]["tokens"]
+    per_token = lambda seconds: round(1e3 * seconds / max(tokens, 1), 3)  # noqa: E731
+    api_cpu, engine_cpu = med(served, "api_cpu_s"), med(served, "engine_cpu_s")
+    offline_cpu = round(1e3 * med(base, "cpu_s") / base[0]["tokens"], 3)
     row = {"preset": preset, "clients": clients, "mode": mode, "requests": num_requests, "max_tokens": max_tokens,
-           **{k: round(v, 3) if isinstance(v, float) else v for k, v in served.items()},
-           "offline_tokens_per_s": round(base["tokens_per_s"], 1),
-           "served_over_offline": round(served["tokens_per_s"] / base["tokens_per_s"], 3),
-           "token_counts_match": served["tokens"] == base["tokens"],
-           # CPU time per token barely moves with other processes' load, unlike wall time
            "server_cpu_ms_per_token": per_token(api_cpu + engine_cpu),
            "api_cpu_ms_per_token": per_token(api_cpu),
            "engine_cpu_ms_per_token": per_token(engine_cpu) if mode == "process" else None,
-           "offline_cpu_ms_per_token": round(1e3 * base["cpu_s"] / base["tokens"], 3)}
+           "offline_cpu_ms_per_token": offline_cpu,
+           "cpu_served_over_offline": round(per_token(api_cpu + engine_cpu) / offline_cpu, 3),
+           "tokens": tokens, "errors": sum(r["errors"] for r in served),
+           "error_examples": [e for r in served for e in r["error_examples"]][:3],
+           **{k: round(med(served, k), 3) for k in ("wall_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_ms")},
+           "offline_tokens_per_s": round(med(base, "tokens_per_s"), 1), "repeats": len(served),
+           "token_counts_match": True, "texts_match": True}  # check_same asserted both before this row
+    row["served_over_offline"] = round(row["tokens_per_s"] / row["offline_tokens_per_s"], 3)
     engine_part = f" (API {row['api_cpu_ms_per_token']:.3f} + engine {row['engine_cpu_ms_per_token']:.3f})" \
         if mode == "process" else ""
-    print(f"[{preset}, {mode}] {clients:>2} clients: TTFT p50 {row['ttft_p50_ms']:.1f} ms, p99 "
-          f"{row['ttft_p99_ms']:.1f} ms, TPOT {row['tpot_ms']:.2f} ms, {row['tokens_per_s']:.0f} tok/s "
-          f"served vs {row['offline_tokens_per_s']:.0f} offline ({row['served_over_offline']:.0%}), "
-          f"CPU/token {row['server_cpu_ms_per_token']:.3f} ms served{engine_part} vs "
-          f"{row['offline_cpu_ms_per_token']:.3f} offline, errors {row['errors']}", file=sys.stderr)
+    print(f"[{preset}, {mode}] {clients:>2} clients: CPU/token {row['server_cpu_ms_per_token']:.3f} ms served"
+          f"{engine_part} vs {row['offline_cpu_ms_per_token']:.3f} offline; TTFT p50 {row['ttft_p50_ms']:.1f} ms, "
+          f"p99 {row['ttft_p99_ms']:.1f} ms, TPOT {row['tpot_ms']:.2f} ms, {row['tokens_per_s']:.0f} tok/s served vs "
+          f"{row['offline_tokens_per_s']:.0f} offline ({row['served_over_offline']:.0%}), errors {row['errors']}",
+          file=sys.stderr)
     return row
 
 
@@ -306,7 +357,7 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the engine (both runs)")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per level, served and offline alternating; best kept")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per level, served and offline alternating; medians")
     ap.add_argument("--time-limit", type=float, default=300, help="seconds per preset before levels are skipped")
     ap.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                     help="the server's engine in its own process (default, as `qiusuo serve`) or on a thread")
@@ -322,10 +373,23 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     modes = [True, False] if args.both_modes else [args.engine_process]
+    run = Run("serve", threads=args.threads, args={k: v for k, v in vars(args).items() if not k.startswith("_")})
     rows = []
     for preset in args.presets:
         rows += bench_preset(preset, args.levels, args.requests_per_client, args.max_tokens, args.threads,
-                             args.time_limit, args.repeats, modes)
+                             args.time_limit, args.repeats, modes, run)
+    run.table("Served vs offline: CPU per output token first (medians of the repeats)",
+              ["preset", "clients", "engine", "served CPU ms/token", "API ms", "engine-core ms", "offline CPU ms/token",
+               "served/offline CPU", "served tok/s", "offline tok/s", "served/offline tok/s", "TTFT p50 ms",
+               "TTFT p99 ms", "TPOT ms", "errors"],
+              [[r["preset"], r["clients"], r["mode"], r["server_cpu_ms_per_token"], r["api_cpu_ms_per_token"],
+                r["engine_cpu_ms_per_token"], r["offline_cpu_ms_per_token"], r["cpu_served_over_offline"],
+                r["tokens_per_s"], r["offline_tokens_per_s"], r["served_over_offline"], r["ttft_p50_ms"],
+                r["ttft_p99_ms"], r["tpot_ms"], r["errors"]] for r in rows],
+              note=f"{args.requests_per_client} requests per client, {args.max_tokens} tokens each (seeded sampling, "
+                   f"ignore_eos), {args.threads} engine thread(s), prefix caching off on both sides; token counts "
+                   "and streamed text asserted equal to the offline engine's.")
+    run.save(summary={"rows": rows})
     print(json.dumps({"bench": "serve", "threads": args.threads, "repeats": args.repeats,
                       "modes": ["process" if m else "thread" for m in modes],
                       "loadavg_1m": os.getloadavg()[0], "results": rows}))
