@@ -136,7 +136,7 @@ class Int4Weight(nn.Module):
         self.group_size = group_size
         N, K = q.shape
         self.shape = (N, K)
-        # Two 4-bit values per byte, row-major (the checkpoint layout; see `save_quantized`).
+        # Two 4-bit values per byte, row-major: half the bytes of an int8 tensor (saving to disk: not yet).
         self.register_buffer("qweight", (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8))
         self.register_buffer("scales", scale.float().contiguous())  # (N, K/g)
         self.register_buffer("zeros", zero.float().contiguous())  # (N, K/g)
