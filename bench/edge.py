@@ -39,14 +39,14 @@ PROMPT = "Q: what is 12+34? think step by step.\nA:"
 # ---------------------------------------------------------------------- qiusuo
 def qiusuo_run(ckpt: Path, tok, variant: str, one: list[list[int]], many: list[list[int]], n: int,
                threads: int, repeats: int) -> tuple[float, float, float]:
-    """(single-stream tok/s, batch tok/s, engine start seconds) of one engine: variant is fp32, bf16, int8, or
+    """(single-stream tok/s, batch tok/s, engine start seconds) of one engine: variant is fp32, bf16, int8, int8-dynamic, int4, or
     fp32/bf16 + "+compile" or "+max-autotune" (EngineConfig.compile: the decode step under torch.compile)."""
     from qiusuo.engine import LLM, SamplingParams
 
     name, _, mode = variant.partition("+")
     start = time.perf_counter()
     llm = LLM(str(ckpt), dtype="bfloat16" if name == "bf16" else "float32",
-              quantization="int8" if name == "int8" else None,
+              quantization=name if name in ("int8", "int8-dynamic", "int4") else None,
               compile={"": False, "compile": True}.get(mode, mode), num_threads=threads, kv_cache_bytes=256 << 20)
     startup = time.perf_counter() - start
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
@@ -170,7 +170,7 @@ def main() -> None:
     # a neighbour busy during one side's runs must not hand the other side the win.
     llama_before = llama_all(ggufs, one, many, args.tokens, args.repeats)
     results: dict[str, dict] = {}
-    for variant in ("fp32", "bf16", "int8", "fp32+compile", "fp32+max-autotune", "bf16+max-autotune"):
+    for variant in ("fp32", "bf16", "int8", "int8-dynamic", "int4", "fp32+compile", "fp32+max-autotune", "bf16+max-autotune"):
         runs = {threads: qiusuo_run(tmp / "ckpt", tok, variant, one, many, args.tokens, threads, args.repeats)
                 for threads in (1, 2)}
         t1 = max(runs, key=lambda t: runs[t][0])

@@ -86,7 +86,7 @@ def test_compile_is_refused_where_it_would_be_wrong(tmp_path):
     with pytest.raises(ValueError, match="live module"):
         LLM(model, tok, compile=True)
     save_model(model, tok, tmp_path)
-    with pytest.raises(ValueError, match="int8"):
+    with pytest.raises(ValueError, match="quantization"):
         LLM(str(tmp_path), compile=True, quantization="int8")
 
 
@@ -131,3 +131,28 @@ def test_cli_compile_flags():
     assert compile_setting(p.parse_args([])) is False
     assert compile_setting(p.parse_args(["--compile"])) is True
     assert compile_setting(p.parse_args(["--compile-mode", "max-autotune"])) == "max-autotune"
+
+
+def test_warm_up_rows_follow_max_num_seqs():
+    from qiusuo.engine.llm_engine import warm_up_rows
+
+    assert [warm_up_rows(n) for n in (1, 2, 16, 32, 256)] == [1, 2, 6, 8, 23]
+
+
+@pytest.mark.timeout(900)
+def test_no_recompile_in_steady_state_decoding(tmp_path):
+    """Issue 15: with 16 warm-up rows and 16-token blocks dynamo duck-sized B and S into one symbol,
+    and a one-block warm-up specialised nb = 1, so the first real requests recompiled (minutes at
+    135M). After the warm-up, no batch size up to max_num_seqs and no context length may compile
+    a new graph."""
+    from torch._dynamo.utils import counters
+
+    model, tok = _model("tiny-dense")
+    save_model(model, tok, tmp_path)
+    llm = LLM(str(tmp_path), compile=True, num_threads=1, kv_cache_bytes=16 << 20, max_num_seqs=16, block_size=16)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # one row, several rows
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)  # crosses 2-3 block boundaries
+    for n in (1, 2, 5, 16, 9, 1):
+        llm.generate([[3 + i] * (1 + 7 * i % 20) for i in range(n)], greedy)  # 1- to 20-token prompts
+    assert counters["stats"]["unique_graphs"] == graphs, "steady-state decoding recompiled the decode graph"

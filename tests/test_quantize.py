@@ -1,7 +1,9 @@
-"""Weight-only int8 quantization: outputs stay close to fp32.
+"""Low-bit weights (qiusuo/model/quantize.py): each kernel equals its dequantized matmul, and logits stay
+close to fp32.
 
-Error bound (stated, measured with margin): relative max logit error |int8 - fp32|max / |fp32|max
-below 5% on the presets' random-init models. MoE routing is discontinuous (a flipped expert choice
+Error bounds (stated, measured with margin on tiny-dense, initializer_range 0.05): relative max
+logit error |q - fp32|max / |fp32|max below 5% for int8 (measured 1.6%), 15% for int8-dynamic
+(8-bit activations too; measured 8.3%), 35% for int4 in groups of 32 (measured 21%). MoE routing is discontinuous (a flipped expert choice
 moves a token's output by far more than int8 rounding), so for the MoE model the router bias pins
 the expert choice; the experts themselves are checked against `Experts` under identical routing.
 """
@@ -11,12 +13,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qiusuo.export import QuantizedLinear, quantize_model
-from qiusuo.export.quantize import QuantizedExperts, int8_linear, quantize_per_channel
 from qiusuo.model import build_model
 from qiusuo.model.moe import Experts
+from qiusuo.model.quantize import (
+    Int4Weight,
+    Int8Weight,
+    QuantizedExperts,
+    QuantizedLinear,
+    cpu_has_native_bf16,
+    int8_kernel,
+    quantize_int4_groupwise,
+    quantize_model,
+    quantize_per_channel,
+)
 
-REL_MAX_LOGIT_ERROR = 0.05
+BOUNDS = {"int8": 0.05, "int8-dynamic": 0.15, "int4": 0.35}
 
 
 def rel_max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -30,30 +41,59 @@ def test_per_channel_round_trip_is_within_half_a_step():
     assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
 
 
-def test_int8_linear_matches_dequantized_matmul_on_both_paths():
-    for K in (128, 100):  # 128: the int8pack kernel; 100: dequantize-on-the-fly (kernel needs K % 16 == 0)
+@pytest.mark.parametrize("kernel", ["int8pack", "fbgemm", "dequant"])
+def test_int8_kernels_match_the_dequantized_matmul(kernel):
+    if kernel == "fbgemm" and int8_kernel("int8-dynamic") != "fbgemm":
+        pytest.skip("fbgemm is x86-only")
+    for K in (128, 100):  # 100: not a multiple of 16, which int8pack cannot take (falls back to dequant)
         w, x = torch.randn(48, K), torch.randn(3, 5, K)
-        q, s = quantize_per_channel(w)
-        y = int8_linear(x, q, s, s.bfloat16())
-        ref = x @ (q.float() * s[:, None]).T
+        m = Int8Weight(*quantize_per_channel(w), kernel=kernel)
+        y = m(x)
+        ref = x @ m.dequantize().T
         assert y.shape == (3, 5, 48) and y.dtype == x.dtype
-        assert rel_max_err(y, ref) < 0.02  # bf16 activations on the kernel path
+        # bf16 activations (int8pack) or 7-bit activations (fbgemm): a few percent of the largest output
+        assert rel_max_err(y, ref) < (0.05 if kernel == "fbgemm" else 0.02)
+        if kernel == "dequant":
+            torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_dense_int8_logits_close_to_fp32():
+def test_int4_groupwise_round_trip_and_kernel():
+    w = torch.randn(64, 256) * torch.linspace(0.01, 3.0, 64)[:, None]
+    for g in (32, 64, 128):
+        q, scale, zero = quantize_int4_groupwise(w, g)
+        assert q.min() >= 0 and q.max() <= 15 and scale.shape == (64, 256 // g)
+        m = Int4Weight(q, scale, zero, g)
+        deq = m.dequantize()
+        step = scale.repeat_interleave(g, dim=1)
+        assert ((deq - w).abs() <= step / 2 + 1e-5).all()  # within half a step of the original
+        assert m.kernel == "int4pack"
+        x = torch.randn(7, 256)
+        assert rel_max_err(m(x), x @ deq.T) < 0.02  # bf16 activations in the kernel
+    with pytest.raises(ValueError, match="group size"):
+        quantize_int4_groupwise(torch.randn(16, 48), 32)
+
+
+def test_bf16_detection_reads_the_cpu_flags():
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    assert cpu_has_native_bf16() == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-dynamic", "int4"])
+def test_dense_logits_close_to_fp32(mode):
     model, _ = build_model("tiny-dense", seed=0, initializer_range=0.05)
     model.eval()
     x = torch.randint(10, 266, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x)
-        quantize_model(model, "int8")
+        quantize_model(model, mode)
         out = model(x)
     assert any(isinstance(m, QuantizedLinear) for m in model.modules())
     assert not any(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules())
-    assert rel_max_err(out, ref) < REL_MAX_LOGIT_ERROR
+    assert rel_max_err(out, ref) < BOUNDS[mode]
 
 
-def test_moe_int8_logits_close_to_fp32_with_pinned_routing():
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_moe_logits_close_to_fp32_with_pinned_routing(mode):
     model, _ = build_model("tiny-moe", seed=0, initializer_range=0.05)
     model.eval()
     with torch.no_grad():
@@ -62,10 +102,10 @@ def test_moe_int8_logits_close_to_fp32_with_pinned_routing():
     x = torch.randint(10, 266, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x)
-        quantize_model(model, "int8")
+        quantize_model(model, mode)
         out = model(x)
     assert all(isinstance(m.experts, QuantizedExperts) for m in model.moe_layers())
-    assert rel_max_err(out, ref) < REL_MAX_LOGIT_ERROR
+    assert rel_max_err(out, ref) < BOUNDS[mode]
 
 
 def test_quantized_experts_match_experts_under_the_same_routing():
@@ -94,7 +134,6 @@ def test_quantized_model_generates_with_the_engine():
 
 def test_llm_loads_int8_and_refuses_to_quantize_a_live_module(tmp_path):
     from qiusuo.engine import LLM, SamplingParams
-    from qiusuo.export.quantize import QuantizedLinear
     from qiusuo.model import build_model, save_model
 
     model, tok = build_model("tiny-dense", seed=0)
@@ -106,7 +145,11 @@ def test_llm_loads_int8_and_refuses_to_quantize_a_live_module(tmp_path):
     with pytest.raises(ValueError, match="live module"):
         LLM(model=model, tokenizer=tok, quantization="int8")
     with pytest.raises(ValueError, match="quantization"):
-        LLM(str(path), quantization="int4")
+        LLM(str(path), quantization="int3")
+    llm4 = LLM(str(path), quantization="int4")
+    assert any(isinstance(m, QuantizedLinear) and m.mode == "int4" for m in llm4.llm_engine.model.modules())
+    out = llm4.generate(["347+285="], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 5
 
 
 def test_eval_command_with_int8(tmp_path):
@@ -116,4 +159,10 @@ def test_eval_command_with_int8(tmp_path):
     model, tok = build_model("tiny-moe", seed=0)
     save_model(model, tok, tmp_path / "m")
     assert main(["eval", "--model", str(tmp_path / "m"), "--task", "arithmetic", "--n", "3",
-                 "--max-tokens", "6", "--quantize", "int8", "--threads", "1"]) == 0
+                 "--max-tokens", "6", "--quantize", "int4", "--threads", "1"]) == 0
+
+
+def test_export_quantize_is_the_model_transform():
+    from qiusuo.export import quantize as old
+
+    assert old.quantize_model is quantize_model

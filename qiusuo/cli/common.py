@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
 
 
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -15,15 +18,21 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
 
 def add_compile_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: ~3-4x faster small-model decode on CPU, after "
-                        "compiling for ~30 s at start (qiusuo/engine/compiled.py)")
+                   help="torch.compile the decode step: faster small-model decode on CPU, after compiling "
+                        "at start (minutes for a 100M+ model on first use; later starts reuse inductor's "
+                        "on-disk cache, TORCHINDUCTOR_CACHE_DIR) (qiusuo/engine/compiled.py)")
     p.add_argument("--compile-mode", default=None, choices=["default", "max-autotune"],
                    help="implies --compile; max-autotune also tunes the matmul kernels (~1 min, faster batches)")
 
 
 def compile_setting(args: argparse.Namespace) -> bool | str:
-    """EngineConfig.compile from --compile / --compile-mode."""
-    return args.compile_mode or bool(args.compile)
+    """EngineConfig.compile from --compile / --compile-mode; says on stderr that the start will compile."""
+    setting = args.compile_mode or bool(args.compile)
+    if setting:
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "torchinductor_<user>")
+        print(f"compiling the decode step with torch.compile (mode {setting if isinstance(setting, str) else 'default'}): "
+              f"minutes on first use of a model, cached in {cache} for later starts", file=sys.stderr)
+    return setting
 
 
 def apply_threads(threads: int | None) -> int:

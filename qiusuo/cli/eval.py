@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--difficulty", type=int, nargs="*", default=None, help="one or more difficulty levels")
     p.add_argument("--template", default="compact", choices=["compact", "r1", "chat"])
     p.add_argument("--split", default="test", choices=["test", "train"])
-    p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization")
+    p.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
+                   help="low-bit weights (qiusuo/model/quantize.py): int8 per channel, int8-dynamic (8-bit "
+                        "activations too, faster on x86, less exact), int4 in groups of 32")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     add_compile_flag(p)
     p.add_argument("--out", default=None, help="directory for report.json, samples.jsonl and accuracy.png")

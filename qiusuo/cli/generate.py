@@ -18,7 +18,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads while generating")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization")
+    p.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
+                   help="low-bit weights (qiusuo/model/quantize.py): int8 per channel, int8-dynamic (8-bit "
+                        "activations too, faster on x86, less exact), int4 in groups of 32")
     add_compile_flag(p)
 
 

@@ -78,7 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads for the engine (default: torch's)")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization")
+    p.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
+                   help="low-bit weights (qiusuo/model/quantize.py): int8 per channel, int8-dynamic (8-bit "
+                        "activations too, faster on x86, less exact), int4 in groups of 32")
     add_compile_flag(p)
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences per engine step")

@@ -11,6 +11,8 @@ wrapper, which cuts the per-step overhead by ~3x. vLLM compiles its model for th
 - Weights are frozen into the graph (inductor `freezing`: constant-folded and prepacked). A
   compiled engine serves the weights it was compiled with, so `LLM` refuses `compile=True` on a
   live module (whose weights a trainer changes in place).
+- No recompiles in steady state: the batch and visible-length dimensions are marked dynamic
+  without duck shaping, and the warm-up avoids sizes of 1 (tests/test_compile.py counts graphs).
 - Guards: once a graph exists, calls run with `skip_guard_eval_unsafe` (only the guards that tell
   the cached graphs apart are checked), saving ~0.1-0.2 ms per step. A call that needs a new
   graph makes dynamo raise before anything runs; it is retried with full guards, which compiles.
@@ -24,10 +26,16 @@ from __future__ import annotations
 
 import torch
 import torch._dynamo.config
+import torch.fx.experimental._config
 import torch._inductor.config
 from torch import nn
 
-INDUCTOR_OPTIONS = {"cpp_wrapper": True, "freezing": True}
+# No mkldnn weight prepacking: prepacked weights are mkldnn tensors, which inductor's FX graph cache
+# cannot pickle, so every start recompiled from scratch (fxgraph_cache_bypass), and each graph
+# held a packed copy of every weight (issue 15: 5.4 GB resident at the SmolLM2-135M shape). Without
+# it the frozen weights are plain tensors, the graphs are cached on disk (TORCHINDUCTOR_CACHE_DIR)
+# and a second start of the same model reuses them (fxgraph_cache_hit).
+INDUCTOR_OPTIONS = {"cpp_wrapper": True, "freezing": True, "cpp.weight_prepack": False}
 # Modes, as torch.compile names them. "max-autotune" also times inductor's generated GEMM kernels
 # against ATen's for each matmul shape and keeps the faster: ~15% more batch-16 decode throughput
 # on tiny-moe (bench/edge.py), for ~20-60 s more compiling.
@@ -64,13 +72,29 @@ class CompiledDecode:
                     raise
         for pool in (t for layer in cache.pools for t in layer):
             torch._dynamo.mark_static(pool)  # fixed for the engine's life: no size symbols to pass per call
+        mark_decode_dims_dynamic(input_ids, positions, cache)
         # The options apply while a graph compiles (inside this call); `torch.compile(options=...)`
         # does not reach freezing, which is decided before inductor's own options are patched in.
         # Python floats (norm eps, softmax scale) become constants, not per-call 0-d tensor inputs.
-        with torch._inductor.config.patch(self.options), torch._dynamo.config.patch(specialize_float=True):
+        # No duck shaping: by default dynamo gives sizes that happen to be equal one symbol, so a
+        # warm-up where rows == visible length (16 rows, one 16-token block) compiled a graph that
+        # guarded on B == S and recompiled on the next block (issue 15: 333 s to start, then
+        # recompiles inside the first requests at the SmolLM2-135M shape).
+        with torch._inductor.config.patch(self.options), torch._dynamo.config.patch(specialize_float=True), \
+                torch.fx.experimental._config.patch(use_duck_shape=False):
             out = self._compiled(input_ids, positions, cache)
         self._has_graph = True
         return out
+
+
+def mark_decode_dims_dynamic(input_ids: torch.Tensor, positions: torch.Tensor, cache) -> None:
+    """The dimensions that change from step to step: rows B (inputs, mask, slots), visible length S
+    (mask) and B * nb (block ids). Marked explicitly so that no size seen while compiling becomes a
+    constant (a size of 1 still does: the caller compiles on nb >= 2, see LLMEngine._warm_up)."""
+    for t, dim in ((input_ids, 0), (positions, 0), (cache._slots, 0), (cache._block_ids, 0), (cache._mask, 0)):
+        if t.shape[dim] > 1:  # the one-row graph keeps B == 1 (marking a size-1 dim dynamic is an error)
+            torch._dynamo.mark_dynamic(t, dim)
+    torch._dynamo.mark_dynamic(cache._mask, 3)
 
 
 def decode_logits(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:

@@ -27,19 +27,20 @@ Messages = Sequence[Mapping[str, Any]]
 class LLM:
     def __init__(self, model: str | Path | nn.Module, tokenizer: Any | None = None, *,
                  device: str | torch.device | None = None, dtype: str = "auto",
-                 quantization: str | None = None, **engine_kwargs: Any):
+                 quantization: str | None = None, int4_group_size: int = 32, **engine_kwargs: Any):
         """engine_kwargs are `EngineConfig` fields (kv_cache_bytes, block_size, num_threads, seed, ...).
 
-        quantization: None or "int8" (weight-only, per output channel; `qiusuo.export.quantize`),
-        applied to a checkpoint loaded here, never to a live module (that would rewrite its weights).
+        quantization: None, "int8" (per output channel), "int8-dynamic" (also 8-bit activations) or "int4" (group-wise, `int4_group_size` 32/64/128);
+        `qiusuo.model.quantize`. Applied to a checkpoint loaded here, never to a live module (that
+        would rewrite its weights).
         """
         if dtype != "auto" and dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r}: use 'auto', 'float32' or 'bfloat16'")
-        if quantization not in (None, "int8"):
-            raise ValueError(f"quantization={quantization!r}: use None or 'int8'")
+        if quantization not in (None, "int8", "int8-dynamic", "int4"):
+            raise ValueError(f"quantization={quantization!r}: use None, 'int8', 'int8-dynamic' or 'int4'")
         if engine_kwargs.get("compile") and quantization:
             raise ValueError("compile=True and quantization do not combine yet: freezing the graph would fold "
-                             "the int8 weights back into float32 ones; use one or the other")
+                             "the low-bit weights back into float32 ones; use one or the other")
         loaded_here = isinstance(model, (str, Path))
         if loaded_here:
             from qiusuo.model import load_model
@@ -48,12 +49,12 @@ class LLM:
                                                  dtype="float32" if dtype == "auto" else dtype)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
             if quantization:
-                from qiusuo.export.quantize import quantize_model
+                from qiusuo.model.quantize import quantize_model
 
-                quantize_model(model, quantization)
+                quantize_model(model, quantization, int4_group_size)
         elif quantization:
             raise ValueError("quantization applies to checkpoints LLM loads itself; quantize a live module "
-                             "with qiusuo.export.quantize.quantize_model first")
+                             "with qiusuo.model.quantize.quantize_model first")
         elif engine_kwargs.get("compile"):
             raise ValueError("compile=True freezes the weights into the compiled graph, and a live module's "
                              "weights may change (a trainer's); load a checkpoint (LLM(path, compile=True)) "

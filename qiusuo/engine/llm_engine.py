@@ -29,7 +29,12 @@ from .scheduler import Scheduler
 from .sequence import Sequence, SequenceGroup, mix_seed
 
 
-WARM_UP_ROWS = 16  # bench/edge.py's batch; see LLMEngine._warm_up
+def warm_up_rows(max_num_seqs: int) -> int:
+    """Rows of the compiled several-rows graph's warm-up: ~sqrt(2 * max_num_seqs), within [2, max_num_seqs]
+    (256 -> 23, 32 -> 8, 16 -> 6); 1 when the engine never runs more than one row."""
+    if max_num_seqs < 2:
+        return 1
+    return max(2, min(max_num_seqs, round((2 * max_num_seqs) ** 0.5)))
 
 
 class LLMEngine:
@@ -77,16 +82,21 @@ class LLMEngine:
     def _warm_up(self) -> None:
         """Compile the decode graphs (one row, several rows) now rather than in the first requests.
 
-        The several-rows graph is compiled on a batch of `WARM_UP_ROWS` (at most max_num_seqs):
-        inductor takes the batch it first sees as the size hint of its dynamic batch dimension
-        (max-autotune times the GEMM choices at that size), so it should look like a busy engine's,
-        not 2 rows. (Measured on tiny-moe batch-16 decode, max-autotune, caches off: 19.9k and 20.7k
-        tok/s medians against 17.8k and 20.1k with 2 rows; within this machine's noise.)"""
+        Sizes seen while compiling become a graph's assumptions, so the warm-up avoids the ones that
+        would be baked in: dynamo specialises any dimension of size 1, so each row spans two KV
+        blocks (block_size + 1 prompt tokens: nb = 2); the several-rows graph's batch is
+        `warm_up_rows(max_num_seqs)`, which inductor takes as the size hint of its dynamic batch
+        dimension (max-autotune times the GEMM choices at that size). The hint is the geometric
+        middle of the batches the graph serves (2 .. max_num_seqs), not any benchmark's batch.
+        """
         params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, detokenize=False)
-        for rows in sorted({1, min(WARM_UP_ROWS, self.config.max_num_seqs)}):
+        prompt = [0] * min(self.config.block_size + 1, self.max_model_len - 4)
+        if len(prompt) < 1:
+            return  # a context too short to decode in: nothing to compile ahead
+        for rows in sorted({1, warm_up_rows(self.config.max_num_seqs)}):
             ids = [f"warm-up-{rows}-{i}" for i in range(rows)]
             for rid in ids:
-                self.add_request(rid, [0], params)
+                self.add_request(rid, prompt, params)
             while any(rid in self._groups for rid in ids):
                 self.step(finished_only=True)
         self.reset_prefix_cache()

@@ -55,8 +55,13 @@ class ModelRunner:
         self.block_size = block_size
         self.cache = PagedKVCache(model, num_blocks, block_size, cache_dtype, self.device)
         self.sampler = sampler
+        # The compiled decode graphs are traced on rows spanning >= 2 blocks (a size of 1 would be
+        # specialised, LLMEngine._warm_up); shorter rows are padded with the null block, which the
+        # mask hides, so that a 10-token chat does not recompile the graph.
+        self._min_decode_blocks = 1
         if compile:
             self.decode_forward = CompiledDecode(model, "default" if compile is True else compile)
+            self._min_decode_blocks = 2
         else:
             self.decode_forward = functools.partial(decode_logits, model)
 
@@ -69,8 +74,8 @@ class ModelRunner:
         logits = logits[0] if len(logits) == 1 else torch.cat(logits)  # (B, V), decode rows first
         return self.sampler(logits, decode + prefill)
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        nb = max(len(s.block_table) for s in seqs)
+    def _block_tables(self, seqs: list[Sequence], min_blocks: int = 1) -> torch.Tensor:
+        nb = max(min_blocks, max(len(s.block_table) for s in seqs))
         null = self.cache.null_block
         rows = [s.block_table + [null] * (nb - len(s.block_table)) for s in seqs]
         return torch.tensor(rows, dtype=torch.int64, device=self.device)  # (B, nb)
@@ -84,7 +89,7 @@ class ModelRunner:
         input_ids = torch.tensor([s.token_ids[-1] for s in seqs], device=self.device).view(B, 1)
         positions = torch.tensor(pos, device=self.device).view(B, 1)
         slots = torch.tensor([self._slot(s, p) for s, p in zip(seqs, pos)], device=self.device)
-        self.cache.prepare(self._block_tables(seqs), positions, slots, None)
+        self.cache.prepare(self._block_tables(seqs, self._min_decode_blocks), positions, slots, None)
         return self.decode_forward(input_ids, positions, self.cache)  # (B, V)
 
     def _prefill_grouped(self, seqs: list[Sequence]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The export part: GGUF files for llama.cpp / Ollama, and weight-only quantization for our engine.
+"""The export part: GGUF files for llama.cpp / Ollama (quantization for our engine: qiusuo.model.quantize, re-exported here).
 
 `gguf` is an optional dependency (the `gguf` extra); it is imported only when exporting.
 """

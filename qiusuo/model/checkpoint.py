@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .config import ModelConfig
@@ -227,12 +227,57 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if not fpath.exists():
             raise FileNotFoundError(f"{fpath} is listed in {INDEX_NAME} but does not exist")
         try:
-            with safe_open(fpath, framework="pt") as f:
-                for name in f.keys():
-                    tensors[name] = f.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
+            tensors.update(mmap_safetensors(fpath))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise ValueError(f"{fpath} is truncated or corrupt ({e}); re-save or re-download the checkpoint") from None
     return tensors
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def mmap_safetensors(fpath: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one .safetensors file as views of a private memory map of it: no copy is read
+    into memory, pages come from the page cache as they are touched, and a tensor written in place
+    gets private copies of its pages (the file never changes). Loading then holds the weights once
+    (issue 15: safe_open's get_tensor copies every tensor, and the model's own storage was a second
+    copy). The header is checked against the file (offsets in bounds, sizes matching shapes)."""
+    import mmap
+
+    with open(fpath, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ValueError("shorter than a safetensors header")
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(size - 8, 100 << 20):
+            raise ValueError(f"header length {n} exceeds the file")
+        header = json.loads(f.read(n))
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
+    base = 8 + n
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"tensor {name}: dtype {info.get('dtype')!r} is not supported")
+        shape, (begin, end) = [int(d) for d in info["shape"]], info["data_offsets"]
+        count = 1
+        for d in shape:
+            count *= d
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= begin <= end <= size - base or end - begin != count * itemsize:
+            raise ValueError(f"tensor {name}: data_offsets {begin}..{end} do not fit the file or its shape {shape}")
+        if count == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+        elif (base + begin) % itemsize:
+            # Misaligned (not a safetensors writer's output): copy this one tensor.
+            out[name] = torch.frombuffer(bytearray(mm[base + begin:base + end]), dtype=dtype).view(shape)
+        else:
+            out[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + begin).view(shape)
+    return out
 
 
 def load_model(
@@ -274,9 +319,16 @@ def load_model(
                 f"weight {name} has shape {tuple(t.shape)} but config.json implies "
                 f"{tuple(expected[name].shape)}; check the config's size fields"
             )
-    model.to_empty(device=device)
+    # The checkpoint's tensors become the parameters (assign=True: no second copy; on the CPU they
+    # stay views of the file's memory map until written), cast only where the dtype differs.
+    device = torch.device(device)
+    state = {k: v.to(device=device, dtype=expected[k].dtype) for k, v in state.items()}  # fp32 as built; to_dtype casts
+    model.load_state_dict(state, strict=True, assign=True)
+    for module in model.modules():  # non-persistent buffers (RoPE table, expert loads) are still on meta
+        for bname, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:
+                module._buffers[bname] = torch.empty_like(buf, device=device)
     model.init_buffers()
-    model.load_state_dict(state, strict=True)
     model.to_dtype(dtype).eval()
     tokenizer = None
     if (path / "tokenizer.json").exists():

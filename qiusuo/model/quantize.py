@@ -1,0 +1,241 @@
+"""Low-bit weights for inference: `quantize_model(model, "int8" | "int4")`, a model transform the engine applies.
+
+CPU decoding at real sizes is bound by the bytes of weight streamed per token, so the matmuls of
+the decoder layers run on PyTorch's packed low-bit CPU kernels instead of fp32 GEMMs:
+
+- int8: per-output-channel symmetric weights, W ~ q * scale (q in [-127, 127], one fp32 scale per
+  row), weight-only: `_weight_int8pack_mm`. Its fast path takes bf16 activations (the fp32 one ran
+  2.4 ms against an fp32 GEMM's 0.85 ms, 1 thread, AVX2, M=1, 576 x 3072), so activations are cast to
+  bf16 around the kernel and back: 0.42 ms there; at M=16 3.7 ms, level with fp32. The model's own
+  dtype stays fp32 unless the user asks for bf16 (native bf16 is reported by `cpu_has_native_bf16`).
+- int8-dynamic (x86): the same weights on fbgemm's `quantized::linear_dynamic`, which also
+  quantizes the activations per call (one scale per call, 7-bit range on CPUs without VNNI) and
+  runs an int8 x int8 GEMM, as llama.cpp's q8_0 path quantizes activations to 8 bits (but per
+  block of 32): 0.21 ms at M=1 and 1.9 ms at M=16 above, at an accuracy cost (max logit error
+  ~8% of the largest logit on tiny-dense, against ~1.6% for weight-only int8; tests/test_quantize.py).
+- int4: group-wise asymmetric weights (groups of `group_size` = 32, 64 or 128 along K, a scale and
+  an offset per group: W ~ (q - 8) * scale + zero, q in [0, 15]), `_weight_int4pack_mm_for_cpu`.
+  Its fp32-activation path is ~12x slower than an fp32 GEMM on AVX2 (measured), so activations go
+  to the kernel in bf16 on every CPU: 0.45 ms at M=1 for 576 x 3072 (fp32 GEMM 0.85 ms).
+Where a kernel cannot take a shape (K not a multiple of 16 for int8pack, which crashes on K=8, 24,
+100; K not a multiple of the group size), the weight is dequantized on the fly.
+
+What is quantized: every `nn.Linear` inside the decoder layers (and MTP layers) and the stacked
+routed experts. Left in floating point: embeddings and the output head (`Transformer.logits` reads
+the weight directly), routers (fp32 by design), norms, and MLA's `kv_b_proj`, whose weight the
+absorbed decode path reads as a tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .moe import Experts
+
+MODES = ("int8", "int8-dynamic", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
+DEFAULT_INT4_GROUP_SIZE = 32  # llama.cpp q4_0's block: matched precision
+_INT8PACK_K_MULTIPLE = 16  # _weight_int8pack_mm segfaults for other K (torch 2.13, measured)
+_SKIP = ("kv_b_proj",)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 (x86) or the bf16 extension (ARM), read from the CPU's flags, not assumed."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to tell here, so no
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def int8_kernel(mode: str = "int8") -> str:
+    """The kernel for an int8 mode on this machine: "int8pack", "fbgemm" or "dequant"."""
+    if mode == "int8-dynamic" and "fbgemm" in torch.backends.quantized.supported_engines \
+            and platform.machine().lower() in ("x86_64", "amd64"):
+        return "fbgemm"
+    return "int8pack"
+
+
+# ---------------------------------------------------------------------- int8
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (..., N, K) float -> int8 (..., N, K), scales (..., N) fp32 with w ~ q * scale[..., None]."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Weight(nn.Module):
+    """One (N, K) int8 per-channel weight and its matmul: `forward(x) = x @ (q * scale).T`."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, kernel: str | None = None):
+        super().__init__()
+        self.register_buffer("qweight", q.contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.kernel = kernel or int8_kernel()
+        K = q.shape[-1]
+        if self.kernel == "int8pack" and K % _INT8PACK_K_MULTIPLE:
+            self.kernel = "dequant"
+        self._packed = None
+        if self.kernel == "fbgemm":
+            zero = torch.zeros(q.shape[0], dtype=torch.int64)
+            with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's prepack still takes only them
+                warnings.simplefilter("ignore", UserWarning)
+                qt = torch._make_per_channel_quantized_tensor(self.qweight, self.scale.double(), zero, 0)
+            self._packed = torch.ops.quantized.linear_prepack(qt, None)
+        elif self.kernel == "int8pack":
+            self.register_buffer("scale_bf16", self.scale.to(torch.bfloat16), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, K = self.qweight.shape
+        flat = x.reshape(-1, K)
+        if self.kernel == "fbgemm" and x.device.type == "cpu":
+            y = torch.ops.quantized.linear_dynamic(flat.float().contiguous(), self._packed, True).to(x.dtype)
+        elif self.kernel == "int8pack" and x.device.type == "cpu":
+            y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.scale_bf16).to(x.dtype)
+        else:
+            y = F.linear(flat, self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
+        return y.view(*x.shape[:-1], N)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+
+# ---------------------------------------------------------------------- int4
+def quantize_int4_groupwise(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (N, K) -> q (N, K) int32 in [0, 15], scale (N, K/g), zero (N, K/g) fp32 with
+    w ~ (q - 8) * scale + zero per group of g columns (the layout `_weight_int4pack_mm_for_cpu` reads)."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"int4 group size {group_size} does not divide K={K}; use one of {INT4_GROUP_SIZES} that does")
+    g = w.detach().float().view(N, K // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32)
+    zero = lo + 8 * scale  # (q - 8) * scale + zero == q * scale + lo
+    return q.view(N, K), scale, zero
+
+
+class Int4Weight(nn.Module):
+    """One (N, K) weight in group-wise int4; `forward(x) = x @ W.T` on the packed int4 CPU kernel."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
+        super().__init__()
+        self.group_size = group_size
+        N, K = q.shape
+        self.shape = (N, K)
+        # Two 4-bit values per byte, row-major: half the bytes of an int8 tensor (saving to disk: not yet).
+        self.register_buffer("qweight", (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8))
+        self.register_buffer("scales", scale.float().contiguous())  # (N, K/g)
+        self.register_buffer("zeros", zero.float().contiguous())  # (N, K/g)
+        self._prepare_kernel()
+
+    def _prepare_kernel(self) -> None:
+        N, K = self.shape
+        q = self.unpacked()
+        self.kernel = "int4pack" if K % self.group_size == 0 and N % 16 == 0 and K % 2 == 0 else "dequant"
+        if self.kernel == "int4pack":
+            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            sz = torch.stack((self.scales.t(), self.zeros.t()), dim=-1)  # (K/g, N, 2)
+            self._scales_zeros = sz.to(torch.bfloat16).contiguous()
+
+    def unpacked(self) -> torch.Tensor:
+        """(N, K) int32 in [0, 15]."""
+        b = self.qweight.to(torch.int32)
+        return torch.stack((b & 15, b >> 4), dim=-1).view(self.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        N, K = self.shape
+        q = self.unpacked().float().view(N, K // self.group_size, self.group_size)
+        return ((q - 8) * self.scales[..., None] + self.zeros[..., None]).view(N, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, K = self.shape
+        flat = x.reshape(-1, K)
+        if self.kernel == "int4pack" and x.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self._packed, self.group_size,
+                                                          self._scales_zeros).to(x.dtype)
+        else:
+            y = F.linear(flat, self.dequantize().to(x.dtype))
+        return y.view(*x.shape[:-1], N)
+
+
+def make_weight(w: torch.Tensor, mode: str, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> nn.Module:
+    if mode in ("int8", "int8-dynamic"):
+        return Int8Weight(*quantize_per_channel(w), kernel=int8_kernel(mode))
+    if mode == "int4":
+        return Int4Weight(*quantize_int4_groupwise(w, group_size), group_size)
+    raise ValueError(f"quantization {mode!r}: use one of {MODES}")
+
+
+# ---------------------------------------------------------------------- modules
+class QuantizedLinear(nn.Module):
+    """An `nn.Linear` with int8 or int4 weights; the bias stays in floating point."""
+
+    def __init__(self, linear: nn.Linear, mode: str = "int8", group_size: int = DEFAULT_INT4_GROUP_SIZE):
+        super().__init__()
+        self.in_features, self.out_features, self.mode = linear.in_features, linear.out_features, mode
+        self.weight_q = make_weight(linear.weight, mode, group_size)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.weight_q(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}"
+
+
+class QuantizedExperts(Experts):
+    """Stacked routed experts with int8/int4 weights; routing and grouping are `Experts`'."""
+
+    def __init__(self, experts: Experts, mode: str = "int8", group_size: int = DEFAULT_INT4_GROUP_SIZE):
+        nn.Module.__init__(self)
+        self.num_experts = experts.num_experts
+        self.gate_up = nn.ModuleList(make_weight(w, mode, group_size) for w in experts.gate_up_proj)  # (2I, D) each
+        self.down = nn.ModuleList(make_weight(w, mode, group_size) for w in experts.down_proj)  # (D, I) each
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up[e](x).chunk(2, -1)
+        return self.down[e](F.silu(gate) * up)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = DEFAULT_INT4_GROUP_SIZE) -> nn.Module:
+    """Replace the decoder's linear layers and stacked experts with quantized ones, in place.
+
+    The model is for inference afterwards (eval mode; no gradients flow into low-bit weights).
+    Returns `model` for chaining.
+    """
+    if mode not in MODES:
+        raise ValueError(f"quantization {mode!r}: use one of {MODES} (int8: per-channel, int4: group-wise)")
+    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size={group_size}: use one of {INT4_GROUP_SIZES}")
+    layers = list(model.model.layers) + list(getattr(model, "mtp", []))
+    for layer in layers:
+        for parent in list(layer.modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear) and child_name not in _SKIP:
+                    gs = group_size if child.in_features % group_size == 0 else INT4_GROUP_SIZES[0]
+                    if mode == "int4" and child.in_features % gs:
+                        continue  # no group size divides K: this matrix stays in floating point
+                    setattr(parent, child_name, QuantizedLinear(child, mode, gs))
+                elif isinstance(child, Experts) and not isinstance(child, QuantizedExperts):
+                    setattr(parent, child_name, QuantizedExperts(child, mode, group_size))
+    return model.eval()
+
+
+__all__ = ["quantize_model", "QuantizedLinear", "QuantizedExperts", "Int8Weight", "Int4Weight",
+           "quantize_per_channel", "quantize_int4_groupwise", "cpu_has_native_bf16", "int8_kernel", "MODES"]
