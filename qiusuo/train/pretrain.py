@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import PretrainConfig, SFTConfig
-from .data import completion_row, load_task, pad_id, pad_rows, step_seed
+from .data import completion_row, load_task, pad_id, step_seed
 from .grpo import save_final
 from .loop import FitResult, Trainer, setup_torch
 
@@ -35,23 +35,7 @@ class _CompletionLM:
         raise NotImplementedError
 
     def train_step(self, step: int) -> dict[str, Any]:
-        rows = self.batch_rows(step)
-        tr, cfg = self.trainer, self.trainer.cfg
-        total = sum(sum(m) for _, m in rows)  # target tokens of the whole step
-        loss_sum, lm_sum = 0.0, 0.0
-        k = len(rows) // cfg.grad_accum
-        for i in range(cfg.grad_accum):
-            chunk = rows[i * k:(i + 1) * k]
-            ids, mask = pad_rows([r for r, _ in chunk], [m for _, m in chunk], pad_id(self.tokenizer), tr.device)
-            with tr.autocast():
-                out = self.model.compute_loss(ids, mask)
-            weight = out.num_tokens / max(total, 1)  # token-weighted mean over micro-batches
-            tr.backward(out.loss * weight)
-            loss_sum += float(out.loss.detach()) * weight
-            lm_sum += float(out.lm_loss.detach()) * weight
-        metrics = {"loss": loss_sum, "lm_loss": lm_sum, "tokens": sum(len(r) for r, _ in rows), "target_tokens": total}
-        metrics.update(tr.optimizer_step())
-        return metrics
+        return self.trainer.completion_step(self.batch_rows(step), pad_id(self.tokenizer))
 
 
 class Pretrain(_CompletionLM):
@@ -64,9 +48,7 @@ class Pretrain(_CompletionLM):
         if not getattr(self.task, "solution_styles", ()):
             raise ValueError(f"task {self.task.name!r} has no worked solutions to pretrain on; "
                              "pretrain on a built-in generator task (e.g. arithmetic) or use `qiusuo sft`")
-        self.mix = {"direct": cfg.p_direct, "scratchpad": (1 - cfg.p_direct) * (1 - cfg.p_slip),
-                    "slip": (1 - cfg.p_direct) * cfg.p_slip}
-        self.mix = {k: v for k, v in self.mix.items() if k in self.task.solution_styles and v > 0}
+        self.mix = self.task.solution_mix(cfg.p_direct, cfg.p_slip, cfg.blurt)
         self.task.corpus(1, seed=0, mix=self.mix)  # validates the mix against the task before step 1
         self.model, self.tokenizer = build_model(cfg.preset, seed=cfg.seed)
         self.model.to(cfg.device)
