@@ -27,11 +27,19 @@ _measured: tuple[int, float] | None = None
 MEASURED_FRESH_S = 300.0
 
 
+def fresh_measurement() -> int | None:
+    """The thread count a ThreadTuner of this process chose in the last MEASURED_FRESH_S seconds."""
+    if _measured is not None and time.monotonic() - _measured[1] < MEASURED_FRESH_S:
+        return _measured[0]
+    return None
+
+
 def default_threads() -> int:
     """A measured choice of this process if recent; else all cores on a quiet machine, and on 2
     cores 1 thread once the load average says a neighbour is busy."""
-    if _measured is not None and time.monotonic() - _measured[1] < MEASURED_FRESH_S:
-        return _measured[0]
+    measured = fresh_measurement()
+    if measured is not None:
+        return measured
     cores = os.cpu_count() or 1
     try:
         load = os.getloadavg()[0]
@@ -70,40 +78,47 @@ class ThreadTuner:
     `trials` rounds through every candidate (interleaved, so a neighbour's load hits each alike),
     then the fastest median seconds per unit of work is kept. A higher count is kept only when
     it beats a lower one by `margin` (a near-tie keeps the count a neighbour hurts least). Every
-    `recheck_s` seconds the other candidates get `trials` steps each and are compared with the
-    recent steps at the kept count; a re-check that confirms the choice doubles the interval.
+    `recheck_s` seconds the other candidates get `recheck_trials` steps each and are compared with
+    the recent steps at the kept count; a re-check that confirms the choice doubles the interval
+    (a probe at the wrong count costs up to ~20x a step under a busy neighbour, so they are rare).
+    `measure_first=False` (a count this process measured moments ago) skips the first round.
     """
 
     def __init__(self, candidates: tuple[int, ...] | None = None, start: int | None = None, *, warmup: int = 1,
-                 trials: int = 2, recheck_s: float = 60.0, margin: float = 0.9,
-                 clock: Callable[[], float] = time.monotonic):
+                 trials: int = 2, recheck_trials: int = 1, recheck_s: float = 60.0, margin: float = 0.9,
+                 measure_first: bool = True, clock: Callable[[], float] = time.monotonic):
         self.candidates = tuple(sorted(set(candidates or thread_candidates())))
         if not self.candidates or self.candidates[0] < 1:
             raise ValueError(f"thread candidates must be >= 1, got {candidates}")
-        if trials < 1 or warmup < 0 or recheck_s <= 0 or not 0 < margin <= 1:
-            raise ValueError("ThreadTuner needs trials >= 1, warmup >= 0, recheck_s > 0 and 0 < margin <= 1")
+        if trials < 1 or recheck_trials < 1 or warmup < 0 or recheck_s <= 0 or not 0 < margin <= 1:
+            raise ValueError("ThreadTuner needs trials, recheck_trials >= 1, warmup >= 0, recheck_s > 0 and "
+                             "0 < margin <= 1")
         start = start if start in self.candidates else self.candidates[0]
-        self.current, self.trials, self.margin, self.clock = start, trials, margin, clock
+        self.measure_first = measure_first
+        self.current, self.trials, self.recheck_trials = start, trials, recheck_trials
+        self.margin, self.clock = margin, clock
         self.recheck_s, self._interval = recheck_s, recheck_s
-        self._plan: deque[int] = deque([start] * warmup)
-        self._warmup_left = warmup
+        self._plan: deque[int] = deque()
+        self._warmup_left = 0
         self._probe: dict[int, list[float]] = {}  # threads -> seconds per unit of work, this round
         self._recent: deque[float] = deque(maxlen=8)  # seconds per unit at `current`, between rounds
         self._next_check: float | None = None
         self.decisions: list[dict[str, Any]] = []  # one per measurement round
-        if len(self.candidates) > 1:
-            self._plan.extend(self._round(include_current=True))
-        else:  # nothing to choose between: never measured, never re-checked
-            self._plan.clear()
-            self._warmup_left = 0
+        if len(self.candidates) == 1:  # nothing to choose between: never measured, never re-checked
+            return
+        if measure_first:
+            self._plan.extend([start] * warmup + self._round(include_current=True, trials=trials))
+            self._warmup_left = warmup
+        else:
+            self._next_check = clock() + recheck_s
 
-    def _round(self, include_current: bool) -> list[int]:
+    def _round(self, include_current: bool, trials: int) -> list[int]:
         counts = [c for c in self.candidates if include_current or c != self.current]
-        return [c for _ in range(self.trials) for c in counts]
+        return [c for _ in range(trials) for c in counts]
 
     def next_threads(self) -> int:
         if not self._plan and self._next_check is not None and self.clock() >= self._next_check:
-            self._plan.extend(self._round(include_current=False))  # re-check the others
+            self._plan.extend(self._round(include_current=False, trials=self.recheck_trials))  # re-check
             self._next_check = None
         return self._plan[0] if self._plan else self.current
 
@@ -144,9 +159,10 @@ class ThreadTuner:
         _measured = (best, time.monotonic())
 
     def summary(self) -> dict[str, Any]:
-        """The kept count, the first measurement and how many re-checks changed it."""
+        """The kept count, whether it was measured at the start (or taken from this process's last
+        measurement), the first measurement, and how many re-checks there were and changed it."""
         first = self.decisions[0] if self.decisions else None
-        return {"threads": self.current, "candidates": list(self.candidates),
-                "first_measurement": first and first["seconds_per_unit"],
-                "rechecks": max(0, len(self.decisions) - 1),
-                "switches": sum(d["changed"] for d in self.decisions[1:])}
+        rechecks = self.decisions[1:] if self.measure_first else self.decisions
+        return {"threads": self.current, "candidates": list(self.candidates), "measured_first": self.measure_first,
+                "first_measurement": first and first["seconds_per_unit"], "rechecks": len(rechecks),
+                "switches": sum(d["changed"] for d in rechecks)}

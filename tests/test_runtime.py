@@ -109,3 +109,14 @@ def test_steps_at_an_unplanned_count_do_not_confuse_the_schedule():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         ThreadTuner(**kwargs)
+
+
+def test_a_fresh_measurement_skips_the_first_round_and_is_rechecked_later():
+    clock = Clock()
+    tuner = ThreadTuner((1, 2), start=2, measure_first=False, recheck_s=10.0, clock=clock)
+    used = drive(tuner, clock, {1: 1e-3, 2: 0.5e-3}, steps=5)  # 0.5 s per step: no probe before 10 s
+    assert used == [2] * 5 and tuner.decisions == []
+    used = drive(tuner, clock, {1: 1e-3, 2: 0.5e-3}, steps=30)
+    assert used.count(1) == 1 and tuner.current == 2  # one probe step at 1 thread, confirmed 2
+    summary = tuner.summary()
+    assert summary["measured_first"] is False and summary["rechecks"] == 1 and summary["switches"] == 0

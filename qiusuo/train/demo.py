@@ -155,13 +155,15 @@ def thread_summary(trainer, configured: int) -> dict[str, Any]:
 
 
 def describe_threads(summary: dict[str, Any]) -> str:
-    """One line: '2 (measured: 1 -> 0.160 ms/token, 2 -> 0.094 ms/token; 1 re-check, 0 switches)'."""
+    """One line: '2 (measured: 1 -> 0.160 ms/token, 2 -> 0.094 ms/token; 1 re-check(s), 0 switch(es))'."""
+    if "candidates" not in summary:
+        return f"{summary['threads']} (fixed by --threads)"
+    if len(summary["candidates"]) == 1:
+        return f"{summary['threads']} (the only core)"
     first = summary.get("first_measurement")
-    if not first:
-        return f"{summary['threads']} (fixed)"
-    timings = ", ".join(f"{n} -> {1e3 * v:.3f} ms/token" for n, v in first.items())
-    return (f"{summary['threads']} (measured: {timings}; {summary['rechecks']} re-check(s), "
-            f"{summary['switches']} switch(es))")
+    how = "measured" if summary.get("measured_first") else "kept from the previous stage, re-checked"
+    timings = ", ".join(f"{n} -> {1e3 * v:.3f} ms/token" for n, v in first.items()) if first else "no steps timed"
+    return f"{summary['threads']} ({how}: {timings}; {summary['rechecks']} re-check(s), {summary['switches']} switch(es))"
 
 
 def peak_rss_mb() -> float | None:

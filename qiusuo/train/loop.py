@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from qiusuo.runtime import ThreadTuner
+from qiusuo.runtime import ThreadTuner, fresh_measurement
 
 from .config import TrainConfig
 from .state import list_checkpoints, load_checkpoint, save_checkpoint, truncate_metrics
@@ -77,7 +77,8 @@ def thread_tuner(cfg: TrainConfig) -> ThreadTuner | None:
         return None
     if getattr(cfg, "ray", False):  # the work runs in Ray actors with their own --threads, not in this loop
         return None
-    return ThreadTuner(start=cfg.threads)
+    measured = fresh_measurement()  # e.g. the demo's pretraining, just before its GRPO
+    return ThreadTuner(start=measured or cfg.threads, measure_first=measured is None)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
