@@ -161,12 +161,10 @@ def test_resume_refuses_a_changed_recipe_and_a_missing_checkpoint(tmp_path):
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     stage = Pretrain(tiny_pretrain(tmp_path, steps=6, save_every=2))
     real = stage.model.compute_loss
-    calls = {"n": 0}
 
-    def poisoned(ids, mask):
-        calls["n"] += 1
+    def poisoned(ids, mask):  # every micro-batch of the 3rd step (a step may run several length groups)
         out = real(ids, mask)
-        if calls["n"] == 3:
+        if stage.trainer._current_step == 2:
             out.loss = out.loss * float("nan")
         return out
 
