@@ -108,11 +108,7 @@ class Trainer:
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        # fused: one kernel over all tensors instead of ~10 ops per tensor; on tiny-dense's 50 tensors
-        # 2.9 vs 10.2 CPU ms per step at 1 thread (torch 2.13), ~1.3% of a pretraining step.
-        fused = self.device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8,
-                                           fused=fused or None)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8)
         self.step = 0  # optimizer steps completed (the next step to run has this 0-based index)
         self.optimizer_updates = 0
         self.thread_tuner = thread_tuner(cfg)  # None: the count the config names, kept
