@@ -10,8 +10,8 @@ corpus (`<think></think><answer>N</answer>`) answers with another random problem
 "guess" style, tasks/base.py), so blurting is right 0.07% of the time in any base, however well it
 trains; greedy decoding takes the commoner path (60% blurts), so a base's greedy accuracy is ~0.
 Scratchpads are right, bar their 30% slips, and learnable. A base thus samples a scratchpad ~40% of
-the time at T=1 and gets it right ~60-70% of the time; RL's gain is choosing that path every time,
-then sharpening its steps. (An earlier mix blurted *right* answers: a base that happened to learn
+the time at T=1 and gets it right at most 70% of the time; RL's gain is choosing that path every
+time, then sharpening its steps. (An earlier mix blurted *right* answers: a base that happened to learn
 3-digit addition in one shot then blurted well, and the gain shrank from +62 to +32 points on
 another machine with the same seed.)
 
