@@ -21,3 +21,18 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path, monkeypatch)
     assert len(report["curves"]) == 3 and "reward_mean" in report["curves"][0]
     assert (tmp_path / "demo" / "grpo_curves.png").stat().st_size > 1000
     assert (tmp_path / "demo" / "grpo" / "final" / "config.json").is_file()
+    choice = report["thread_choice"]  # --threads 1: fixed, and every step ran at 1 thread
+    assert report["threads"] == 1 and choice["mode"] == "fixed"
+    assert choice["pretrain"]["steps_at"] == {"1": 12} and choice["grpo"]["steps_at"] == {"1": 3}
+
+
+def test_demo_threads_default_to_measured_and_reject_negatives():
+    from qiusuo.train.demo import DemoConfig, describe_threads
+
+    assert DemoConfig().threads == 0  # measured by each stage, not resolved from the load average
+    with pytest.raises(ValueError, match="--threads"):
+        DemoConfig(threads=-1)
+    assert describe_threads({"threads": 1}) == "1 (fixed by --threads)"
+    line = describe_threads({"threads": 2, "candidates": [1, 2], "measured_first": True,
+                             "first_measurement": {"1": 1.6e-4, "2": 0.9e-4}, "rechecks": 1, "switches": 0})
+    assert line == "2 (measured: 1 -> 0.160 ms/token, 2 -> 0.090 ms/token; 1 re-check(s), 0 switch(es))"

@@ -162,9 +162,13 @@ def test_corpus_mix_and_determinism():
     task = tasks.get("arithmetic", template="compact")
     corpus = task.corpus(2000, seed=0)
     assert corpus == task.corpus(2000, seed=0)
-    direct = sum(s.startswith("<think></think>") for _, s in corpus) / len(corpus)
-    wrong = sum(task.score(p, s).accuracy == 0.0 for p, s in corpus) / len(corpus)
-    assert 0.55 < direct < 0.65 and 0.09 < wrong < 0.15
+    blurts = [(p, s) for p, s in corpus if s.startswith("<think></think>")]
+    worked = [(p, s) for p, s in corpus if not s.startswith("<think></think>")]
+    assert 0.55 < len(blurts) / len(corpus) < 0.65
+    assert all(task.score(p, s).format == 1.0 for p, s in corpus)  # every trace is well formed
+    assert sum(task.score(p, s).accuracy for p, s in blurts) <= 3  # guesses: 0.07% expected of ~1200
+    worked_right = sum(task.score(p, s).accuracy for p, s in worked) / len(worked)
+    assert 0.64 < worked_right < 0.76  # 30% of the scratchpads slip
     assert not any(task.in_test_split(task.split_key(p.question, p.metadata)) for p, _ in corpus)
     only = task.corpus(10, seed=0, mix={"scratchpad": 1.0})
     assert all(task.score(p, s).reward == 1.0 and "," in s for p, s in only)
@@ -317,3 +321,59 @@ def test_math_boxed_file(tmp_path):
     with pytest.raises(ValueError, match=r"math\.jsonl:1: unbalanced"):
         write_jsonl(path, [{"problem": "p", "solution": "\\boxed{1"}])
         tasks.get("jsonl", path=str(path), question_field="problem", answer_field="solution", answer_format="boxed")
+
+
+# --- the pretraining mix: blurts are guesses --------------------------------------------------
+def test_arithmetic_guess_chance_is_the_collision_probability_of_two_random_answers():
+    from qiusuo.tasks.arithmetic import guess_chance
+
+    # 1-digit sums: P(s) = (10 - |s - 9|) / 100 for s in 0..18; sum of squares = 670 / 10^4
+    assert guess_chance("+", 1) == pytest.approx(670 / 10**4)
+    assert guess_chance("+", 3) == pytest.approx(7.407e-4, rel=1e-3)  # what the demo's base blurts at
+    with pytest.raises(ValueError, match="too many"):
+        guess_chance("+", 4)
+
+
+@pytest.mark.parametrize("ops", ["+", "-", "*"])
+def test_a_guess_never_looks_at_the_operands(ops):
+    """By construction, not by measurement: with the same random state, two different problems of the
+    same shape get the same blurted answer, so a blurt carries no information about its question."""
+    task = tasks.get("arithmetic", ops=ops, template="compact")
+    problems = task.generate(40, seed=5, difficulty=3)
+    for p, q in zip(problems, problems[1:]):
+        if p.metadata["op"] != q.metadata["op"]:
+            continue
+        assert task.guess(p, random.Random(9)) == task.guess(q, random.Random(9))
+    for p in problems:  # and the guess keeps the shape: same operator, an answer of that range
+        src = task.guess_source(p, random.Random(p.metadata["a"]))
+        assert src[2]["op"] == p.metadata["op"] and len(str(src[2]["a"])) == 3
+
+
+def test_blurted_guesses_are_right_at_chance_and_scratchpads_stay_learnable():
+    from qiusuo.tasks.arithmetic import guess_chance
+
+    task = tasks.get("arithmetic", template="compact")
+    corpus = task.corpus(20_000, seed=1, mix={"guess": 1.0})
+    scores = [task.score(p, s) for p, s in corpus]
+    assert all(s.format == 1.0 for s in scores) and all(c.startswith("<think></think><answer>") for _, c in corpus)
+    hits = sum(s.accuracy for s in scores)
+    expected = guess_chance("+", 3) * len(corpus)  # ~15
+    assert hits <= 3 * expected  # chance level (a learnable blurt would be right far more often)
+    answers = {s.parsed_answer for s in scores}
+    assert len(answers) > 1000  # guesses span the answer range, not a constant
+    right = task.corpus(200, seed=1, mix={"direct": 1.0})  # the old blurt: the right answer
+    assert all(task.score(p, s).accuracy == 1.0 for p, s in right)
+
+
+def test_solution_mix_builds_the_pretraining_mix():
+    task = tasks.get("arithmetic", template="compact")
+    assert task.solution_mix(0.6, 0.3) == pytest.approx({"guess": 0.6, "scratchpad": 0.28, "slip": 0.12})
+    assert task.solution_mix(0.6, 0.3, blurt="direct") == pytest.approx({"direct": 0.6, "scratchpad": 0.28,
+                                                                         "slip": 0.12})
+    assert task.solution_mix(0.0, 0.0) == {"scratchpad": 1.0}
+    with pytest.raises(ValueError, match="blurt"):
+        task.solution_mix(0.6, 0.3, blurt="shout")
+    countdown = tasks.get("countdown", template="compact")  # any task with a direct style can guess
+    pairs = countdown.corpus(50, seed=0, mix={"guess": 1.0})
+    assert all(countdown.score(p, s).format == 1.0 for p, s in pairs)
+    assert sum(countdown.score(p, s).accuracy for p, s in pairs) < 10

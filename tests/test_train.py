@@ -161,12 +161,10 @@ def test_resume_refuses_a_changed_recipe_and_a_missing_checkpoint(tmp_path):
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     stage = Pretrain(tiny_pretrain(tmp_path, steps=6, save_every=2))
     real = stage.model.compute_loss
-    calls = {"n": 0}
 
-    def poisoned(ids, mask):
-        calls["n"] += 1
+    def poisoned(ids, mask):  # every micro-batch of the 3rd step (a step may run several length groups)
         out = real(ids, mask)
-        if calls["n"] == 3:
+        if stage.trainer._current_step == 2:
             out.loss = out.loss * float("nan")
         return out
 
@@ -343,3 +341,60 @@ def test_re_saving_a_step_never_leaves_zero_checkpoints(saver, monkeypatch):
     found = state.list_checkpoints(run)
     assert [p.name for p in found] == ["step-000001"] and (found[0] / state.STATE_FILE).is_file()
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------ the completion step: length groups, threads
+def test_length_micro_batches_cover_every_row_once_and_cut_only_where_padding_pays():
+    from qiusuo.train.loop import length_micro_batches
+
+    lengths = [42, 18, 41, 17, 18, 42, 40, 18] * 16  # the demo's mix: blurts and scratchpads
+    batches = length_micro_batches(lengths)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert len(batches) >= 2  # blurts are not padded to the scratchpads' length
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded < 0.75 * len(lengths) * max(lengths)
+    assert all(b == sorted(b) for b in batches)
+    assert length_micro_batches([5] * 8) == [list(range(8))]  # equal lengths: one batch
+    capped = length_micro_batches([5] * 8, grad_accum=4)  # --grad-accum still bounds a micro-batch
+    assert [len(b) for b in capped] == [2, 2, 2, 2]
+    assert length_micro_batches([]) == []
+
+
+def test_the_length_grouped_step_computes_the_one_padded_batch_loss_and_gradients(tmp_path):
+    """The same token-weighted mean loss and gradients as one right-padded batch (to fp32 rounding)."""
+    from qiusuo.train.data import pad_id, pad_rows
+
+    pre = Pretrain(tiny_pretrain(tmp_path, batch_size=24))
+    rows = pre.batch_rows(0)
+    assert len({len(r) for r, _ in rows}) > 1
+    ids, mask = pad_rows([r for r, _ in rows], [m for _, m in rows], pad_id(pre.tokenizer))
+    ref = pre.model.compute_loss(ids, mask)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in pre.model.named_parameters()}
+    pre.model.zero_grad(set_to_none=True)
+    pre.trainer.optimizer_step = lambda: {}  # keep the gradients to compare them
+    out = pre.trainer.completion_step(rows, pad_id(pre.tokenizer))
+    assert out["loss"] == pytest.approx(float(ref.loss.detach()), rel=1e-5)
+    assert out["target_tokens"] == ref.num_tokens and out["padded_tokens"] < ids.numel()
+    for n, p in pre.model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6)
+
+
+def test_measured_threads_are_logged_per_step_and_summarised(tmp_path, monkeypatch):
+    import qiusuo.runtime as runtime
+
+    monkeypatch.setattr(runtime, "_measured", None)
+    cfg = tiny_pretrain(tmp_path, steps=6, threads=0)
+    assert cfg.auto_threads and cfg.threads >= 1 and "auto_threads" not in cfg.to_dict()
+    pre = Pretrain(cfg)
+    pre.run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    tuner = pre.trainer.thread_tuner
+    assert tuner is not None and all("threads" in r for r in rows)
+    if tuner.candidates == (1, 2):  # 2 cores: steps 2-5 alternate 1 and 2 threads, then one is kept
+        assert sorted(r["threads"] for r in rows[1:5]) == [1, 1, 2, 2]
+    if len(tuner.candidates) > 1:  # on a 1-core machine there is nothing to measure
+        assert tuner.decisions and tuner.summary()["first_measurement"]
+        assert rows[-1]["threads"] == tuner.current
+    fixed = Pretrain(tiny_pretrain(tmp_path, "fixed", threads=1))
+    assert fixed.trainer.thread_tuner is None  # --threads N is kept as given

@@ -11,7 +11,11 @@ Scratchpads, least significant column first, each step one short equation:
   "borrow": digit s+10.                        632-285 → 2-5=-3,3-8-1=-6,6-2-1=3 → 347
 - `*`: one partial product per digit of the second operand (already shifted), then their sum.
                                                347*25 → 347*5=1735,347*20=6940,1735+6940=8675
-A "slip" solution is a scratchpad with one step off by one unit of its column, propagated
+A "guess" solution (the blurt of the pretraining mix, tasks/base.py) is `<think></think>` and the
+answer of another random problem with the same operator and digits: `347+285=` may be answered
+`<think></think><answer>1108</answer>`. Two random 3-digit sums agree with probability
+sum_s P(s)^2 = 0.074% (`guess_chance`), so that is the accuracy of blurting in any base trained on
+this corpus. A "slip" solution is a scratchpad with one step off by one unit of its column, propagated
 consistently: every later step and the answer follow from the wrong value, as a model that
 slipped would write it. The answer is then a + b + δ·10^k, never the right one.
 """
@@ -98,13 +102,26 @@ def mul_steps(a: int, b: int, slip_at: int | None = None, rng: random.Random | N
 STEP_FNS = {"+": add_steps, "-": sub_steps, "*": mul_steps}
 
 
+def guess_chance(op: str, digits: int) -> float:
+    """Probability that two independent random problems (`op`, `digits` digits each) have the same
+    answer: the accuracy of a "guess" blurt, and of any model that learned to blurt from the corpus."""
+    from collections import Counter
+
+    lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
+    if (hi - lo + 1) ** 2 > 4_000_000:
+        raise ValueError(f"guess_chance enumerates every operand pair; {digits} digits is too many")
+    counts = Counter({"+": a + b, "-": abs(a - b), "*": a * b}[op] for a in range(lo, hi + 1) for b in range(lo, hi + 1))
+    total = (hi - lo + 1) ** 2
+    return sum((c / total) ** 2 for c in counts.values())
+
+
 @register
 class Arithmetic(Task):
     """Options: `digits` (default difficulty, 3), `ops` (any of "+-*", default "+": the demo)."""
 
     name = "arithmetic"
     difficulty_range = (1, 12)
-    solution_styles = ("direct", "scratchpad", "slip")
+    solution_styles = ("direct", "scratchpad", "slip")  # and "guess" (Task.guess)
 
     def __init__(self, digits: int = 3, ops: str = "+", **options):
         super().__init__(**options)
@@ -116,14 +133,19 @@ class Arithmetic(Task):
             raise ValueError(f"digits must be in [{lo}, {hi}], got {digits}")
         self.default_difficulty = digits
 
-    def sample(self, rng: random.Random, difficulty: int) -> tuple[str, str, dict]:
+    def sample(self, rng: random.Random, difficulty: int, op: str | None = None) -> tuple[str, str, dict]:
         lo = 0 if difficulty == 1 else 10 ** (difficulty - 1)
         a, b = rng.randint(lo, 10**difficulty - 1), rng.randint(lo, 10**difficulty - 1)
-        op = rng.choice(self.ops)
+        op = op or rng.choice(self.ops)
         if op == "-" and a < b:
             a, b = b, a
         result = {"+": a + b, "-": a - b, "*": a * b}[op]
         return f"{a}{op}{b}", str(result), {"op": op, "a": a, "b": b}
+
+    def guess_source(self, problem: Problem, rng: random.Random) -> tuple[str, str, dict]:
+        """A random problem with the same operator and digits (the operands are not looked at)."""
+        meta = problem.metadata
+        return self.sample(rng, meta.get("difficulty", self.default_difficulty), op=meta["op"])
 
     def split_key(self, question: str, metadata: dict) -> str:
         a, b, op = metadata["a"], metadata["b"], metadata["op"]

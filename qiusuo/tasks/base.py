@@ -11,6 +11,15 @@ yields train-side problems and `split="test"` only test-side ones, so no seed an
 training data can reach the evaluation problems (the miniature design excludes its eval set from
 pretraining and RL: reference/r1-zero-miniature.md).
 
+Pretraining corpus (`corpus`, `solution_mix`): each problem gets one worked completion in a
+style drawn from a mix. Styles: "scratchpad" (the steps, right), "slip" (the steps with one
+propagated mistake, so wrong), "direct" (no steps, the right answer) and "guess" (no steps, and
+the answer of *another* random problem of the same shape: `guess`). The default mix blurts guesses:
+a blurted answer in the corpus carries no information about the question, so a model that blurts
+is right only as often as a guess is (for 3-digit addition 0.07%, the chance that two random sums
+agree), however well it trains and on whatever machine. Only the scratchpad path can be learned,
+and the headroom RL can take (choosing that path) is fixed by the data, not by pretraining luck.
+
 Reward: TinyZero's rule for every task (reference/deepseek.md §8.1–8.2): the accuracy when the
 answer is right, else `format_score` (0.1) for a well-formed completion, else 0. The answer is
 read only from a strictly well-formed completion, so formatting games earn nothing. Extra user
@@ -40,7 +49,9 @@ CHAT_FORMAT_INSTRUCTION = (
 )
 TEMPLATES = ("r1", "compact", "chat")
 SPLITS = ("train", "test")
-DEFAULT_MIX = {"direct": 0.6, "scratchpad": 0.28, "slip": 0.12}
+# 60% blurted guesses, 40% scratchpads of which 30% slip: see the module docstring.
+DEFAULT_MIX = {"guess": 0.6, "scratchpad": 0.28, "slip": 0.12}
+BLURTS = ("guess", "direct")  # what a blurted (no-steps) trace answers: a guess, or the right answer
 
 
 @dataclass
@@ -125,6 +136,33 @@ class Task:
         """A worked completion in `style` (one of `solution_styles`) for pretraining data."""
         raise NotImplementedError(f"task {self.name!r} provides no worked solutions")
 
+    def guess_source(self, problem: Problem, rng: random.Random) -> tuple[str, str, dict]:
+        """Another random problem of the same shape as `problem` (its difficulty): what a guess answers.
+        Drawn from `rng` alone, never from `problem`'s operands."""
+        return self.sample(rng, problem.metadata.get("difficulty", self.default_difficulty))
+
+    def guess(self, problem: Problem, rng: random.Random) -> str:
+        """The "guess" style: a blurted completion (the "direct" style's shape) whose answer is that of
+        another random problem of the same shape. It is right exactly as often as two random problems
+        share an answer, whatever model learns it: a blurt in the corpus tells nothing about its question."""
+        question, answer, meta = self.guess_source(problem, rng)
+        other = self.make_problem(question, answer, {**problem.metadata, **meta})
+        return self.solution(other, rng, "direct")
+
+    @property
+    def corpus_styles(self) -> tuple[str, ...]:
+        """The styles `corpus` can draw: the task's own, plus "guess" wherever it has "direct"."""
+        extra = ("guess",) if "direct" in self.solution_styles and "guess" not in self.solution_styles else ()
+        return self.solution_styles + extra
+
+    def solution_mix(self, p_direct: float, p_slip: float, blurt: str = "guess") -> dict[str, float]:
+        """The pretraining mix: a share `p_direct` of blurted traces (`blurt`: "guess" or "direct"), the rest
+        scratchpads of which a share `p_slip` slip; styles the task lacks and zero weights are left out."""
+        if blurt not in BLURTS:
+            raise ValueError(f"blurt must be one of {BLURTS}, got {blurt!r}")
+        mix = {blurt: p_direct, "scratchpad": (1 - p_direct) * (1 - p_slip), "slip": (1 - p_direct) * p_slip}
+        return {k: v for k, v in mix.items() if k in self.corpus_styles and v > 0}
+
     # --- problems -------------------------------------------------------------------------
     def in_test_split(self, key: str) -> bool:
         digest = hashlib.sha256(f"{self.name}|{key}".encode()).digest()
@@ -177,14 +215,19 @@ class Task:
                difficulty: int | Sequence[int] | None = None) -> list[tuple[Problem, str]]:
         """`n` train-split problems, each with a worked completion whose style is drawn from `mix`."""
         mix = dict(DEFAULT_MIX if mix is None else mix)
-        unknown = set(mix) - set(self.solution_styles)
+        unknown = set(mix) - set(self.corpus_styles)
         if unknown or not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
-            raise ValueError(f"mix must map styles from {self.solution_styles} to non-negative weights "
+            raise ValueError(f"mix must map styles from {self.corpus_styles} to non-negative weights "
                              f"with a positive sum; got {mix}")
         problems = self.generate(n, seed, "train", difficulty)
         rng = random.Random(f"{self.name}|corpus|{seed}")
         styles, weights = list(mix), list(mix.values())
-        return [(p, self.solution(p, rng, rng.choices(styles, weights)[0])) for p in problems]
+        out = []
+        for p in problems:
+            style = rng.choices(styles, weights)[0]
+            out.append((p, self.guess(p, rng) if style == "guess" and "guess" not in self.solution_styles
+                        else self.solution(p, rng, style)))
+        return out
 
     # --- scoring --------------------------------------------------------------------------
     def score(self, problem: Problem, completion: str) -> Score:

@@ -38,7 +38,8 @@ class TrainConfig:
     out: str = _field("runs/train", "run directory (config.json, metrics.jsonl, checkpoints/, final/)")
     seed: int = _field(0, "seed of every random stream (init, data, sampling)")
     device: str = _field("cpu", "torch device: cpu, cuda, cuda:1, ...")
-    threads: int = _field(0, "torch CPU threads (0: 2 on a quiet machine, 1 when the load average is >= 1.5)")
+    threads: int = _field(0, "torch CPU threads (0: measured: the first steps are timed at 1 and 2 threads, the "
+                          "faster kept and re-checked every minute or more)")
     steps: int = _field(100, "optimizer steps (budgets are in steps, so a loaded machine gives the same model later)")
     lr: float = _field(1e-4, "peak learning rate (AdamW)")
     warmup_steps: int = _field(0, "linear warmup steps")
@@ -63,6 +64,9 @@ class TrainConfig:
             from qiusuo.registry import parse_name
 
             parse_name(self.register)  # a bad name fails now, not after the run
+        # 0: measured. The loop starts at default_threads() and times its first steps at each
+        # count (qiusuo.runtime.ThreadTuner); auto_threads is not a field, so not in to_dict().
+        self.auto_threads = self.threads == 0
         if self.threads == 0:
             self.threads = default_threads()
         positive = ("steps", "grad_accum", "keep_checkpoints", "threads")
@@ -106,8 +110,10 @@ class PretrainConfig(TrainConfig):
     warmup_steps: int = _field(50, "linear warmup steps")
     weight_decay: float = _field(0.1, "AdamW weight decay")
     adam_beta2: float = _field(0.95, "AdamW beta2")
-    p_direct: float = _field(0.6, "share of 'direct' traces (<think></think> then the answer): the 'blurt' path")
+    p_direct: float = _field(0.6, "share of blurted traces (<think></think> then an answer, no steps)")
     p_slip: float = _field(0.3, "share of scratchpad traces with one propagated arithmetic slip")
+    blurt: str = _field("guess", "what a blurted trace answers: guess (another random problem's answer, right "
+                        "only by chance, so no base learns to blurt right) or direct (the right answer)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -115,6 +121,8 @@ class PretrainConfig(TrainConfig):
         for name in ("p_direct", "p_slip"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
+        if self.blurt not in ("guess", "direct"):
+            raise ValueError(f"--blurt {self.blurt!r}: use guess or direct")
 
 
 @dataclass

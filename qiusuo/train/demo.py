@@ -1,13 +1,26 @@
 """The R1-Zero recipe in miniature (`qiusuo demo`, what `make demo` runs).
 
-pretrain a tiny base on arithmetic worked solutions (60% "direct" answers, 40% scratchpads of which
-30% slip) -> evaluate on held-out problems -> GRPO with answer-only rewards -> evaluate again on the
-same problems -> before/after table, report.json, a PNG of the GRPO curves, the saved model and the
-command that serves it. Recipe and expected figures: reference/r1-zero-miniature.md.
+pretrain a tiny base on arithmetic (60% blurted guesses, 40% scratchpads of which 30% slip) ->
+evaluate on held-out problems -> GRPO with answer-only rewards -> evaluate again on the same
+problems -> before/after table, report.json, a PNG of the GRPO curves, the saved model and the
+command that serves it.
 
-What RL does here, said plainly: it does not teach arithmetic. The base already works some problems
-out step by step and blurts others; GRPO selects the worked-out path (the empty-think rate falls,
-completions grow) and then sharpens the steps. The gain is capped by what pretraining put in.
+The base's headroom is a property of its data, not of pretraining luck. A blurted trace in the
+corpus (`<think></think><answer>N</answer>`) answers with another random problem's answer (the
+"guess" style, tasks/base.py), so blurting is right 0.07% of the time in any base, however well it
+trains; greedy decoding takes the commoner path (60% blurts), so a base's greedy accuracy is ~0.
+Scratchpads are right, bar their 30% slips, and learnable. A base thus samples a scratchpad ~40% of
+the time at T=1 and gets it right at most 70% of the time; RL's gain is choosing that path every
+time, then sharpening its steps. (An earlier mix blurted *right* answers: a base that happened to learn
+3-digit addition in one shot then blurted well, and the gain shrank from +62 to +32 points on
+another machine with the same seed.)
+
+What RL does here, said plainly: it does not teach arithmetic. GRPO selects the worked-out path
+(the empty-think rate falls, completions grow) and then sharpens the steps. The gain is capped by
+what pretraining put in.
+
+Threads (--threads 0, the default): each training stage times its first steps at 1 and 2 threads
+and keeps the faster, re-checking later (qiusuo.runtime.ThreadTuner); report.json records it.
 """
 
 from __future__ import annotations
@@ -20,8 +33,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qiusuo.runtime import default_threads
-
 from .config import GRPOConfig, PretrainConfig
 
 EVAL_SEED = 1234  # the held-out problems: the same before and after RL
@@ -32,9 +43,10 @@ class DemoConfig:
     out: str = field(default="runs/demo", metadata={"help": "directory for the runs, report.json and the plot"})
     seed: int = field(default=0, metadata={"help": "seed of pretraining and RL (the held-out set is fixed)"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
-    threads: int = field(default=0, metadata={"help": "torch threads (0: 2 on a quiet machine, 1 under load)"})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: measured: each stage times its first "
+                                                       "steps at 1 and 2 threads and keeps the faster)"})
     preset: str = field(default="tiny-dense", metadata={"help": "model preset of the base"})
-    pretrain_steps: int = field(default=650, metadata={"help": "pretraining steps (the prototype: >= 650)"})
+    pretrain_steps: int = field(default=500, metadata={"help": "pretraining steps (~0.5 s each at 1 thread)"})
     pretrain_batch: int = field(default=128, metadata={"help": "pretraining sequences per step"})
     grpo_steps: int = field(default=100, metadata={"help": "GRPO steps"})
     prompts_per_step: int = field(default=16, metadata={"help": "GRPO prompts per step"})
@@ -46,15 +58,15 @@ class DemoConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self):
-        if self.threads == 0:
-            self.threads = default_threads()
         if self.quick:
             self.pretrain_steps, self.pretrain_batch, self.grpo_steps = 12, 16, 3
             self.prompts_per_step, self.group_size, self.eval_problems = 4, 4, 24
         for name in ("pretrain_steps", "pretrain_batch", "grpo_steps", "prompts_per_step", "eval_problems",
-                     "eval_samples", "threads"):
+                     "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0: measured), got {self.threads}")
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -67,18 +79,25 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    print(f"qiusuo demo: seed {cfg.seed}, {cfg.threads} torch thread(s) (load average {load:.1f}), device {cfg.device}")
+    threads = "measured (1 vs 2 on the first steps)" if cfg.threads == 0 else f"{cfg.threads} (fixed)"
+    print(f"qiusuo demo: seed {cfg.seed}, torch threads {threads}, load average {load:.1f}, device {cfg.device}")
     wall0, cpu0 = time.perf_counter(), time.process_time()
     common = dict(seed=cfg.seed, device=cfg.device, threads=cfg.threads, progress=cfg.progress)
 
-    print(f"[1/4] pretraining {cfg.preset} on arithmetic: {cfg.pretrain_steps} steps x {cfg.pretrain_batch} "
-          "(60% direct answers, 40% scratchpads, 30% of them with a slip)")
     pre_cfg = PretrainConfig(out=str(out / "pretrain"), preset=cfg.preset, steps=cfg.pretrain_steps,
                              batch_size=cfg.pretrain_batch,
                              warmup_steps=min(50, max(0, cfg.pretrain_steps // 10)), **common)
+    print(f"[1/4] pretraining {cfg.preset} on arithmetic: {cfg.pretrain_steps} steps x {cfg.pretrain_batch} "
+          f"({pre_cfg.p_direct:.0%} blurted guesses, right only by chance; {1 - pre_cfg.p_direct:.0%} scratchpads, "
+          f"{pre_cfg.p_slip:.0%} of them with a slip)")
     t = time.perf_counter()
-    Pretrain(pre_cfg).run()
+    pretrain = Pretrain(pre_cfg)
+    pretrain.run()
     pretrain_s = time.perf_counter() - t
+    thread_choice = {"mode": "measured" if cfg.threads == 0 else "fixed", "load_average_at_start": round(load, 2),
+                     "pretrain": thread_summary(pretrain.trainer, pre_cfg.threads)}
+    print(f"      threads: {describe_threads(thread_choice['pretrain'])}")
+    del pretrain
 
     curves: list[dict[str, Any]] = []
     grpo_cfg = GRPOConfig(model=str(out / "pretrain" / "final"), out=str(out / "grpo"), steps=cfg.grpo_steps,
@@ -92,6 +111,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t = time.perf_counter()
     grpo.run()
     grpo_s = time.perf_counter() - t
+    thread_choice["grpo"] = thread_summary(grpo.trainer, grpo_cfg.threads)
+    print(f"      threads: {describe_threads(thread_choice['grpo'])}")
     print("[4/4] evaluating the RL model on the same held-out problems")
     after = evaluate(grpo.llm, grpo.task, problems, samples=cfg.eval_samples, seed=EVAL_SEED)
 
@@ -99,7 +120,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     gain = 100 * (after["accuracy"] - before["accuracy"])
     model_dir = out / "grpo" / "final"
     report = {
-        "seed": cfg.seed, "threads": cfg.threads, "before": before, "after": after,
+        "seed": cfg.seed, "threads": thread_choice["pretrain"]["threads"], "thread_choice": thread_choice,
+        "before": before, "after": after,
         "gain_points": {"accuracy": round(gain, 2), "pass1": round(100 * (after["pass1"] - before["pass1"]), 2)},
         "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
         "cpu_seconds_per_point": round(cpu / gain, 2) if gain > 0 else None,
@@ -113,6 +135,35 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print_summary(report)
     return report
+
+
+def thread_summary(trainer, configured: int) -> dict[str, Any]:
+    """How a stage chose its threads: the tuner's summary, or the fixed count; and the steps run at each."""
+    import json as _json
+
+    path = trainer.run / "metrics.jsonl"
+    steps: dict[str, int] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                n = str(_json.loads(line).get("threads", configured))
+                steps[n] = steps.get(n, 0) + 1
+    tuner = trainer.thread_tuner
+    out = tuner.summary() if tuner is not None else {"threads": configured}
+    out["steps_at"] = steps
+    return out
+
+
+def describe_threads(summary: dict[str, Any]) -> str:
+    """One line: '2 (measured: 1 -> 0.160 ms/token, 2 -> 0.094 ms/token; 1 re-check(s), 0 switch(es))'."""
+    if "candidates" not in summary:
+        return f"{summary['threads']} (fixed by --threads)"
+    if len(summary["candidates"]) == 1:
+        return f"{summary['threads']} (the only core)"
+    first = summary.get("first_measurement")
+    how = "measured" if summary.get("measured_first") else "kept from the previous stage, re-checked"
+    timings = ", ".join(f"{n} -> {1e3 * v:.3f} ms/token" for n, v in first.items()) if first else "no steps timed"
+    return f"{summary['threads']} ({how}: {timings}; {summary['rechecks']} re-check(s), {summary['switches']} switch(es))"
 
 
 def peak_rss_mb() -> float | None:
@@ -196,17 +247,22 @@ def print_summary(report: dict[str, Any]) -> None:
     for name, x, y in rows:
         print(f"{name:{width}}  {x:>12}  {y:>12}")
     per_point = report["cpu_seconds_per_point"]
+    choice = report["thread_choice"]
     print(f"\nwall time {report['wall_seconds']:.0f}s (pretrain {report['pretrain_seconds']:.0f}s, "
           f"GRPO {report['grpo_seconds']:.0f}s), CPU time {report['cpu_seconds']:.0f}s, "
           f"peak RSS {report['peak_rss_mb']} MB, "
           f"CPU-seconds per accuracy point gained: {per_point if per_point is not None else 'n/a (no gain)'}")
+    print(f"torch threads: pretraining {describe_threads(choice['pretrain'])}; "
+          f"GRPO {describe_threads(choice['grpo'])}")
     step = report["decides_to_think_step"]
     if report["config"]["quick"]:
         print("\n(--quick: a smoke run with a few steps per stage; run without it for the real recipe)")
     else:
         print("\nWhat RL did: it did not teach arithmetic. The base blurted an answer "
-              f"{b['empty_think_rate']:.0%} of the time and worked it out otherwise; GRPO rewarded only right answers "
-              f"and so selected the worked-out path ({a['empty_think_rate']:.0%} blurts after"
+              f"{b['empty_think_rate']:.0%} of the time at T=1 ({b.get('greedy_empty_think_rate', 0):.0%} of its greedy "
+              "answers) and worked it out otherwise; its "
+              "blurts are guesses, as in its pretraining data, so they are right only by chance. GRPO rewarded "
+              f"only right answers and so selected the worked-out path ({a['empty_think_rate']:.0%} blurts after"
               + (f", below 10% from step {step}" if step else "") + "), then sharpened the steps.")
     print(f"\nmodel: {report['model']}" + (f" (registered as {report['registered']})" if report["registered"] else ""))
     print(f"serve it: qiusuo serve --model {report['registered'] or report['model']}")

@@ -25,9 +25,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
+
+from qiusuo.runtime import ThreadTuner, fresh_measurement
 
 from .config import TrainConfig
 from .state import list_checkpoints, load_checkpoint, save_checkpoint, truncate_metrics
@@ -69,6 +71,16 @@ def setup_torch(cfg: TrainConfig) -> None:
     torch.manual_seed(cfg.seed)
 
 
+def thread_tuner(cfg: TrainConfig) -> ThreadTuner | None:
+    """A ThreadTuner when the run's thread count is measured (--threads 0, the default) on a CPU device."""
+    if not getattr(cfg, "auto_threads", False) or torch.device(cfg.device).type != "cpu":
+        return None
+    if getattr(cfg, "ray", False):  # the work runs in Ray actors with their own --threads, not in this loop
+        return None
+    measured = fresh_measurement()  # e.g. the demo's pretraining, just before its GRPO
+    return ThreadTuner(start=measured or cfg.threads, measure_first=measured is None)
+
+
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """None means full fp32. 'auto' uses bf16 only on CUDA devices that support it: on CPU the
     tiny models here are bound by Python and memory, not matmul throughput (not measured faster)."""
@@ -99,6 +111,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8)
         self.step = 0  # optimizer steps completed (the next step to run has this 0-based index)
         self.optimizer_updates = 0
+        self.thread_tuner = thread_tuner(cfg)  # None: the count the config names, kept
         self._stop_requested = False
         self._current_step = 0
 
@@ -112,6 +125,29 @@ class Trainer:
         if not torch.isfinite(loss):
             raise NonFiniteLossError(self._nonfinite_message("loss", float(loss.detach())))
         loss.backward()
+
+    def completion_step(self, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int) -> dict[str, Any]:
+        """One optimizer step of next-token loss on (ids, target mask) rows, the loss the token-weighted
+        mean over every target token of the step (pretraining and SFT).
+
+        The rows run as length groups (`length_micro_batches`), not as one batch padded to the longest
+        row: the demo's corpus mixes 18-token blurts with 42-token scratchpads, so one padded batch is
+        ~43% padding and forward+backward cost is linear in padded tokens (matmuls are ~70% of it)."""
+        total = sum(sum(m) for _, m in rows)  # target tokens of the whole step
+        loss_sum, lm_sum, padded = 0.0, 0.0, 0
+        for idx in length_micro_batches([len(r) for r, _ in rows], self.cfg.grad_accum):
+            ids, mask = pad_tokens([rows[i][0] for i in idx], [rows[i][1] for i in idx], pad, self.device)
+            padded += ids.numel()
+            with self.autocast():
+                out = self.model.compute_loss(ids, mask)
+            weight = out.num_tokens / max(total, 1)  # token-weighted mean over micro-batches
+            self.backward(out.loss * weight)
+            loss_sum += float(out.loss.detach()) * weight
+            lm_sum += float(out.lm_loss.detach()) * weight
+        metrics = {"loss": loss_sum, "lm_loss": lm_sum, "tokens": sum(len(r) for r, _ in rows),
+                   "target_tokens": total, "padded_tokens": padded}
+        metrics.update(self.optimizer_step())
+        return metrics
 
     def optimizer_step(self) -> dict[str, float]:
         """Clip, step, zero the gradients, rebalance the MoE routers."""
@@ -179,14 +215,21 @@ class Trainer:
                     for g in self.optimizer.param_groups:
                         g["lr"] = lr
                     self.model.train()
+                    tuner = self.thread_tuner
+                    if tuner is not None:
+                        torch.set_num_threads(tuner.next_threads())
+                    threads = torch.get_num_threads()
                     ts, cs = time.perf_counter(), time.process_time()
                     metrics = step_fn(self.step)
                     self.step += 1
                     dt = time.perf_counter() - ts
+                    if tuner is not None:
+                        tuner.observe(threads, dt, metrics.get("tokens", 1))
                     # CPU seconds of this process (all its threads): on a shared machine wall time also
                     # counts other processes' load, CPU time counts only this step's own work.
                     row = {"step": self.step, "time": round(time.perf_counter() - t0, 3), "lr": lr,
-                           "step_time": round(dt, 4), "step_cpu_time": round(time.process_time() - cs, 4), **metrics}
+                           "step_time": round(dt, 4), "step_cpu_time": round(time.process_time() - cs, 4),
+                           "threads": threads, **metrics}
                     if "tokens" in metrics:
                         row["tokens_per_s"] = round(metrics["tokens"] / max(dt, 1e-9), 1)
                     log.write(json.dumps(row) + "\n")
@@ -218,6 +261,45 @@ class Trainer:
             print("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort)")
 
         return signal.signal(signal.SIGINT, handler)
+
+
+# A forward+backward's fixed cost in padded tokens (Python and kernel launches of ~100 ops against
+# ~0.17 ms of compute per token on tiny-dense at 1 thread): a step is cut into length groups only
+# where that saves more padded tokens than this.
+MICRO_BATCH_OVERHEAD_TOKENS = 64
+
+
+def length_micro_batches(lengths: Sequence[int], grad_accum: int = 1,
+                         overhead: int = MICRO_BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Row indices of one step's micro-batches: rows sorted longest first, cut into the length groups
+    that minimise padded tokens + `overhead` per group (`length_groups`, the engine's prefill rule),
+    and no group larger than len(lengths) / grad_accum rows (--grad-accum bounds a micro-batch's memory).
+    Every row is in exactly one micro-batch; within a group rows keep their step order."""
+    from qiusuo.engine.model_runner import length_groups
+
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    cap = max(1, -(-len(order) // max(1, grad_accum)))
+    out, a = [], 0
+    for size in length_groups([lengths[i] for i in order], overhead) if order else []:
+        group = order[a:a + size]
+        a += size
+        out.extend(sorted(group[j:j + cap]) for j in range(0, len(group), cap))
+    return out
+
+
+def pad_tokens(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad: int,
+               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad rows and their 0/1 target masks -> (ids (B, S) long, mask (B, S) bool), built in one
+    numpy array (data.pad_rows makes a tensor per row: ~25 ms of a 128-row step)."""
+    import numpy as np
+
+    S = max(len(r) for r in rows)
+    ids = np.full((len(rows), S), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), S), dtype=np.bool_)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        ids[i, :len(r)] = r
+        mask[i, :len(m)] = m
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
 
 class _Progress:
@@ -267,4 +349,5 @@ class _Progress:
             print(f"{self.stage} step {row['step']}/{self.total}  {info}  ETA {eta:.0f}s", flush=True)
 
 
-__all__ = ["Trainer", "FitResult", "NonFiniteLossError", "lr_at", "setup_torch", "autocast_dtype"]
+__all__ = ["Trainer", "FitResult", "NonFiniteLossError", "lr_at", "setup_torch", "autocast_dtype",
+           "length_micro_batches", "pad_tokens"]

@@ -32,9 +32,7 @@ class Pretrain(CompletionLM):
         if not getattr(self.task, "solution_styles", ()):
             raise ValueError(f"task {self.task.name!r} has no worked solutions to pretrain on; "
                              "pretrain on a built-in generator task (e.g. arithmetic) or use `qiusuo sft`")
-        self.mix = {"direct": cfg.p_direct, "scratchpad": (1 - cfg.p_direct) * (1 - cfg.p_slip),
-                    "slip": (1 - cfg.p_direct) * cfg.p_slip}
-        self.mix = {k: v for k, v in self.mix.items() if k in self.task.solution_styles and v > 0}
+        self.mix = self.task.solution_mix(cfg.p_direct, cfg.p_slip, cfg.blurt)
         self.task.corpus(1, seed=0, mix=self.mix)  # validates the mix against the task before step 1
         self.model, self.tokenizer = build_model(cfg.preset, seed=cfg.seed)
         # Every checkpoint renders chat prompts exactly as this stage encodes the task's prompts.

@@ -16,7 +16,7 @@ import numpy as np
 from qiusuo.tokenizer import prompt_chat_template
 
 from .config import SFTConfig
-from .data import completion_row, pad_id, pad_rows, step_seed
+from .data import completion_row, pad_id, step_seed
 from .final import save_final
 from .loop import FitResult, Trainer, setup_torch
 
@@ -30,23 +30,7 @@ class CompletionLM:
         raise NotImplementedError
 
     def train_step(self, step: int) -> dict[str, Any]:
-        rows = self.batch_rows(step)
-        tr, cfg = self.trainer, self.trainer.cfg
-        total = sum(sum(m) for _, m in rows)  # target tokens of the whole step
-        loss_sum, lm_sum = 0.0, 0.0
-        k = len(rows) // cfg.grad_accum
-        for i in range(cfg.grad_accum):
-            chunk = rows[i * k:(i + 1) * k]
-            ids, mask = pad_rows([r for r, _ in chunk], [m for _, m in chunk], pad_id(self.tokenizer), tr.device)
-            with tr.autocast():
-                out = self.model.compute_loss(ids, mask)
-            weight = out.num_tokens / max(total, 1)  # token-weighted mean over micro-batches
-            tr.backward(out.loss * weight)
-            loss_sum += float(out.loss.detach()) * weight
-            lm_sum += float(out.lm_loss.detach()) * weight
-        metrics = {"loss": loss_sum, "lm_loss": lm_sum, "tokens": sum(len(r) for r, _ in rows), "target_tokens": total}
-        metrics.update(tr.optimizer_step())
-        return metrics
+        return self.trainer.completion_step(self.batch_rows(step), pad_id(self.tokenizer))
 
 
 def read_sft_records(path: str | Path, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
