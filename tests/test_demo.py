@@ -14,6 +14,8 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path, monkeypatch)
 
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--threads", "1", "--no-progress"]) == 0
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    served = report["after_chat_api"]  # the RL model, asked through a real server's chat route
+    assert served["route"] == "chat" and served["n"] == report["after"]["problems"], served
     for side in ("before", "after"):
         for key in ("accuracy", "pass1", "format_rate", "length", "empty_think_rate"):
             assert 0 <= report[side][key] <= (1 if key != "length" else 1e9), (side, key)

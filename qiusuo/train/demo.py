@@ -71,6 +71,7 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from qiusuo.train.grpo import GRPO
+    from qiusuo.eval.served import evaluate_served
     from qiusuo.train.evaluate import evaluate
     from qiusuo.train.pretrain import Pretrain
 
@@ -115,13 +116,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(f"      threads: {describe_threads(thread_choice['grpo'])}")
     print("[4/4] evaluating the RL model on the same held-out problems")
     after = evaluate(grpo.llm, grpo.task, problems, samples=cfg.eval_samples, seed=EVAL_SEED)
+    model_dir = out / "grpo" / "final"
+    print("      and through the chat API of a real server (/v1/chat/completions, greedy), as a client would")
+    served = evaluate_served(model_dir, grpo.task, problems, route="chat", max_tokens=48, engine_process=False,
+                             num_threads=thread_choice["grpo"]["threads"])
 
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     gain = 100 * (after["accuracy"] - before["accuracy"])
-    model_dir = out / "grpo" / "final"
     report = {
         "seed": cfg.seed, "threads": thread_choice["pretrain"]["threads"], "thread_choice": thread_choice,
-        "before": before, "after": after,
+        "before": before, "after": after, "after_chat_api": served,
         "gain_points": {"accuracy": round(gain, 2), "pass1": round(100 * (after["pass1"] - before["pass1"]), 2)},
         "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
         "cpu_seconds_per_point": round(cpu / gain, 2) if gain > 0 else None,
@@ -242,6 +246,9 @@ def print_summary(report: dict[str, Any]) -> None:
             ("accuracy when blurting / working (T=1)",
              f"{b['direct_accuracy']:.0%} / {b['scratchpad_accuracy']:.0%}",
              f"{a['direct_accuracy']:.0%} / {a['scratchpad_accuracy']:.0%}")]
+    served = report.get("after_chat_api")
+    if served is not None:
+        rows.insert(1, ("  same, through /v1/chat/completions", "", f"{served['accuracy']:.1%}"))
     width = max(len(r[0]) for r in rows)
     print(f"\n{'':{width}}  {'before RL':>12}  {'after RL':>12}")
     for name, x, y in rows:
