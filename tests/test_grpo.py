@@ -108,12 +108,12 @@ def test_kl_k3_value_and_loss_term():
 
 def test_completion_logprobs_match_a_manual_log_softmax():
     from qiusuo.model import build_model
-    from qiusuo.train.objectives import completion_logprobs
+    from qiusuo.train.objectives import completion_token_logprobs
 
     model, tok = build_model("tiny-dense", seed=0)
     ids = torch.tensor([[1, 20, 21, 22, 2], [1, 20, 23, 0, 0]])
     cmask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]], dtype=torch.bool)
-    logp, ent = completion_logprobs(model, ids, cmask, with_entropy=True)
+    logp, ent = completion_token_logprobs(model, ids, cmask, with_entropy=True)
     full = torch.log_softmax(model(ids).float(), -1)
     assert logp[0, 3].item() == pytest.approx(full[0, 2, 22].item(), abs=1e-5)
     assert logp[1, 2].item() == pytest.approx(full[1, 1, 23].item(), abs=1e-5)
@@ -241,13 +241,13 @@ def _padded_logprobs(model, ids, cmask):
 
 @pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe"])
 def test_grouped_logprobs_equal_one_padded_forward(name):
-    """completion_logprobs runs each shared prompt once, cuts rows after their last completion token
+    """completion_token_logprobs runs each shared prompt once, cuts rows after their last completion token
     and groups them by length; values and gradients must equal the plain padded forward."""
     from helpers import randomize_
 
     from qiusuo.model import Transformer, preset
     from qiusuo.train import objectives
-    from qiusuo.train.objectives import completion_logprobs
+    from qiusuo.train.objectives import completion_token_logprobs
 
     torch.manual_seed(0)
     model = Transformer(preset(name, vocab_size=40, num_hidden_layers=2)).train()
@@ -267,7 +267,7 @@ def test_grouped_logprobs_equal_one_padded_forward(name):
         g_ref = torch.autograd.grad((ref * torch.arange(S)).sum(), list(model.parameters()), allow_unused=True)
         objectives.SPLIT_OVERHEAD_TOKENS, saved = overhead, objectives.SPLIT_OVERHEAD_TOKENS
         try:
-            got, ent = completion_logprobs(model, ids, cmask, with_entropy=True)
+            got, ent = completion_token_logprobs(model, ids, cmask, with_entropy=True)
         finally:
             objectives.SPLIT_OVERHEAD_TOKENS = saved
         assert (got - ref).abs().max() < 1e-5

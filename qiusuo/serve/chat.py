@@ -1,8 +1,8 @@
 """POST /v1/chat/completions: template the messages, generate, split reasoning from content.
 
 Reasoning goes to both `reasoning_content` (DeepSeek, SGLang, llama.cpp) and `reasoning` (vLLM,
-Ollama's /v1), because clients read one or the other (reference/serving.md §3, the field-name
-churn). Every streamed delta carries either reasoning or content, never both.
+Ollama's /v1), because clients read one or the other (vLLM renamed `reasoning_content` to
+`reasoning`; clients written for either name must keep working). Every streamed delta carries either reasoning or content, never both.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Difficulty is the number of digits of each operand. Subtraction orders its operands so the
 result is never negative. Compact prompt `347+285=`; completion
-`<think>7+5=12,4+8+1=13,3+2+1=6</think><answer>632</answer>` (reference/r1-zero-miniature.md).
+`<think>7+5=12,4+8+1=13,3+2+1=6</think><answer>632</answer>` (R1-Zero's tag format, arXiv:2501.12948).
 
 Scratchpads, least significant column first, each step one short equation:
 - `+`: `x+y(+1)=s`, the column sum with the incoming carry; digit s%10, carry s//10; the last

@@ -9,7 +9,7 @@ Held-out split: every problem has a canonical key (its question); a keyed hash s
 `test_fraction` of the whole problem space to "test". `generate(split="train")` only ever
 yields train-side problems and `split="test"` only test-side ones, so no seed and no amount of
 training data can reach the evaluation problems (the miniature design excludes its eval set from
-pretraining and RL: reference/r1-zero-miniature.md).
+pretraining and RL, as a held-out set must be).
 
 Pretraining corpus (`corpus`, `solution_mix`): each problem gets one worked completion in a
 style drawn from a mix. Styles: "scratchpad" (the steps, right), "slip" (the steps with one
@@ -20,7 +20,7 @@ is right only as often as a guess is (for 3-digit addition 0.07%, the chance tha
 agree), however well it trains and on whatever machine. Only the scratchpad path can be learned,
 and the headroom RL can take (choosing that path) is fixed by the data, not by pretraining luck.
 
-Reward: TinyZero's rule for every task (reference/deepseek.md §8.1–8.2): the accuracy when the
+Reward: TinyZero's rule for every task (https://github.com/Jiayi-Pan/TinyZero, its countdown reward): the accuracy when the
 answer is right, else `format_score` (0.1) for a well-formed completion, else 0. The answer is
 read only from a strictly well-formed completion, so formatting games earn nothing. Extra user
 rewards (TRL signature) are added on top.

@@ -1,9 +1,11 @@
 """The GRPO objective as pure tensor functions: advantages, the clipped policy loss, KL k3.
 
 Kept free of models and engines so the tests can check them against hand-computed tensors.
-Formulas follow reference/deepseek.md §4 (DeepSeekMath GRPO, DAPO, Dr.GRPO, TRL's `_compute_loss`).
+Formulas follow DeepSeekMath's GRPO (arXiv:2402.03300), DAPO (arXiv:2503.14476), Dr.GRPO
+(arXiv:2503.20783) and TRL's `GRPOTrainer._compute_loss`.
 
-Dimension letters: P prompts, G samples per prompt, N = P*G sequences, T completion positions.
+Dimension letters: P prompts, G samples per prompt, N = P*G sequences (the package legend's B),
+T completion positions.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ class _PrefixReader:
         return tuple(torch.cat((p.index_select(0, self.owner), x), dim=1) for p, x in zip(past, states))
 
 
-def completion_logprobs(
+def completion_token_logprobs(
     model, input_ids: torch.Tensor, completion_mask: torch.Tensor, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of each token under `model`, aligned with input_ids.
@@ -237,5 +239,5 @@ def completion_logprobs(
     return logp, entropy
 
 
-__all__ = ["group_advantages", "zero_variance_groups", "kl_k3", "policy_loss", "PolicyLoss", "completion_logprobs",
+__all__ = ["group_advantages", "zero_variance_groups", "kl_k3", "policy_loss", "PolicyLoss", "completion_token_logprobs",
            "STD_EPS"]

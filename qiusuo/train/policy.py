@@ -19,7 +19,7 @@ import torch
 
 from .config import GRPOConfig
 from .loop import Trainer
-from .objectives import completion_logprobs, policy_loss
+from .objectives import completion_token_logprobs, policy_loss
 
 
 @dataclass
@@ -64,7 +64,7 @@ class PolicyUpdate:
 
     def logprobs(self, model, batch: Rollouts, rows: slice, entropy: bool = False):
         with self.trainer.autocast():
-            return completion_logprobs(model, batch.input_ids[rows], batch.completion_mask[rows], entropy)
+            return completion_token_logprobs(model, batch.input_ids[rows], batch.completion_mask[rows], entropy)
 
     def shard(self, rows: slice) -> slice:
         """This rank's contiguous part of minibatch `rows` (all of it when world == 1)."""
