@@ -385,17 +385,24 @@ def test_same_is_exact():
     assert same(float("nan"), float("nan")) and same(1, 1.0, (1e-9, 1e-9)) and not same(True, 1, (1e-9, 1e-9))
 
 
+def patch_child(monkeypatch, old: str, new: str) -> Path:
+    """A copy of the sandbox child with `old` replaced by `new`, used by `sandbox` for this test."""
+    source = sandbox.CHILD.read_text()
+    assert old in source, old
+    child = Path(tempfile.mkdtemp()) / "sandbox_child.py"
+    child.write_text(source.replace(old, new))
+    monkeypatch.setattr(sandbox, "CHILD", child)
+    return child
+
+
 def test_refuses_when_a_layer_is_missing_unless_allowed(monkeypatch):
     """Fail closed: simulate a kernel without namespaces by running the child with unshare(2)
     refused (seccomp in a wrapper would need the same privileges; an env switch would be a
     backdoor, so the test patches the child's isolate function in a copy of the file)."""
-    source = sandbox.CHILD.read_text().replace(
-        "def isolate_namespaces() -> dict:",
-        "def isolate_namespaces() -> dict:\n    return {'network': 'socket-patch', 'pid_namespace': False,"
-        " 'mount_namespace': False, 'user_namespace': False}\n\n\ndef _unused() -> dict:")
-    weak_child = Path(tempfile.mkdtemp()) / "sandbox_child.py"
-    weak_child.write_text(source)
-    monkeypatch.setattr(sandbox, "CHILD", weak_child)
+    weak_child = patch_child(monkeypatch, "def isolate_namespaces() -> dict:",
+                             "def isolate_namespaces() -> dict:\n    return {'network': 'socket-patch', "
+                             "'pid_namespace': False, 'mount_namespace': False, 'user_namespace': False}\n\n\n"
+                             "def _unused() -> dict:")
     try:
         before = sandbox.stats().get("refused_weak_isolation", 0)
         result = run_calls("def f():\n    return 1", [Call("f")], LIMITS)
@@ -486,13 +493,9 @@ def test_the_dataset_on_disk_is_unreadable_even_when_world_readable():
 def test_a_wall_that_fails_to_go_up_is_a_refusal(monkeypatch):
     """Confinement raising (here: Landlock's setup) refuses the run with the reason, like a
     missing kernel feature, instead of running unconfined or failing silently."""
-    source = sandbox.CHILD.read_text().replace(
-        "def apply_landlock(workdir: str, readable: list[int]) -> int:",
-        "def apply_landlock(workdir: str, readable: list[int]) -> int:\n    raise OSError(38, 'simulated')\n\n\n"
-        "def _unused(workdir, readable):")
-    broken = Path(tempfile.mkdtemp()) / "sandbox_child.py"
-    broken.write_text(source)
-    monkeypatch.setattr(sandbox, "CHILD", broken)
+    broken = patch_child(monkeypatch, "def apply_landlock(workdir: str, readable: list[int]) -> int:",
+                         "def apply_landlock(workdir: str, readable: list[int]) -> int:\n"
+                         "    raise OSError(38, 'simulated')\n\n\ndef _unused(workdir, readable):")
     try:
         result = run_calls("def f():\n    return 1", [Call("f")], LIMITS, allow_weak_isolation=True)
         assert result.values is None and result.refused.startswith("confinement failed: OSError")

@@ -43,15 +43,11 @@ def checkpoint_dir(run: Path, step: int) -> Path:
 
 
 def _pid_alive(pid: int) -> bool:
+    from qiusuo.registry.index import pid_alive
+
     if pid == os.getpid():
         return False  # our own leftovers are from a save that raised: not in progress
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
+    return pid_alive(pid)
 
 
 def recover_interrupted_saves(run: Path) -> None:
