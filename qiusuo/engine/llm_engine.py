@@ -156,7 +156,6 @@ class LLMEngine:
                     self.scheduler.finish(seq)
                     seq.finish("abort")
 
-
     def reset_prefix_cache(self) -> None:
         """Drop the prefix cache (vLLM's name): call it when the model's weights change in place."""
         self.block_manager.reset_prefix_cache()

@@ -25,14 +25,15 @@ def step_seed(seed: int, *parts: int) -> int:
 
 def pad_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int,
              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token rows and their 0/1 target masks -> input_ids (B, S) long, mask (B, S) bool."""
+    """Right-pad token rows and their 0/1 target masks -> input_ids (B, S) long, mask (B, S) bool.
+    Filled in one numpy array: a tensor per row cost ~25 ms of a 128-row pretraining step."""
     S = max(len(r) for r in rows)
-    ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), S), dtype=torch.bool)
+    ids = np.full((len(rows), S), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), S), dtype=np.bool_)
     for i, (r, m) in enumerate(zip(rows, masks)):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
-    return ids.to(device), mask.to(device)
+        ids[i, : len(r)] = r
+        mask[i, : len(m)] = m
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
 
 def completion_row(tokenizer, prompt: str | list[int], completion: str) -> tuple[list[int], list[int]]:
