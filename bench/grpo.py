@@ -17,7 +17,7 @@ compared and reported, not asserted.
 Sides, each trainer in its own child process (its CPU seconds are its own):
 - `qiusuo drop`: qiusuo's default, groups whose rewards are all equal are dropped (DAPO);
 - `qiusuo keep`: the same with those groups kept and backpropagated at zero advantage, as TRL does
-  (the bench patches `zero_variance_groups` in qiusuo.train.grpo to report none: qiusuo has no flag);
+  (`--no-filter-zero-variance`, GRPOConfig.filter_zero_variance=False);
 - `trl generate`: TRL's default generation (transformers `generate`, padded static batch);
 - `trl continuous batching`: `use_transformers_continuous_batching=True` (transformers' paged
   continuous batching); the better TRL side is the ratio's denominator.
@@ -102,30 +102,29 @@ def step_problems(task, step: int) -> list:
 def run_qiusuo(ckpt: str, workload: str, steps: int, tmp: Path, threads: int, keep: bool, **_) -> dict:
     import qiusuo.train.grpo as grpo_module
     from qiusuo.train.config import GRPOConfig
-    from qiusuo.train.data import prompt_ids
+    from qiusuo.tasks.prompts import prompt_ids
 
     task_name, max_tokens, _, _ = WORKLOADS[workload]
     cfg = GRPOConfig(model=ckpt, task=task_name, out=str(tmp / "qiusuo"), steps=steps + 1,
                      prompts_per_step=PROMPTS_PER_STEP, group_size=G, max_tokens=max_tokens, lr=LR, threads=threads,
-                     progress=False, seed=SEED)
-    if keep:  # qiusuo has no switch for it: every group counts as having signal (zero advantage where equal)
-        grpo_module.zero_variance_groups = lambda rewards: torch.zeros(rewards.shape[0], dtype=torch.bool)
+                     progress=False, seed=SEED, filter_zero_variance=not keep)
     first_prompts: list[list[int]] = []
     sample_groups = grpo_module.sample_groups
 
     def spy(llm, tokenizer, task, problems, seeds, cfg):
         if not first_prompts:
-            first_prompts.extend(prompt_ids(tokenizer, p.prompt) for p in problems)
+            first_prompts.extend(prompt_ids(tokenizer, task, p) for p in problems)
         return sample_groups(llm, tokenizer, task, problems, seeds, cfg)
 
     grpo_module.sample_groups = spy
     seen_threads: list[int] = []
     trainer = grpo_module.GRPO(cfg, on_step=lambda step, m: seen_threads.append(torch.get_num_threads()))
-    expected = [p.prompt for p in step_problems(trainer.task, 0)]
+    expected = step_problems(trainer.task, 0)
     trainer.run()
     rows = [json.loads(x) for x in (tmp / "qiusuo" / "metrics.jsonl").read_text().splitlines()]
     # the problems TRL is given (step_problems) are the ones qiusuo sampled at step 0
-    assert first_prompts == [prompt_ids(trainer.tokenizer, p) for p in expected], "step_problems drifted from GRPO's"
+    assert first_prompts == [prompt_ids(trainer.tokenizer, trainer.task, p) for p in expected], \
+        "step_problems drifted from GRPO's"
     rows = rows[1:]
     return {"wall": [r["step_time"] for r in rows], "cpu": [r["step_cpu_time"] for r in rows],
             "completion_len": [r["completion_len"] for r in rows],

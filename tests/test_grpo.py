@@ -189,6 +189,28 @@ def test_grpo_variants_run_and_report(tmp_path, base_ckpt, flags):
         assert rows[-1]["kl"] > 0
 
 
+def test_zero_variance_groups_are_kept_with_the_filter_off(tmp_path, base_ckpt):
+    """--no-filter-zero-variance keeps every group in the update (as TRL does); the default drops
+    the ones whose rewards are all equal. A random base on DigitsTask mostly scores 0 everywhere."""
+    import json
+
+    import dataclasses
+
+    from qiusuo.train.grpo import GRPO
+
+    used = {}
+    for keep in (False, True):
+        name = "keep" if keep else "drop"
+        GRPO(grpo_cfg(tmp_path, base_ckpt, name, filter_zero_variance=not keep), task=DigitsTask()).run()
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        used[name] = [(r["groups_used"], r["zero_variance_frac"]) for r in rows]
+    assert all(g == 4 for g, _ in used["keep"]), used
+    assert any(frac > 0 for _, frac in used["drop"]), used  # the case the flag is about happened
+    assert all(g == round(4 * (1 - frac)) for g, frac in used["drop"]), used
+    with pytest.raises(ValueError, match="--dynamic-sampling"):
+        dataclasses.replace(grpo_cfg(tmp_path, base_ckpt), dynamic_sampling=True, filter_zero_variance=False)
+
+
 def test_grpo_resume_equals_an_uninterrupted_run(tmp_path, base_ckpt):
     from qiusuo.train.grpo import GRPO
 

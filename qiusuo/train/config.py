@@ -200,6 +200,9 @@ class GRPOConfig(TrainConfig):
     scale_rewards: str = _field("group", "advantage scaling: group ((r-mean)/std) or none (Dr.GRPO: r-mean)")
     loss_agg: str = _field("token", "token (DAPO: sum / all tokens), sequence (GRPO: mean per sequence) or "
                            "constant (Dr.GRPO: sum / (sequences * max_tokens))")
+    filter_zero_variance: bool = _field(True, "drop groups whose G rewards are all equal (zero advantage, no "
+                                        "signal) from the update; off keeps them, as TRL does, where they still "
+                                        "count in the loss's token normalisation")
     dynamic_sampling: bool = _field(False, "DAPO dynamic sampling: refill dropped zero-variance groups with "
                                     "new prompts")
     max_sampling_rounds: int = _field(3, "most extra rollout rounds per step for --dynamic-sampling")
@@ -221,6 +224,9 @@ class GRPOConfig(TrainConfig):
         for name in ("rollout_workers", "learner_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.dynamic_sampling and not self.filter_zero_variance:
+            raise ValueError("--dynamic-sampling refills the zero-variance groups it drops; it needs "
+                             "--filter-zero-variance (drop --no-filter-zero-variance or --dynamic-sampling)")
         if self.address and not self.ray:
             raise ValueError(f"--address {self.address!r} needs --ray (the single-process run does not use a cluster)")
         if self.ray and self.rollout_workers > self.prompts_per_step:

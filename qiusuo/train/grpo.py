@@ -129,7 +129,10 @@ class RolloutBuilder:
             if first_stats is None:
                 first_stats = self._stats(completions, scores, rewards)
             adv = group_advantages(rewards, cfg.scale_rewards)  # (P, G)
-            for g in torch.nonzero(~zero_variance_groups(rewards)).flatten().tolist():
+            signal = ~zero_variance_groups(rewards)  # (P,) groups with a learning signal
+            if not cfg.filter_zero_variance:
+                signal = torch.ones_like(signal)
+            for g in torch.nonzero(signal).flatten().tolist():
                 prompt = outs[g].prompt_token_ids
                 for j in range(G):
                     c = completions[g * G + j]
