@@ -85,7 +85,7 @@ class ThreadTuner:
     """
 
     def __init__(self, candidates: tuple[int, ...] | None = None, start: int | None = None, *, warmup: int = 1,
-                 trials: int = 2, recheck_trials: int = 1, recheck_s: float = 60.0, margin: float = 0.9,
+                 trials: int = 2, recheck_s: float = 120.0, recheck_trials: int = 1, margin: float = 0.9,
                  measure_first: bool = True, clock: Callable[[], float] = time.monotonic):
         self.candidates = tuple(sorted(set(candidates or thread_candidates())))
         if not self.candidates or self.candidates[0] < 1:

@@ -39,7 +39,7 @@ class TrainConfig:
     seed: int = _field(0, "seed of every random stream (init, data, sampling)")
     device: str = _field("cpu", "torch device: cpu, cuda, cuda:1, ...")
     threads: int = _field(0, "torch CPU threads (0: measured: the first steps are timed at 1 and 2 threads, the "
-                          "faster kept and re-checked every minute or more)")
+                          "faster kept and re-checked every 2 minutes or more)")
     steps: int = _field(100, "optimizer steps (budgets are in steps, so a loaded machine gives the same model later)")
     lr: float = _field(1e-4, "peak learning rate (AdamW)")
     warmup_steps: int = _field(0, "linear warmup steps")
