@@ -92,6 +92,34 @@ def test_clip_higher_is_asymmetric():
     assert sym.clip_high_fraction == pytest.approx(2 / 4)  # symmetric clip: 1.25 is clipped too
 
 
+def test_sequence_level_ratio_gspo_by_hand():
+    """GSPO: one ratio per sequence, the geometric mean of its tokens' ratios. Row 0's token log-ratios
+    are +0.5 and -0.5: per token r = 1.65 (clipped at 1.28 for A > 0: no gradient) and 0.61; per sequence
+    r = exp(0) = 1, unclipped, and each token's gradient is -A * r / N_tokens (its |y| loss terms each
+    depend on it through r / |y|). Row 1 (padded) has one
+    token at log-ratio 0.1: both levels agree there. The padded position never counts."""
+    old = torch.zeros(2, 3)
+    logp = torch.tensor([[0.5, -0.5, 0.0], [0.1, 0.0, 7.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    adv = torch.tensor([1.0, -1.0])
+    seq = policy_loss(logp, old, adv, mask, importance_sampling_level="sequence")
+    r1 = math.exp(0.1)
+    assert seq.loss.item() == pytest.approx((-1.0 - 1.0 + r1) / 3)
+    seq.loss.backward()
+    expected = torch.tensor([[-1.0, -1.0, 0.0], [r1, 0.0, 0.0]]) / 3
+    torch.testing.assert_close(logp.grad, expected)
+    assert seq.ratio_mean == pytest.approx((1 + 1 + r1) / 3) and seq.clip_fraction == 0
+
+    logp_t = logp.detach().requires_grad_(True)
+    tok = policy_loss(logp_t, old, adv, mask)  # token level: the same inputs give another loss and gradient
+    assert tok.loss.item() == pytest.approx((-1.28 - math.exp(-0.5) + r1) / 3)
+    tok.loss.backward()
+    torch.testing.assert_close(logp_t.grad, torch.tensor([[0.0, -math.exp(-0.5), 0.0], [r1, 0.0, 0.0]]) / 3)
+    assert tok.clip_high_fraction == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        policy_loss(logp, old, adv, mask, importance_sampling_level="step")
+
+
 def test_kl_k3_value_and_loss_term():
     logp = torch.log(torch.tensor([[0.5, 0.25]]))
     ref = torch.log(torch.tensor([[0.25, 0.25]]))
@@ -174,6 +202,7 @@ def test_grpo_moves_toward_a_known_optimum(tmp_path, base_ckpt):
     dict(loss_agg="sequence", beta=0.04),  # DeepSeekMath GRPO with KL k3
     dict(updates_per_batch=2, minibatches=2),  # off-policy passes with stored old log-probs
     dict(dynamic_sampling=True, overlong_filter=True),
+    dict(importance_sampling_level="sequence", updates_per_batch=2, loss_agg="sequence"),  # GSPO
 ])
 def test_grpo_variants_run_and_report(tmp_path, base_ckpt, flags):
     import json

@@ -177,6 +177,7 @@ class DistillConfig(SFTConfig):
 
 SCALE_REWARDS = ("group", "none")
 LOSS_AGGS = ("token", "sequence", "constant")
+IS_LEVELS = ("token", "sequence")
 
 
 @dataclass
@@ -203,6 +204,8 @@ class GRPOConfig(TrainConfig):
     filter_zero_variance: bool = _field(True, "drop groups whose G rewards are all equal (zero advantage, no "
                                         "signal) from the update; off keeps them, as TRL does, where they still "
                                         "count in the loss's token normalisation")
+    importance_sampling_level: str = _field("token", "importance ratio per token (GRPO/PPO) or per sequence (GSPO: "
+                                            "the geometric mean of the tokens' ratios; TRL's name)")
     dynamic_sampling: bool = _field(False, "DAPO dynamic sampling: refill dropped zero-variance groups with "
                                     "new prompts")
     max_sampling_rounds: int = _field(3, "most extra rollout rounds per step for --dynamic-sampling")
@@ -257,6 +260,9 @@ class GRPOConfig(TrainConfig):
             raise ValueError(f"--beta must be >= 0, got {self.beta}")
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"--scale-rewards {self.scale_rewards!r}: use one of {', '.join(SCALE_REWARDS)}")
+        if self.importance_sampling_level not in IS_LEVELS:
+            raise ValueError(f"--importance-sampling-level {self.importance_sampling_level!r}: use one of "
+                             f"{', '.join(IS_LEVELS)}")
         if self.loss_agg not in LOSS_AGGS:
             raise ValueError(f"--loss-agg {self.loss_agg!r}: use one of {', '.join(LOSS_AGGS)}")
         if self.grad_accum != 1:

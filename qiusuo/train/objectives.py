@@ -67,6 +67,7 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     agg: str = "token",
     normalizer: float | None = None,
+    importance_sampling_level: str = "token",
 ) -> PolicyLoss:
     """The clipped surrogate, negated so that minimising it maximises J.
 
@@ -78,12 +79,25 @@ def policy_loss(
       sequence (GRPO)     mean over sequences of (sum_t mask * l / sum_t mask), times N / normalizer
                           when normalizer (the whole batch's sequence count) is given
       constant (Dr.GRPO)  sum(mask * l) / normalizer; normalizer = sequences * max_tokens (required)
+    importance_sampling_level:
+      token     r per token, as above (PPO/GRPO)
+      sequence  GSPO (Zheng et al. 2025, arXiv 2507.18071): one r per sequence, the geometric mean of its
+                tokens' ratios, r_i = exp(sum_t mask * (logp - old) / sum_t mask), clipped and shared by
+                every token of the sequence; its gradient reaches each token's logp as r_i / |y_i|.
+                TRL's `importance_sampling_level="sequence"`. On-policy (one pass, one minibatch) r_i = 1
+                and both levels give the same update; they differ once the batch is reused.
     """
     assert logp.shape == old_logp.shape == mask.shape, (logp.shape, old_logp.shape, mask.shape)
     assert advantages.shape == logp.shape[:1], (advantages.shape, logp.shape)
     m = mask.to(logp.dtype)
     A = advantages.to(logp.dtype).unsqueeze(1)  # (N, 1)
-    ratio = torch.exp(logp - old_logp)
+    if importance_sampling_level == "token":
+        ratio = torch.exp(logp - old_logp)  # (N, T)
+    elif importance_sampling_level == "sequence":
+        seq_log_ratio = ((logp - old_logp) * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1)
+        ratio = torch.exp(seq_log_ratio).expand_as(logp)  # (N, 1) -> (N, T)
+    else:
+        raise ValueError(f"importance_sampling_level={importance_sampling_level!r}: use 'token' or 'sequence'")
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token = -torch.minimum(ratio * A, clipped * A)
     kl = torch.zeros((), dtype=logp.dtype)

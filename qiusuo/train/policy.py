@@ -110,6 +110,7 @@ class PolicyUpdate:
                         epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
                         ref_logp=None if ref_logp is None else ref_logp[mine], agg=cfg.loss_agg,
                         normalizer=self.normalizer(batch, rows),
+                        importance_sampling_level=cfg.importance_sampling_level,
                     )
                     self.trainer.backward(out.loss)
                     for k in ("clip_fraction", "kl", "ratio_mean"):
