@@ -35,10 +35,25 @@ def ckpt(make_checkpoint):
     (dict(schedule="linear"), "cosine, constant"),
     (dict(dtype="fp8"), "--dtype"),
     (dict(p_direct=1.5), "--p-direct"),
+    (dict(difficulty="2;3"), "comma-separated integers"),
 ])
 def test_pretrain_config_errors_name_the_fix(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_pretrain(tmp_path, **kwargs)
+
+
+def test_pretrain_difficulty_mixes_lengths_in_the_corpus(tmp_path):
+    """--difficulty 1,2 draws 1- and 2-digit problems (a mix of lengths); a level the task lacks
+    fails before the first step."""
+    from qiusuo.train.pretrain import Pretrain
+
+    pre = Pretrain(tiny_pretrain(tmp_path, difficulty="1,2", batch_size=64))
+    digits = {len(str(p.metadata["a"])) for p, _ in pre.task.corpus(64, seed=3, mix=pre.mix, difficulty=pre.levels)}
+    assert digits == {1, 2}, digits
+    rows = pre.batch_rows(0)
+    assert max(len(r) for r, _ in rows) < 40  # no 3-digit scratchpad (42 tokens) in the step
+    with pytest.raises(ValueError, match="difficulty"):
+        Pretrain(tiny_pretrain(tmp_path, "bad", difficulty="1,99"))
 
 
 def test_grpo_config_errors(tmp_path, ckpt):

@@ -105,6 +105,8 @@ class PretrainConfig(TrainConfig):
     task: str = _field("arithmetic", "task whose synthetic corpus to train on")
     template: str = _field("compact", "prompt template of the task")
     batch_size: int = _field(128, "sequences per optimizer step")
+    difficulty: str = _field("", "difficulty levels of the corpus, comma-separated, drawn uniformly per problem "
+                             "(e.g. 1,2,3: a mix of lengths); empty: the task's default level")
     steps: int = _field(650, "optimizer steps (650 x 128: the prototype's base that is right ~15-25% of the time)")
     lr: float = _field(3e-3, "peak learning rate")
     warmup_steps: int = _field(50, "linear warmup steps")
@@ -123,6 +125,16 @@ class PretrainConfig(TrainConfig):
                 raise ValueError(f"--{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
         if self.blurt not in ("guess", "direct"):
             raise ValueError(f"--blurt {self.blurt!r}: use guess or direct")
+        self.difficulty_levels()  # a malformed list fails now, not at step 1
+
+    def difficulty_levels(self) -> list[int] | None:
+        """--difficulty as the task's `difficulty` argument: None (its default) or a list of levels."""
+        if not self.difficulty.strip():
+            return None
+        try:
+            return [int(x) for x in self.difficulty.split(",")]
+        except ValueError:
+            raise ValueError(f"--difficulty {self.difficulty!r}: give comma-separated integers, e.g. 1,2,3") from None
 
 
 @dataclass

@@ -33,7 +33,8 @@ class Pretrain(CompletionLM):
             raise ValueError(f"task {self.task.name!r} has no worked solutions to pretrain on; "
                              "pretrain on a built-in generator task (e.g. arithmetic) or use `qiusuo sft`")
         self.mix = self.task.solution_mix(cfg.p_direct, cfg.p_slip, cfg.blurt)
-        self.task.corpus(1, seed=0, mix=self.mix)  # validates the mix against the task before step 1
+        self.levels = cfg.difficulty_levels()
+        self.task.corpus(1, seed=0, mix=self.mix, difficulty=self.levels)  # validates mix and levels before step 1
         self.model, self.tokenizer = build_model(cfg.preset, seed=cfg.seed)
         # Every checkpoint renders chat prompts exactly as this stage encodes the task's prompts.
         self.tokenizer.chat_template = chat_template(self.task, self.tokenizer)
@@ -42,7 +43,8 @@ class Pretrain(CompletionLM):
                                metadata={"preset": cfg.preset, "task": self.task.name, "mix": self.mix})
 
     def batch_rows(self, step: int):
-        pairs = self.task.corpus(self.cfg.batch_size, seed=step_seed(self.cfg.seed, step), mix=self.mix)
+        pairs = self.task.corpus(self.cfg.batch_size, seed=step_seed(self.cfg.seed, step), mix=self.mix,
+                                 difficulty=self.levels)
         return [completion_row(self.tokenizer, task_prompt_ids(self.tokenizer, self.task, p), c) for p, c in pairs]
 
     def run(self) -> FitResult:
