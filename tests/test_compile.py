@@ -81,13 +81,12 @@ def test_folded_mla_weights_are_the_absorbed_product():
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_compile_is_refused_where_it_would_be_wrong(tmp_path):
+def test_compile_is_refused_where_it_would_be_wrong(make_checkpoint):
     model, tok = _model("tiny-dense")
     with pytest.raises(ValueError, match="live module"):
         LLM(model, tok, compile=True)
-    save_model(model, tok, tmp_path)
     with pytest.raises(ValueError, match="quantization"):
-        LLM(str(tmp_path), compile=True, quantization="int8")
+        LLM(str(make_checkpoint()), compile=True, quantization="int8")
 
 
 @pytest.mark.timeout(600)
@@ -124,13 +123,13 @@ def test_compile_settings_are_checked_before_anything_runs():
 def test_cli_compile_flags():
     import argparse
 
-    from qiusuo.cli.common import add_compile_flag, compile_setting
+    from qiusuo.cli.flags import add_engine_flags, engine_options
 
     p = argparse.ArgumentParser()
-    add_compile_flag(p)
-    assert compile_setting(p.parse_args([])) is False
-    assert compile_setting(p.parse_args(["--compile"])) is True
-    assert compile_setting(p.parse_args(["--compile-mode", "max-autotune"])) == "max-autotune"
+    add_engine_flags(p)
+    assert engine_options(p.parse_args([]))["compile"] is False
+    assert engine_options(p.parse_args(["--compile"]))["compile"] is True
+    assert engine_options(p.parse_args(["--compile-mode", "max-autotune"]))["compile"] == "max-autotune"
 
 
 def test_warm_up_rows_follow_max_num_seqs():

@@ -11,7 +11,7 @@ from qiusuo import tasks
 from qiusuo.cli import main
 from qiusuo.engine import LLM
 from qiusuo.eval import evaluate, write_report
-from qiusuo.model import build_model, save_model
+from qiusuo.model import build_model
 from qiusuo.tokenizer import Tokenizer
 
 
@@ -87,10 +87,8 @@ def test_evaluate_through_the_engine(tmp_path):
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
 
 
-def test_eval_command(tmp_path, capsys):
-    model, tok = build_model("tiny-moe", seed=0)
-    save_model(model, tok, tmp_path / "m")
-    code = main(["eval", "--model", str(tmp_path / "m"), "--task", "arithmetic", "--n", "4",
+def test_eval_command(tmp_path, capsys, make_checkpoint):
+    code = main(["eval", "--model", str(make_checkpoint("tiny-moe")), "--task", "arithmetic", "--n", "4",
                  "--max-tokens", "8", "--out", str(tmp_path / "ev"), "--threads", "1"])
     assert code == 0
     report = json.loads((tmp_path / "ev" / "report.json").read_text())

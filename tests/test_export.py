@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from qiusuo.model import ModelConfig, Transformer, build_model, save_model
+from qiusuo.model import ModelConfig, Transformer, build_model
 
 gguf = pytest.importorskip("gguf")
 from qiusuo.export import check_gguf_support, export_gguf  # noqa: E402
@@ -152,16 +152,14 @@ def test_unrepresentable_configs_are_refused_naming_the_field(tmp_path, field, o
     assert not list(tmp_path.iterdir()), "a refused export must not leave a file behind"
 
 
-def test_cli_export_from_checkpoint_dir(tmp_path):
+def test_cli_export_from_checkpoint_dir(tmp_path, make_checkpoint):
     import argparse
 
     from qiusuo.cli import export as export_cli
 
-    model, tok = build_model("tiny-dense", seed=0)
-    save_model(model, tok, tmp_path / "ckpt")
     parser = argparse.ArgumentParser()
     export_cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["export", "gguf", "--model", str(tmp_path / "ckpt"), "--out",
+    args = parser.parse_args(["export", "gguf", "--model", str(make_checkpoint()), "--out",
                               str(tmp_path / "m.gguf"), "--dtype", "q8_0"])
     assert args.func(args) == 0
     r = gguf.GGUFReader(tmp_path / "m.gguf")

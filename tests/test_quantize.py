@@ -132,12 +132,12 @@ def test_quantized_model_generates_with_the_engine():
     assert len(out[0].outputs[0].token_ids) == 8
 
 
-def test_llm_loads_int8_and_refuses_to_quantize_a_live_module(tmp_path):
+def test_llm_loads_int8_and_refuses_to_quantize_a_live_module(make_checkpoint):
     from qiusuo.engine import LLM, SamplingParams
-    from qiusuo.model import build_model, save_model
+    from qiusuo.model import load_model
 
-    model, tok = build_model("tiny-dense", seed=0)
-    path = save_model(model, tok, tmp_path / "m")
+    path = make_checkpoint()
+    model, tok = load_model(path)
     llm = LLM(str(path), quantization="int8")
     assert any(isinstance(m, QuantizedLinear) for m in llm.llm_engine.model.modules())
     out = llm.generate(["347+285="], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
@@ -152,13 +152,10 @@ def test_llm_loads_int8_and_refuses_to_quantize_a_live_module(tmp_path):
     assert len(out[0].outputs[0].token_ids) == 5
 
 
-def test_eval_command_with_int8(tmp_path):
+def test_eval_command_with_int8(make_checkpoint):
     from qiusuo.cli import main
-    from qiusuo.model import build_model, save_model
 
-    model, tok = build_model("tiny-moe", seed=0)
-    save_model(model, tok, tmp_path / "m")
-    assert main(["eval", "--model", str(tmp_path / "m"), "--task", "arithmetic", "--n", "3",
+    assert main(["eval", "--model", str(make_checkpoint("tiny-moe")), "--task", "arithmetic", "--n", "3",
                  "--max-tokens", "6", "--quantize", "int4", "--threads", "1"]) == 0
 
 

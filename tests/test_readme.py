@@ -406,7 +406,7 @@ def test_smoke_budgets_build_valid_configs(monkeypatch, tmp_path):
     """Every training command's lowered flags still pass its config's validation (e.g. warmup < steps)."""
     from qiusuo.cli import build_parser
     from qiusuo.cli.common import apply_smoke
-    from qiusuo.cli.train import config_from_args
+    from qiusuo.cli.flags import config_from_args
     from qiusuo.train import config
     from qiusuo.train.demo import DemoConfig
 

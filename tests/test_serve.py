@@ -320,16 +320,13 @@ def test_metrics_names(server, client):
     assert metric(server.url, "qiusuo:e2e_request_latency_seconds_count") >= 1
 
 
-def test_cli_serve_subprocess(tmp_path):
+def test_cli_serve_subprocess(make_checkpoint):
     """`qiusuo serve` end to end: a saved checkpoint, /health 503 then 200, the openai client, Ctrl-C."""
     import signal
     import subprocess
     import sys
 
-    from qiusuo.model import save_model
-
-    model, tok = build_model("tiny-dense", max_position_embeddings=256, num_hidden_layers=1)
-    ckpt = save_model(model, tok, tmp_path / "ckpt")
+    ckpt = make_checkpoint(max_position_embeddings=256, num_hidden_layers=1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -44,11 +44,8 @@ def qiusuo(*args: str, home: Path, env: dict[str, str] | None = None) -> subproc
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    from qiusuo.model import build_model, save_model
-
-    model, tok = build_model("tiny-dense", max_position_embeddings=256, num_hidden_layers=1)
-    return save_model(model, tok, tmp_path_factory.mktemp("ckpt") / "tiny")
+def checkpoint(make_checkpoint) -> Path:
+    return make_checkpoint(max_position_embeddings=256, num_hidden_layers=1)
 
 
 @pytest.fixture

@@ -1,38 +1,10 @@
-"""Flags and helpers shared by commands: model resolution, device, threads."""
+"""Helpers shared by commands: threads, QIUSUO_SMOKE budgets, first-run problems (ports, busy machine, torch).
+
+The flags themselves are generated from the config dataclasses (flags.py)."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import tempfile
-
-
-def add_runtime_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 2 on a quiet machine, 1 when the load average "
-                        "says a neighbour is busy: 2 threads ran 4-10x slower than 1 under load)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def add_compile_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: faster small-model decode on CPU, after compiling "
-                        "at start (minutes for a 100M+ model on first use; later starts reuse inductor's "
-                        "on-disk cache, TORCHINDUCTOR_CACHE_DIR) (qiusuo/engine/compiled.py)")
-    p.add_argument("--compile-mode", default=None, choices=["default", "max-autotune"],
-                   help="implies --compile; max-autotune also tunes the matmul kernels (~1 min, faster batches)")
-
-
-def compile_setting(args: argparse.Namespace) -> bool | str:
-    """EngineConfig.compile from --compile / --compile-mode; says on stderr that the start will compile."""
-    setting = args.compile_mode or bool(args.compile)
-    if setting:
-        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "torchinductor_<user>")
-        print(f"compiling the decode step with torch.compile (mode {setting if isinstance(setting, str) else 'default'}): "
-              f"minutes on first use of a model, cached in {cache} for later starts", file=sys.stderr)
-    return setting
 
 
 def apply_threads(threads: int | None) -> int:
@@ -120,7 +92,9 @@ def note_busy_machine(args: argparse.Namespace) -> str | None:
 
     from qiusuo.runtime import default_threads
 
-    if getattr(args, "threads", 1) not in (None, 0) or getattr(args, "device", "cpu") != "cpu":
+    # --threads is `threads` in training configs, the engine's `num_threads` in generate / chat / eval
+    threads = getattr(args, "threads", getattr(args, "num_threads", 1))
+    if threads not in (None, 0) or getattr(args, "device", "cpu") != "cpu":
         return None
     try:
         load = os.getloadavg()[0]

@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from qiusuo.cli.train import add_dataclass_args
+    from qiusuo.cli.flags import add_config_flags
     from qiusuo.train.demo import DemoConfig
 
     p = sub.add_parser(
@@ -16,12 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train it with GRPO on answer-only rewards, evaluate again, and print a before/after table. "
         "Writes OUT/report.json and OUT/grpo_curves.png.",
     )
-    add_dataclass_args(p, DemoConfig)
+    add_config_flags(p, DemoConfig)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from qiusuo.cli.train import config_from_args
+    from qiusuo.cli.flags import config_from_args
     from qiusuo.train.demo import DemoConfig, run_demo
 
     run_demo(config_from_args(DemoConfig, args))

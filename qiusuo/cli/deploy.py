@@ -13,20 +13,24 @@ see qiusuo/deploy/head.py). Needs the Ray extra: pip install 'qiusuo[ray]'.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
-from .serve import add_api_key_flags, api_key
+from .flags import add_config_flags, add_engine_flags, config_kwargs, engine_options
+from .serve import SERVER_SKIP, add_api_key_flags, api_key
 
-
-def _default(name: str):
-    from qiusuo.deploy.config import DeployConfig
-
-    return {f.name: f.default for f in dataclasses.fields(DeployConfig)}[name]
+# DeployConfig fields without a flag: NAME is the positional word, its path is resolved from it, and
+# the server and engine options have flags of their own (ServerConfig's and EngineConfig's)
+DEPLOY_SKIP = ("model", "model_path", "server_options", "engine_options")
+# EngineConfig fields a replica does not take: it runs on the CPUs Ray reserves (--num-cpus), with
+# DeployConfig's --threads (default 1: replicas share the cores)
+ENGINE_SKIP = ("device", "num_threads")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from qiusuo.deploy.config import DeployConfig  # light: no ray, no torch
+    from qiusuo.serve.config import ServerConfig
+
     p = sub.add_parser("deploy", help="deploy a model on Ray Serve (autoscaling, health checks, dashboard); "
                                       "`deploy status`, `deploy stop [NAME]`",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,36 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                           "running deployment's, else 8000)")
     p.add_argument("--address", default=None, help="join the Ray cluster at this GCS address instead of "
                                                     "starting a local head")
-    p.add_argument("--name", default=None, help="Serve application name (default: from NAME)")
-    p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: NAME)")
-    p.add_argument("--route-prefix", default=None, help="URL prefix of this model (default: /<app name>)")
-    g = p.add_argument_group("autoscaling")
-    g.add_argument("--min-replicas", type=int, default=_default("min_replicas"))
-    g.add_argument("--max-replicas", type=int, default=_default("max_replicas"))
-    g.add_argument("--target-ongoing-requests", type=float, default=_default("target_ongoing_requests"),
-                   help="desired running + queued requests per replica")
-    g.add_argument("--max-ongoing-requests", type=int, default=_default("max_ongoing_requests"),
-                   help="per-replica cap enforced by Serve's proxy")
-    g.add_argument("--upscale-delay", type=float, default=_default("upscale_delay_s"), help="seconds over target "
-                   "before adding a replica")
-    g.add_argument("--downscale-delay", type=float, default=_default("downscale_delay_s"),
-                   help="seconds under target before removing one")
-    g.add_argument("--look-back-period", type=float, default=_default("look_back_period_s"))
-    g.add_argument("--metrics-interval", type=float, default=_default("metrics_interval_s"))
-    g.add_argument("--health-check-period", type=float, default=_default("health_check_period_s"))
-    g = p.add_argument_group("replicas and server")
-    g.add_argument("--num-cpus", type=float, default=_default("num_cpus"), help="Ray CPUs reserved per replica")
-    g.add_argument("--threads", type=int, default=_default("threads"), help="torch threads per replica")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=None)
-    g.add_argument("--kv-cache-bytes", type=int, default=None)
+    add_config_flags(p.add_argument_group("application, autoscaling and replicas"), DeployConfig, skip=DEPLOY_SKIP)
+    g = p.add_argument_group("server (per replica)")
     add_api_key_flags(g)
-    g.add_argument("--max-queue", type=int, default=None, help="requests waiting for a first token per replica")
-    g.add_argument("--max-tokens-cap", type=int, default=None)
-    g.add_argument("--max-output-budget", type=int, default=None,
-                   help="per request, n x max_tokens x (1 + top_logprobs); over it, 400")
-    g.add_argument("--thinking-budget", type=int, default=None)
+    add_config_flags(g, ServerConfig, skip=SERVER_SKIP)
+    add_engine_flags(p.add_argument_group("engine (per replica)"), skip=ENGINE_SKIP)
     g = p.add_argument_group("local Ray head (first deploy only)")
     g.add_argument("--ray-num-cpus", type=float, default=None, help="CPUs Ray may hand out (default: all)")
     g.add_argument("--object-store-mb", type=int, default=150)
@@ -89,26 +68,19 @@ def run(args) -> int:
 
 
 def deploy(args) -> int:
-    from qiusuo.registry import resolve_model
     from qiusuo.deploy.config import DeployConfig
     from qiusuo.deploy.manager import ModelLoadError
     from qiusuo.deploy.manager import deploy as run_deploy
+    from qiusuo.registry import resolve_model
+    from qiusuo.serve.config import ServerConfig
 
-    path = resolve_model(verb := args.words[0])  # unknown names fail here, listing the known ones
-    server = {k: v for k, v in dict(api_key=api_key(args), max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
-                                    max_output_budget=args.max_output_budget,
-                                    default_thinking_budget=args.thinking_budget).items() if v is not None}
-    engine = {k: v for k, v in dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                                    kv_cache_bytes=args.kv_cache_bytes).items() if v is not None}
-    config = DeployConfig(
-        model=verb, model_path=str(path), app_name=args.name or "", served_model_name=args.served_model_name or "",
-        route_prefix=args.route_prefix or "", min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-        target_ongoing_requests=args.target_ongoing_requests, max_ongoing_requests=args.max_ongoing_requests,
-        upscale_delay_s=args.upscale_delay, downscale_delay_s=args.downscale_delay,
-        look_back_period_s=args.look_back_period, metrics_interval_s=args.metrics_interval,
-        health_check_period_s=args.health_check_period, num_cpus=args.num_cpus, threads=args.threads,
-        dtype=args.dtype, server_options=server, engine_options=engine,
-    )  # fmt: skip
+    verb = args.words[0]
+    engine = engine_options(args, skip=ENGINE_SKIP)  # a bad engine or server flag fails first (exit 2)
+    server = dict(config_kwargs(ServerConfig, args, skip=SERVER_SKIP), api_key=api_key(args))
+    ServerConfig(served_model_name=args.served_model_name or verb, **server)
+    path = resolve_model(verb)  # unknown names fail here, listing the known ones
+    config = DeployConfig(model=verb, model_path=str(path), **config_kwargs(DeployConfig, args, skip=DEPLOY_SKIP),
+                          server_options=server, engine_options=engine)
     print(f"deploying {verb} ({path}) as application {config.app_name} ...", flush=True)
     try:
         info = run_deploy(config, port=args.port, address=args.address, num_cpus=args.ray_num_cpus,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_compile_flag, add_runtime_flags, apply_threads, compile_setting
+from .common import apply_threads
+from .flags import add_engine_flags, engine_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,13 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--difficulty", type=int, nargs="*", default=None, help="one or more difficulty levels")
     p.add_argument("--template", default="compact", choices=["compact", "r1", "chat"])
     p.add_argument("--split", default="test", choices=["test", "train"])
-    p.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
-                   help="low-bit weights (qiusuo/model/quantize.py): int8 per channel, int8-dynamic (8-bit "
-                        "activations too, faster on x86, less exact), int4 in groups of 32")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    add_compile_flag(p)
     p.add_argument("--out", default=None, help="directory for report.json, samples.jsonl and accuracy.png")
-    add_runtime_flags(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the problems and of the samples")
+    add_engine_flags(p)
     p.set_defaults(func=run)
 
 
@@ -35,12 +32,12 @@ def run(args) -> int:
     from qiusuo.eval import evaluate, print_table, write_report
     from qiusuo.registry import resolve_model
 
-    apply_threads(args.threads)
+    options = engine_options(args)  # a bad engine flag fails here, before the model loads
+    apply_threads(options["num_threads"])  # outside the engine's steps too (building and scoring problems)
     task = tasks.get(args.task, template=args.template)
     difficulty = args.difficulty[0] if args.difficulty and len(args.difficulty) == 1 else args.difficulty
     problems = task.generate(args.n, seed=args.seed, split=args.split, difficulty=difficulty)
-    llm = LLM(str(resolve_model(args.model)), device=args.device, dtype=args.dtype, quantization=args.quantize,
-              compile=compile_setting(args))
+    llm = LLM(str(resolve_model(args.model)), **options)
     try:
         result = evaluate(llm, task, problems, samples=args.samples, temperature=args.temperature,
                           top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)

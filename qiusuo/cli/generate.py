@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_compile_flag, compile_setting
+from .flags import add_engine_flags, engine_options
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -14,14 +14,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads while generating")
-    p.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
-                   help="low-bit weights (qiusuo/model/quantize.py): int8 per channel, int8-dynamic (8-bit "
-                        "activations too, faster on x86, less exact), int4 in groups of 32")
-    add_compile_flag(p)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed of the request")
+    add_engine_flags(p)
 
 
 def register(subparsers) -> None:
@@ -42,8 +36,8 @@ def _load(args):
 
     from qiusuo.registry import resolve_model
 
-    llm = LLM(str(resolve_model(args.model)), device=args.device, dtype=args.dtype, quantization=args.quantize,
-              num_threads=args.threads, compile=compile_setting(args))
+    options = engine_options(args)  # a bad engine flag fails here, before the model loads
+    llm = LLM(str(resolve_model(args.model)), **options)
     params = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   max_tokens=args.max_tokens, seed=args.seed)
     return llm, SamplingParams, params

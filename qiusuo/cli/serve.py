@@ -15,12 +15,12 @@ The API key: `--api-key-file PATH` or the environment variable QIUSUO_API_KEY ke
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import sys
 
-from .common import add_compile_flag, check_port_free, compile_setting
+from .common import check_port_free
+from .flags import add_config_flags, add_engine_flags, config_kwargs, engine_options
 
 API_KEY_ENV = "QIUSUO_API_KEY"
 
@@ -52,8 +52,9 @@ def api_key(args) -> str | None:
     return key
 
 
-def _default(cls, name: str):
-    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
+# ServerConfig fields with flags of their own: --served-model-name (default: --model) and the key's
+# three sources (add_api_key_flags)
+SERVER_SKIP = ("served_model_name", "api_key")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,25 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     add_api_key_flags(p)
     p.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: --model)")
-    p.add_argument("--max-queue", type=int, default=_default(ServerConfig, "max_queue"),
-                   help="sequences (n per prompt) that may wait for their first token; past it, 429 with "
-                        "Retry-After")
-    p.add_argument("--max-tokens-cap", type=int, default=None, help="upper bound on any request's max_tokens "
-                                                                     "(default: the model's context)")
-    p.add_argument("--max-output-budget", type=int, default=_default(ServerConfig, "max_output_budget"),
-                   help="per request, n x max_tokens x (1 + top_logprobs) summed over its prompts; over it, 400")
-    p.add_argument("--thinking-budget", type=int, default=None,
-                   help="default max reasoning tokens per request (a request's thinking_budget wins)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads for the engine (default: torch's)")
-    p.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
-                   help="low-bit weights (qiusuo/model/quantize.py): int8 per channel, int8-dynamic (8-bit "
-                        "activations too, faster on x86, less exact), int4 in groups of 32")
-    add_compile_flag(p)
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences per engine step")
-    p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV-cache budget in bytes")
+    add_config_flags(p, ServerConfig, skip=SERVER_SKIP)
+    add_engine_flags(p)
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                    help="step the engine in its own process (default); --no-engine-process: on a thread of "
                         "the API process")
@@ -95,25 +79,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args) -> int:
     from qiusuo.registry import resolve_model
     from qiusuo.serve import create_app
+    from qiusuo.serve.config import ServerConfig
     from qiusuo.serve.outputs import EngineLoadError
     from qiusuo.serve.server import run as run_server
 
-    engine_kwargs = {k: v for k, v in dict(num_threads=args.threads, max_model_len=args.max_model_len,
-                                           max_num_seqs=args.max_num_seqs,
-                                           kv_cache_bytes=args.kv_cache_bytes,
-                                           compile=compile_setting(args) or None).items() if v is not None}
+    engine = engine_options(args)  # a bad engine or server flag fails first (exit 2), before any loading
+    server = dict(config_kwargs(ServerConfig, args, skip=SERVER_SKIP), api_key=api_key(args))
+    ServerConfig(served_model_name=args.served_model_name or args.model, **server)
     path = resolve_model(args.model)  # fail fast (exit 2) on an unknown name, before binding the port
     check_port_free(args.host, args.port)  # a busy port: one line and exit 2, not a traceback after loading
     # a partial of a module-level function pickles: the engine process calls it to build its engine
-    load = functools.partial(load_engine, path, device=args.device, dtype=args.dtype, quantization=args.quantize,
-                             **engine_kwargs)
-    key = api_key(args)
+    load = functools.partial(load_engine, path, **engine)
     app = create_app(load, served_model_name=args.served_model_name or args.model,
-                     engine_process=args.engine_process, api_key=key, max_queue=args.max_queue,
-                     max_tokens_cap=args.max_tokens_cap, max_output_budget=args.max_output_budget,
-                     default_thinking_budget=args.thinking_budget)
+                     engine_process=args.engine_process, **server)
     print(f"serving {args.model} ({path}) on http://{args.host}:{args.port}/v1"
-          f"{' (API key required)' if key else ''}", flush=True)
+          f"{' (API key required)' if server['api_key'] else ''}", flush=True)
     error = run_server(app, host=args.host, port=args.port, log_level=args.log_level)
     if error is not None:  # the model could not load (or reload), or a thread engine failed
         what = "could not be loaded" if isinstance(error, EngineLoadError) else "stopped serving"

@@ -1,15 +1,16 @@
 """`qiusuo pretrain | sft | distill | grpo`: flags generated from the stage config dataclasses.
 
 Each flag is a field of `qiusuo.train.config` (same name with dashes, same default, the field's
-help text), so there is no second list of defaults here; the dataclass validates the values.
+help text; qiusuo/cli/flags.py), so there is no second list of defaults here; the dataclass
+validates the values.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-from typing import Any
+
+from .flags import add_config_flags, config_from_args
 
 STAGES = {
     "pretrain": ("PretrainConfig", "qiusuo.train.pretrain:Pretrain",
@@ -23,35 +24,12 @@ STAGES = {
 }
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field: --field-name, typed by its default, with its help text."""
-    for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif f.metadata.get("required"):
-            parser.add_argument(flag, type=type(default), required=True, help=help_text)
-        else:
-            shown = f"{help_text} (default: {default})" if default not in ("", None) else help_text
-            parser.add_argument(flag, type=type(default) if default is not None else str, default=default,
-                                help=shown)
-
-
-def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)})
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     from qiusuo.train import config
 
     for name, (cls_name, _, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        skip = ("model", "data") if name == "distill" else ()
-        add_dataclass_args(p, getattr(config, cls_name), skip=skip)
+        add_config_flags(p, getattr(config, cls_name))
         p.set_defaults(func=run_stage, stage=name)
 
 

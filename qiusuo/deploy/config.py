@@ -1,6 +1,7 @@
 """`DeployConfig`: one model's Ray Serve application (replicas, autoscaling, health, server knobs).
 
-Light on purpose (no ray, no torch): the CLI builds its flags and defaults from it. The
+Light on purpose (no ray, no torch): the CLI builds its flags and defaults from it
+(qiusuo/cli/flags.py), with the server's and the engine's from ServerConfig and EngineConfig. The
 defaults follow Ray Serve's `AutoscalingConfig` (ray/serve/config.py), shortened for small CPU models: a replica of a tiny
 model starts in seconds, so waiting Ray's 30 s before adding one and 600 s before removing one
 would only show as queueing on a 2-core box.
@@ -9,8 +10,10 @@ would only show as queueing on a 2-core box.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from qiusuo.fields import check_choices, option
 
 DASHBOARD_APP = "qiusuo-dashboard"  # the Serve application that serves /dashboard and collects reports
 DASHBOARD_ROUTE = "/dashboard"
@@ -28,33 +31,39 @@ def app_name_for(model: str) -> str:
 
 @dataclass
 class DeployConfig:
-    model: str  # registry NAME[:TAG] or checkpoint directory, as given
-    model_path: str  # the resolved checkpoint directory the replicas load
-    app_name: str = ""  # Serve application; default from `model`
-    served_model_name: str = ""  # what clients pass as `model`; default: `model`
-    route_prefix: str = ""  # default: /<app_name>
+    model: str = option(help="registry NAME[:TAG] or checkpoint directory, as given")
+    model_path: str = option(help="the resolved checkpoint directory the replicas load")
+    app_name: str = option("", "Serve application name (default: from NAME)", flag="--name")
+    served_model_name: str = option("", "the `model` clients send (default: NAME)")
+    route_prefix: str = option("", "URL prefix of this model (default: /<app name>)")
     # autoscaling (Ray Serve `autoscaling_config`)
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 2.0  # desired running + queued requests per replica
-    max_ongoing_requests: int = 8  # per-replica cap the proxy enforces (≈ engine batch on 2 cores)
-    upscale_delay_s: float = 10.0
-    downscale_delay_s: float = 60.0
-    look_back_period_s: float = 10.0
-    metrics_interval_s: float = 2.0
+    min_replicas: int = option(1, "fewest replicas (0: none while idle)")
+    max_replicas: int = option(2, "most replicas")
+    target_ongoing_requests: float = option(2.0, "desired running + queued requests per replica")
+    max_ongoing_requests: int = option(8, "per-replica cap enforced by Serve's proxy (about the engine's batch "
+                                          "on 2 cores)")
+    upscale_delay_s: float = option(10.0, "seconds over target before adding a replica", flag="--upscale-delay")
+    downscale_delay_s: float = option(60.0, "seconds under target before removing one", flag="--downscale-delay")
+    look_back_period_s: float = option(10.0, "seconds of load the autoscaler averages", flag="--look-back-period")
+    metrics_interval_s: float = option(2.0, "seconds between the replicas' load reports to the autoscaler",
+                                       flag="--metrics-interval")
     # health: Ray calls the replica's check_health every period; a failure or a dead actor restarts it
-    health_check_period_s: float = 5.0
-    health_check_timeout_s: float = 30.0
+    health_check_period_s: float = option(5.0, "seconds between health checks of a replica",
+                                          flag="--health-check-period")
+    health_check_timeout_s: float = option(30.0, "seconds a health check may take before the replica counts "
+                                                 "as failed", flag="--health-check-timeout")
     # resources per replica (a 2-core machine fits four 0.5-CPU replicas)
-    num_cpus: float = 0.5
-    threads: int = 1  # torch threads per replica's engine
-    # the OpenAI server (qiusuo.serve.ServerConfig) and engine (qiusuo.engine.EngineConfig) knobs
-    server_options: dict[str, Any] = field(default_factory=dict)
-    engine_options: dict[str, Any] = field(default_factory=dict)
-    dtype: str = "auto"
-    report_interval_s: float = 1.0  # how often each replica reports its metrics to the dashboard
+    num_cpus: float = option(0.5, "Ray CPUs reserved per replica")
+    threads: int = option(1, "torch threads per replica's engine (replicas share the cores)")
+    # the OpenAI server (qiusuo.serve.ServerConfig) and engine (qiusuo.engine.EngineConfig) knobs,
+    # checked here so that a bad one fails before Ray starts
+    server_options: dict[str, Any] = option({}, "ServerConfig fields")
+    engine_options: dict[str, Any] = option({}, "EngineConfig fields (dtype, quantization, max_model_len, ...)")
+    report_interval_s: float = option(1.0, "seconds between each replica's metric reports to the dashboard",
+                                      flag="--report-interval")
 
     def __post_init__(self):
+        check_choices(self)
         if not self.model or not self.model_path:
             raise ValueError("model and model_path must be non-empty (a registry name and its checkpoint directory)")
         self.app_name = self.app_name or app_name_for(self.model)
@@ -89,6 +98,25 @@ class DeployConfig:
             raise ValueError(f"num_cpus={self.num_cpus}: must be > 0 (fractions such as 0.5 are fine)")
         if self.threads < 1:
             raise ValueError(f"threads={self.threads}: must be >= 1")
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Build the replicas' ServerConfig and EngineConfig once here (both light), so that a bad option
+        is refused by the command, not by every replica after Ray started."""
+        from qiusuo.engine.config import EngineConfig
+        from qiusuo.serve.config import ServerConfig
+
+        for key in ("num_threads", "device"):
+            if key in self.engine_options:
+                raise ValueError(f"engine_options[{key!r}]: a replica's engine runs on its `threads` CPU threads "
+                                 "(num_cpus reserves the CPUs); set threads instead")
+        if "served_model_name" in self.server_options:
+            raise ValueError("server_options['served_model_name']: set DeployConfig.served_model_name instead")
+        try:
+            ServerConfig(served_model_name=self.served_model_name, **self.server_options)
+            EngineConfig(**self.engine_options)
+        except TypeError as e:  # an unknown key
+            raise ValueError(f"server_options / engine_options: {e}; use ServerConfig / EngineConfig field names")
 
     def autoscaling_config(self) -> dict[str, Any]:
         return {

@@ -35,8 +35,7 @@ def load_engine(config: DeployConfig):
     from qiusuo.engine import LLM
 
     torch.set_num_threads(config.threads)  # several replicas share the cores: one thread each by default
-    return LLM(config.model_path, dtype=config.dtype, num_threads=config.threads,
-               **config.engine_options).llm_engine
+    return LLM(config.model_path, num_threads=config.threads, **config.engine_options).llm_engine
 
 
 @serve.deployment

@@ -1,37 +1,72 @@
-"""`EngineConfig`: the engine's knobs (KV budget, block size, batching limits), validated."""
+"""`EngineConfig`: the engine's knobs (how `LLM` loads a checkpoint, KV budget, batching limits), validated.
+
+The one list of engine options: `LLM(path, **options)` passes them here, and `qiusuo generate`,
+`chat`, `eval`, `serve` and `deploy` build their engine flags from these fields (qiusuo/cli/flags.py),
+so a default or an allowed value is written once and checked once (`__post_init__`).
+Light on purpose (no torch): the CLI's parser imports it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+from qiusuo.fields import check_choices, option
+
+DType = Literal["auto", "float32", "bfloat16"]
+# qiusuo.model.quantize.MODES and INT4_GROUP_SIZES (tests/test_cli_flags.py checks they agree)
+Quantization = Literal["int8", "int8-dynamic", "int4"]
+Int4GroupSize = Literal[32, 64, 128]
 
 
 @dataclass
 class EngineConfig:
-    block_size: int = 16  # tokens per KV block
-    kv_cache_bytes: int | None = None  # KV budget; None: room for max_num_seqs full contexts, capped at 1 GiB
-    max_num_seqs: int = 256  # sequences in one step
-    max_num_batched_tokens: int | None = None  # new tokens in one step; None: max(4096, max_model_len)
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    seed: int = 0  # draws the seeds of requests that do not set one
-    num_threads: int | None = None  # torch intra-op threads while the engine steps (restored after)
+    # How `LLM` loads a checkpoint. `LLMEngine` runs the module it is given as it is.
+    device: str = option("cpu", "torch device: cpu, cuda, cuda:1, ... (a live module: its own)")
+    dtype: DType = option("auto", "weights and compute dtype; auto: float32 for a checkpoint (bfloat16 decodes "
+                                  "slower on most CPUs), a live module's own dtype")
+    quantization: Quantization | None = option(
+        None, "low-bit weights (qiusuo/model/quantize.py): int8 per channel, int8-dynamic (8-bit activations "
+              "too, faster on x86, less exact), int4 in groups of --int4-group-size", flag="--quantize")
+    int4_group_size: Int4GroupSize = option(32, "weights per int4 scale and zero point (smaller: closer to the "
+                                                "float weights, a little larger)")
     # torch.compile the decode step (compiled.py): ~2x faster decode at 4 layers of the SmolLM2-135M
     # shape (measured, load-noisy), minutes of compiling at the first start of a 100M+ model (later
     # starts hit inductor's on-disk cache), weights frozen into the graph (not for live modules).
-    # True or "default", or "max-autotune" (also tunes the matmul kernels: slower start, faster batches).
-    compile: bool | str = False
+    compile: bool | Literal["default", "max-autotune"] = option(
+        False, "torch.compile the decode step: faster small-model decode on CPU, after compiling at start "
+               "(minutes for a 100M+ model on first use; later starts reuse inductor's on-disk cache, "
+               "TORCHINDUCTOR_CACHE_DIR); max-autotune also tunes the matmul kernels (~1 min, faster batches)")
+    # The engine.
+    block_size: int = option(16, "tokens per KV-cache block")
+    kv_cache_bytes: int | None = option(None, "KV-cache budget in bytes (default: room for --max-num-seqs full "
+                                              "contexts, capped at 1 GiB)")
+    max_num_seqs: int = option(256, "sequences in one engine step")
+    max_num_batched_tokens: int | None = option(None, "new tokens in one engine step (default: max(4096, the "
+                                                      "context length))")
+    max_model_len: int | None = option(None, "context length (default: the model's max_position_embeddings)")
+    enable_prefix_caching: bool = option(True, "share the KV cache of common prompt prefixes between requests")
+    seed: int = option(0, "draws the seeds of requests that do not set one")
+    # None from Python: torch's own setting; the CLI picks a count from the load average (runtime.py)
+    num_threads: int | None = option(None, "torch threads while the engine steps (default: all cores on a quiet "
+                                           "machine, 1 of 2 when the load average says a neighbour is busy)",
+                                     flag="--threads")
 
     def __post_init__(self):
+        check_choices(self)
+        if self.compile and self.quantization:
+            raise ValueError("compile and quantization do not combine yet: freezing the graph would fold the "
+                             "low-bit weights back into float32 ones; use one or the other")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size}: must be >= 1 (16 is a good default)")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes}: must be positive (or None for the default)")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs={self.max_num_seqs}: must be >= 1")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens}: must be >= 1 (or None)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len={self.max_model_len}: must be >= 2 (a prompt token and an output token)")
-        if self.compile not in (False, True, "default", "max-autotune"):
-            raise ValueError(f"compile={self.compile!r}: use False, True (= 'default') or 'max-autotune'")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads}: must be >= 1 (or None to leave torch's setting)")
 

@@ -28,24 +28,21 @@ class LLM:
     def __init__(self, model: str | Path | nn.Module, tokenizer: Any | None = None, *,
                  device: str | torch.device | None = None, dtype: str = "auto",
                  quantization: str | None = None, int4_group_size: int = 32, **engine_kwargs: Any):
-        """engine_kwargs are `EngineConfig` fields (kv_cache_bytes, block_size, num_threads, seed, ...).
+        """device, dtype, quantization, int4_group_size and engine_kwargs are `EngineConfig` fields
+        (kv_cache_bytes, block_size, num_threads, seed, ...), all checked there before anything loads.
 
-        quantization: None, "int8" (per output channel), "int8-dynamic" (also 8-bit activations) or "int4" (group-wise, `int4_group_size` 32/64/128);
-        `qiusuo.model.quantize`. Applied to a checkpoint loaded here, never to a live module (that
-        would rewrite its weights).
+        quantization: None, "int8" (per output channel), "int8-dynamic" (also 8-bit activations) or
+        "int4" (group-wise, `int4_group_size` 32/64/128); `qiusuo.model.quantize`. Applied to a
+        checkpoint loaded here, never to a live module (that would rewrite its weights).
         """
-        if dtype != "auto" and dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r}: use 'auto', 'float32' or 'bfloat16'")
-        if quantization not in (None, "int8", "int8-dynamic", "int4"):
-            raise ValueError(f"quantization={quantization!r}: use None, 'int8', 'int8-dynamic' or 'int4'")
-        if engine_kwargs.get("compile") and quantization:
-            raise ValueError("compile=True and quantization do not combine yet: freezing the graph would fold "
-                             "the low-bit weights back into float32 ones; use one or the other")
-        loaded_here = isinstance(model, (str, Path))
-        if loaded_here:
+        live = not isinstance(model, (str, Path))
+        config = EngineConfig(device=str(device if device is not None else model.device if live else "cpu"),
+                              dtype=dtype, quantization=quantization, int4_group_size=int4_group_size,
+                              **engine_kwargs)  # every option is checked here, before anything loads
+        if not live:
             from qiusuo.model import load_model
 
-            model, loaded_tokenizer = load_model(model, device=device or "cpu",
+            model, loaded_tokenizer = load_model(model, device=config.device,
                                                  dtype="float32" if dtype == "auto" else dtype)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
             if quantization:
@@ -55,7 +52,7 @@ class LLM:
         elif quantization:
             raise ValueError("quantization applies to checkpoints LLM loads itself; quantize a live module "
                              "with qiusuo.model.quantize.quantize_model first")
-        elif engine_kwargs.get("compile"):
+        elif config.compile:
             raise ValueError("compile=True freezes the weights into the compiled graph, and a live module's "
                              "weights may change (a trainer's); load a checkpoint (LLM(path, compile=True)) "
                              "or use LLMEngine directly if the weights will not change")
@@ -65,11 +62,11 @@ class LLM:
                 raise ValueError(f"the model is on {model.device}, not {device}; move it first or omit device=")
             if dtype != "auto" and _DTYPES[dtype] != model.dtype:
                 raise ValueError(f"the model is {model.dtype}, not {dtype}; cast it first or use dtype='auto'")
-        self.llm_engine = LLMEngine(model, tokenizer, EngineConfig(**engine_kwargs))
+        self.llm_engine = LLMEngine(model, tokenizer, config)
         # A live module's weights may change between calls (a GRPO update), and KV cached from the
         # old weights would then be served to new prompts sharing a prefix: each offline call on a
         # live module starts with an empty prefix cache (sharing within the call is unaffected).
-        self._live_weights = not loaded_here
+        self._live_weights = live
         self._ids = itertools.count()
 
     def _forget_stale_prefixes(self) -> None:

@@ -16,19 +16,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qiusuo.fields import check_choices, option
+
 
 @dataclass
 class ServerConfig:
-    served_model_name: str
-    api_key: str | None = None  # Bearer key for every route but /health; None: no auth
-    max_queue: int = 64  # sequences admitted but waiting for their first token; past it, 429
-    max_body_bytes: int = 4 << 20  # larger request bodies get 413
-    max_tokens_cap: int | None = None  # clamps max_tokens; None: the model's context
-    max_output_budget: int = 1 << 17  # n x max_tokens x (1 + top_logprobs) per request; over it, 400
-    default_thinking_budget: int | None = None  # requests that set no thinking_budget get this
-    retry_after_s: int = 1  # the Retry-After header of a 429
+    served_model_name: str = option(help="the name clients pass as `model`")
+    api_key: str | None = option(None, "Bearer key for every route but /health; None: no auth")
+    max_queue: int = option(64, "sequences (n per prompt) admitted but waiting for their first token; past it, "
+                                "429 with Retry-After")
+    max_body_bytes: int = option(4 << 20, "larger request bodies get 413")
+    max_tokens_cap: int | None = option(None, "upper bound on any request's max_tokens (default: the model's "
+                                              "context)")
+    max_output_budget: int = option(1 << 17, "per request, n x max_tokens x (1 + top_logprobs) summed over its "
+                                             "prompts; over it, 400")
+    default_thinking_budget: int | None = option(None, "default max reasoning tokens per request (a request's "
+                                                       "thinking_budget wins)", flag="--thinking-budget")
+    retry_after_s: int = option(1, "the Retry-After header of a 429, in seconds", flag="--retry-after")
 
     def __post_init__(self):
+        check_choices(self)
         if not isinstance(self.served_model_name, str) or not self.served_model_name:
             raise ValueError("served_model_name must be a non-empty string (the name clients pass as `model`)")
         if self.api_key is not None and not self.api_key:

@@ -1,9 +1,11 @@
 """Training configs: one dataclass for the loop, one per stage that extends it.
 
 Every stage config *is* a `TrainConfig` (dataclass inheritance), so the loop reads the same
-fields whatever the stage, and the CLI builds its flags from these classes (cli/train.py):
-there is no second list of defaults. Each class validates itself in `__post_init__` and raises
-a `ValueError` that names the rule and the fix, so a bad run fails before its first step.
+fields whatever the stage; SFT and distillation share `FinetuneConfig` (batch, learning rate,
+record length), and each declares only the fields it reads. The CLI builds its flags from these
+classes (cli/flags.py): there is no second list of defaults. Each class validates itself in
+`__post_init__` (the enumerated fields, typed `Literal[...]`, in `check_choices`) and raises a
+`ValueError` that names the rule and the fix, so a bad run fails before its first step.
 
 Defaults of `PretrainConfig` and `GRPOConfig` are the recipe that worked in the CPU prototype
 (a 0.81M-parameter model, greedy accuracy on 3-digit addition 14% -> 98% after GRPO): pretrain
@@ -14,52 +16,52 @@ G=8 at T=1, beta=0.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from qiusuo.fields import check_choices, option
 from qiusuo.runtime import default_threads
 
-DTYPES = ("auto", "float32", "bfloat16")
-SCHEDULES = ("cosine", "constant")
-
-
-def _field(default: Any, help: str, **kw) -> Any:
-    """A dataclass field whose help text the CLI shows."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+# The enumerated fields (checked by check_choices; the CLI shows the values)
+Schedule = Literal["cosine", "constant"]
+AutocastDType = Literal["auto", "float32", "bfloat16"]
+Blurt = Literal["guess", "direct"]
+ScaleRewards = Literal["group", "none"]
+LossAgg = Literal["token", "sequence", "constant"]
+ImportanceSamplingLevel = Literal["token", "sequence"]
 
 
 @dataclass
 class TrainConfig:
     """The loop: optimizer, schedule, precision, checkpoints, logging."""
 
-    out: str = _field("runs/train", "run directory (config.json, metrics.jsonl, checkpoints/, final/)")
-    seed: int = _field(0, "seed of every random stream (init, data, sampling)")
-    device: str = _field("cpu", "torch device: cpu, cuda, cuda:1, ...")
-    threads: int = _field(0, "torch CPU threads (0: measured: the first steps are timed at 1 and 2 threads, the "
+    out: str = option("runs/train", "run directory (config.json, metrics.jsonl, checkpoints/, final/)")
+    seed: int = option(0, "seed of every random stream (init, data, sampling)")
+    device: str = option("cpu", "torch device: cpu, cuda, cuda:1, ...")
+    threads: int = option(0, "torch CPU threads (0: measured: the first steps are timed at 1 and 2 threads, the "
                           "faster kept and re-checked every 2 minutes or more)")
-    steps: int = _field(100, "optimizer steps (budgets are in steps, so a loaded machine gives the same model later)")
-    lr: float = _field(1e-4, "peak learning rate (AdamW)")
-    warmup_steps: int = _field(0, "linear warmup steps")
-    schedule: str = _field("cosine", "learning-rate schedule after warmup: cosine or constant")
-    min_lr_ratio: float = _field(0.1, "cosine decays to lr * min_lr_ratio")
-    weight_decay: float = _field(0.0, "AdamW weight decay")
-    adam_beta1: float = _field(0.9, "AdamW beta1")
-    adam_beta2: float = _field(0.99, "AdamW beta2")
-    grad_clip: float = _field(1.0, "clip the global gradient norm to this (0: off)")
-    grad_accum: int = _field(1, "micro-batches per optimizer step (the batch is split into this many)")
-    dtype: str = _field("auto", "autocast dtype: auto (bf16 on CUDA that supports it, fp32 on CPU), "
+    steps: int = option(100, "optimizer steps (budgets are in steps, so a loaded machine gives the same model later)")
+    lr: float = option(1e-4, "peak learning rate (AdamW)")
+    warmup_steps: int = option(0, "linear warmup steps")
+    schedule: Schedule = option("cosine", "learning-rate schedule after warmup: cosine or constant")
+    min_lr_ratio: float = option(0.1, "cosine decays to lr * min_lr_ratio")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.99, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
+    grad_accum: int = option(1, "micro-batches per optimizer step (the batch is split into this many)")
+    dtype: AutocastDType = option("auto", "autocast dtype: auto (bf16 on CUDA that supports it, fp32 on CPU), "
                         "float32, bfloat16")
-    save_every: int = _field(0, "write a resumable checkpoint every N steps (0: only at the end and on Ctrl-C)")
-    keep_checkpoints: int = _field(2, "how many step checkpoints to keep")
-    resume: bool = _field(False, "continue from the latest checkpoint in --out (exactly: optimizer, schedule, "
+    save_every: int = option(0, "write a resumable checkpoint every N steps (0: only at the end and on Ctrl-C)")
+    keep_checkpoints: int = option(2, "how many step checkpoints to keep")
+    resume: bool = option(False, "continue from the latest checkpoint in --out (exactly: optimizer, schedule, "
                           "data, RNG)")
-    progress: bool = _field(True, "show a progress bar")
-    register: str = _field("", "import the final model into the model registry under this NAME[:TAG]")
+    progress: bool = option(True, "show a progress bar")
+    register: str = option("", "import the final model into the model registry under this NAME[:TAG]")
 
     def __post_init__(self):
+        check_choices(self)  # every Literal field of this class and its stage's (schedule, dtype, loss_agg, ...)
         if self.register:
             from qiusuo.registry import parse_name
 
@@ -82,12 +84,8 @@ class TrainConfig:
                 f"--warmup-steps {self.warmup_steps} >= --steps {self.steps}: the run would end before the "
                 "peak learning rate; lower --warmup-steps or raise --steps"
             )
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
@@ -100,21 +98,21 @@ class TrainConfig:
 class PretrainConfig(TrainConfig):
     """Next-token training of a fresh model on a task's corpus of worked solutions."""
 
-    out: str = _field("runs/pretrain", TrainConfig.__dataclass_fields__["out"].metadata["help"])
-    preset: str = _field("tiny-dense", "model preset (tiny-dense, tiny-moe) or a config.json path")
-    task: str = _field("arithmetic", "task whose synthetic corpus to train on")
-    template: str = _field("compact", "prompt template of the task")
-    batch_size: int = _field(128, "sequences per optimizer step")
-    difficulty: str = _field("", "difficulty levels of the corpus, comma-separated, drawn uniformly per problem "
+    out: str = option("runs/pretrain", TrainConfig.__dataclass_fields__["out"].metadata["help"])
+    preset: str = option("tiny-dense", "model preset (tiny-dense, tiny-moe) or a config.json path")
+    task: str = option("arithmetic", "task whose synthetic corpus to train on")
+    template: str = option("compact", "prompt template of the task")
+    batch_size: int = option(128, "sequences per optimizer step")
+    difficulty: str = option("", "difficulty levels of the corpus, comma-separated, drawn uniformly per problem "
                              "(e.g. 1,2,3: a mix of lengths); empty: the task's default level")
-    steps: int = _field(650, "optimizer steps (650 x 128: the prototype's base that is right ~15-25% of the time)")
-    lr: float = _field(3e-3, "peak learning rate")
-    warmup_steps: int = _field(50, "linear warmup steps")
-    weight_decay: float = _field(0.1, "AdamW weight decay")
-    adam_beta2: float = _field(0.95, "AdamW beta2")
-    p_direct: float = _field(0.6, "share of blurted traces (<think></think> then an answer, no steps)")
-    p_slip: float = _field(0.3, "share of scratchpad traces with one propagated arithmetic slip")
-    blurt: str = _field("guess", "what a blurted trace answers: guess (another random problem's answer, right "
+    steps: int = option(650, "optimizer steps (650 x 128: the prototype's base that is right ~15-25% of the time)")
+    lr: float = option(3e-3, "peak learning rate")
+    warmup_steps: int = option(50, "linear warmup steps")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    adam_beta2: float = option(0.95, "AdamW beta2")
+    p_direct: float = option(0.6, "share of blurted traces (<think></think> then an answer, no steps)")
+    p_slip: float = option(0.3, "share of scratchpad traces with one propagated arithmetic slip")
+    blurt: Blurt = option("guess", "what a blurted trace answers: guess (another random problem's answer, right "
                         "only by chance, so no base learns to blurt right) or direct (the right answer)")
 
     def __post_init__(self):
@@ -123,8 +121,6 @@ class PretrainConfig(TrainConfig):
         for name in ("p_direct", "p_slip"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
-        if self.blurt not in ("guess", "direct"):
-            raise ValueError(f"--blurt {self.blurt!r}: use guess or direct")
         self.difficulty_levels()  # a malformed list fails now, not at step 1
 
     def difficulty_levels(self) -> list[int] | None:
@@ -138,44 +134,50 @@ class PretrainConfig(TrainConfig):
 
 
 @dataclass
-class SFTConfig(TrainConfig):
-    """Supervised fine-tuning on prompt/completion or chat records; loss on completion tokens only."""
+class FinetuneConfig(TrainConfig):
+    """What SFT and distillation share: next-token training on completion rows of an existing checkpoint."""
 
-    out: str = _field("runs/sft", TrainConfig.__dataclass_fields__["out"].metadata["help"])
-    model: str = _field("", "checkpoint directory to fine-tune", required=True)
-    data: str = _field("", "JSONL file: {prompt, completion} or {messages: [...]} per line", required=True)
-    batch_size: int = _field(32, "sequences per optimizer step")
-    lr: float = _field(1e-4, "peak learning rate")
-    max_length: int = _field(512, "drop records longer than this many tokens")
+    batch_size: int = option(32, "sequences per optimizer step")
+    lr: float = option(1e-4, "peak learning rate")
+    max_length: int = option(512, "drop records longer than this many tokens")
 
     def __post_init__(self):
         super().__post_init__()
         _check_batch(self)
+
+
+@dataclass
+class SFTConfig(FinetuneConfig):
+    """Supervised fine-tuning on prompt/completion or chat records; loss on completion tokens only."""
+
+    out: str = option("runs/sft", TrainConfig.__dataclass_fields__["out"].metadata["help"])
+    model: str = option("", "checkpoint directory to fine-tune", required=True)
+    data: str = option("", "JSONL file: {prompt, completion} or {messages: [...]} per line", required=True)
+
+    def __post_init__(self):
+        super().__post_init__()
         self.model = _check_model_dir(self.model, "--model")
         if not Path(self.data).is_file():
             raise ValueError(f"--data {self.data!r} does not exist; give a JSONL file of prompt/completion records")
 
 
 @dataclass
-class DistillConfig(SFTConfig):
+class DistillConfig(FinetuneConfig):
     """Rejection-sample a teacher on a task, keep the correct completions, fine-tune the student."""
 
-    out: str = _field("runs/distill", TrainConfig.__dataclass_fields__["out"].metadata["help"])
-    teacher: str = _field("", "teacher checkpoint directory (samples through the engine)", required=True)
-    student: str = _field("", "student checkpoint directory (fine-tuned)", required=True)
-    model: str = _field("", "unused by distill (see --student)")
-    data: str = _field("", "unused by distill (the teacher writes the data)")
-    task: str = _field("arithmetic", "task to sample and score")
-    template: str = _field("compact", "prompt template of the task")
-    num_prompts: int = _field(512, "problems the teacher attempts")
-    samples_per_prompt: int = _field(4, "teacher samples per problem")
-    temperature: float = _field(1.0, "teacher sampling temperature")
-    max_tokens: int = _field(64, "most new tokens per teacher sample")
-    keep_per_prompt: int = _field(1, "correct samples kept per problem (distinct texts)")
+    out: str = option("runs/distill", TrainConfig.__dataclass_fields__["out"].metadata["help"])
+    teacher: str = option("", "teacher checkpoint directory (samples through the engine)", required=True)
+    student: str = option("", "student checkpoint directory (fine-tuned)", required=True)
+    task: str = option("arithmetic", "task to sample and score")
+    template: str = option("compact", "prompt template of the task")
+    num_prompts: int = option(512, "problems the teacher attempts")
+    samples_per_prompt: int = option(4, "teacher samples per problem")
+    temperature: float = option(1.0, "teacher sampling temperature")
+    max_tokens: int = option(64, "most new tokens per teacher sample")
+    keep_per_prompt: int = option(1, "correct samples kept per problem (distinct texts)")
 
     def __post_init__(self):
-        TrainConfig.__post_init__(self)
-        _check_batch(self)
+        super().__post_init__()
         self.teacher = _check_model_dir(self.teacher, "--teacher")
         self.student = _check_model_dir(self.student, "--student")
         for name in ("num_prompts", "samples_per_prompt", "max_tokens", "keep_per_prompt"):
@@ -187,50 +189,46 @@ class DistillConfig(SFTConfig):
             raise ValueError("--keep-per-prompt cannot exceed --samples-per-prompt; lower it")
 
 
-SCALE_REWARDS = ("group", "none")
-LOSS_AGGS = ("token", "sequence", "constant")
-IS_LEVELS = ("token", "sequence")
-
-
 @dataclass
 class GRPOConfig(TrainConfig):
     """GRPO with answer-only rewards (see grpo.py for the exact variant)."""
 
-    out: str = _field("runs/grpo", TrainConfig.__dataclass_fields__["out"].metadata["help"])
-    model: str = _field("", "checkpoint directory of the policy to train", required=True)
-    task: str = _field("arithmetic", "task whose problems and rule-based reward to use")
-    template: str = _field("compact", "prompt template of the task")
-    prompts_per_step: int = _field(16, "problems per step (each sampled G times)")
-    group_size: int = _field(8, "G: completions per problem")
-    temperature: float = _field(1.0, "rollout sampling temperature")
-    max_tokens: int = _field(48, "most new tokens per completion")
-    steps: int = _field(100, "GRPO steps (one batch of rollouts each)")
-    lr: float = _field(1e-4, "learning rate (the prototype collapsed at 5e-4)")
-    schedule: str = _field("constant", "learning-rate schedule after warmup: cosine or constant")
-    epsilon_low: float = _field(0.2, "ratio clip below: 1 - epsilon_low")
-    epsilon_high: float = _field(0.28, "ratio clip above: 1 + epsilon_high (DAPO clip-higher)")
-    beta: float = _field(0.0, "KL(k3) coefficient to the initial policy (0: no reference model is kept)")
-    scale_rewards: str = _field("group", "advantage scaling: group ((r-mean)/std) or none (Dr.GRPO: r-mean)")
-    loss_agg: str = _field("token", "token (DAPO: sum / all tokens), sequence (GRPO: mean per sequence) or "
+    out: str = option("runs/grpo", TrainConfig.__dataclass_fields__["out"].metadata["help"])
+    model: str = option("", "checkpoint directory of the policy to train", required=True)
+    task: str = option("arithmetic", "task whose problems and rule-based reward to use")
+    template: str = option("compact", "prompt template of the task")
+    prompts_per_step: int = option(16, "problems per step (each sampled G times)")
+    group_size: int = option(8, "G: completions per problem")
+    temperature: float = option(1.0, "rollout sampling temperature")
+    max_tokens: int = option(48, "most new tokens per completion")
+    steps: int = option(100, "GRPO steps (one batch of rollouts each)")
+    lr: float = option(1e-4, "learning rate (the prototype collapsed at 5e-4)")
+    schedule: Schedule = option("constant", "learning-rate schedule after warmup: cosine or constant")
+    epsilon_low: float = option(0.2, "ratio clip below: 1 - epsilon_low")
+    epsilon_high: float = option(0.28, "ratio clip above: 1 + epsilon_high (DAPO clip-higher)")
+    beta: float = option(0.0, "KL(k3) coefficient to the initial policy (0: no reference model is kept)")
+    scale_rewards: ScaleRewards = option("group", "advantage scaling: group ((r-mean)/std) or none (Dr.GRPO: r-mean)")
+    loss_agg: LossAgg = option("token", "token (DAPO: sum / all tokens), sequence (GRPO: mean per sequence) or "
                            "constant (Dr.GRPO: sum / (sequences * max_tokens))")
-    filter_zero_variance: bool = _field(True, "drop groups whose G rewards are all equal (zero advantage, no "
+    importance_sampling_level: ImportanceSamplingLevel = option(
+        "token", "importance ratio per token (GRPO/PPO) or per sequence (GSPO: the geometric mean of the "
+        "tokens' ratios; TRL's name)")
+    filter_zero_variance: bool = option(True, "drop groups whose G rewards are all equal (zero advantage, no "
                                         "signal) from the update; off keeps them, as TRL does, where they still "
                                         "count in the loss's token normalisation")
-    importance_sampling_level: str = _field("token", "importance ratio per token (GRPO/PPO) or per sequence (GSPO: "
-                                            "the geometric mean of the tokens' ratios; TRL's name)")
-    dynamic_sampling: bool = _field(False, "DAPO dynamic sampling: refill dropped zero-variance groups with "
+    dynamic_sampling: bool = option(False, "DAPO dynamic sampling: refill dropped zero-variance groups with "
                                     "new prompts")
-    max_sampling_rounds: int = _field(3, "most extra rollout rounds per step for --dynamic-sampling")
-    overlong_filter: bool = _field(False, "mask truncated completions out of the loss (DAPO overlong filtering)")
-    updates_per_batch: int = _field(1, "mu: optimizer passes over each batch (>1 uses stored old log-probs)")
-    minibatches: int = _field(1, "optimizer steps per pass: the batch is split into this many minibatches")
-    eval_every: int = _field(0, "evaluate on held-out problems every N steps (0: off)")
-    eval_problems: int = _field(200, "held-out problems for --eval-every")
-    ray: bool = _field(False, "scale out on Ray: rollout actors running the engine, a data-parallel learner group")
-    address: str = _field("", "with --ray: the Ray cluster to join (HOST:PORT of `ray start --head`, or auto); "
+    max_sampling_rounds: int = option(3, "most extra rollout rounds per step for --dynamic-sampling")
+    overlong_filter: bool = option(False, "mask truncated completions out of the loss (DAPO overlong filtering)")
+    updates_per_batch: int = option(1, "mu: optimizer passes over each batch (>1 uses stored old log-probs)")
+    minibatches: int = option(1, "optimizer steps per pass: the batch is split into this many minibatches")
+    eval_every: int = option(0, "evaluate on held-out problems every N steps (0: off)")
+    eval_problems: int = option(200, "held-out problems for --eval-every")
+    ray: bool = option(False, "scale out on Ray: rollout actors running the engine, a data-parallel learner group")
+    address: str = option("", "with --ray: the Ray cluster to join (HOST:PORT of `ray start --head`, or auto); "
                           "empty: start a local Ray bound to 127.0.0.1")
-    rollout_workers: int = _field(2, "with --ray: rollout actors (each holds a model copy and an engine)")
-    learner_workers: int = _field(1, "with --ray: learner actors (torch.distributed data parallel: gloo on CPU, "
+    rollout_workers: int = option(2, "with --ray: rollout actors (each holds a model copy and an engine)")
+    learner_workers: int = option(1, "with --ray: learner actors (torch.distributed data parallel: gloo on CPU, "
                                   "nccl on CUDA)")
 
     def __post_init__(self):
@@ -270,13 +268,6 @@ class GRPOConfig(TrainConfig):
             raise ValueError("--epsilon-low must be in [0, 1) and --epsilon-high >= 0")
         if self.beta < 0:
             raise ValueError(f"--beta must be >= 0, got {self.beta}")
-        if self.scale_rewards not in SCALE_REWARDS:
-            raise ValueError(f"--scale-rewards {self.scale_rewards!r}: use one of {', '.join(SCALE_REWARDS)}")
-        if self.importance_sampling_level not in IS_LEVELS:
-            raise ValueError(f"--importance-sampling-level {self.importance_sampling_level!r}: use one of "
-                             f"{', '.join(IS_LEVELS)}")
-        if self.loss_agg not in LOSS_AGGS:
-            raise ValueError(f"--loss-agg {self.loss_agg!r}: use one of {', '.join(LOSS_AGGS)}")
         if self.grad_accum != 1:
             raise ValueError("--grad-accum does not apply to grpo; use --minibatches to split a batch")
 
@@ -316,4 +307,4 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-__all__ = ["TrainConfig", "PretrainConfig", "SFTConfig", "DistillConfig", "GRPOConfig"]
+__all__ = ["TrainConfig", "PretrainConfig", "FinetuneConfig", "SFTConfig", "DistillConfig", "GRPOConfig"]

@@ -85,7 +85,11 @@ class Distill:
         if tokenizer is None:
             raise ValueError(f"--student {cfg.student} has no tokenizer.json")
         tokenizer.chat_template = chat_template(self.task, tokenizer)  # checkpoints render prompts as trained
-        rows = [record_row(r, tokenizer) for r in self.records()]
+        records = self.records()
+        rows = [row for row in (record_row(r, tokenizer) for r in records) if len(row[0]) <= cfg.max_length]
+        if not rows:
+            raise ValueError(f"all {len(records)} teacher records are longer than --max-length {cfg.max_length} "
+                             "tokens; raise --max-length")
         sft = SFT(cfg, rows=rows, model=model, tokenizer=tokenizer, stage="distill", parent=cfg.student)
         sft.trainer.metadata["teacher"] = cfg.teacher
         return sft.run()

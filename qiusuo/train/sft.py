@@ -15,7 +15,7 @@ import numpy as np
 
 from qiusuo.tokenizer import prompt_chat_template
 
-from .config import SFTConfig
+from .config import FinetuneConfig
 from .data import completion_row, pad_id, step_seed
 from .final import save_final
 from .loop import FitResult, Trainer, setup_torch
@@ -67,22 +67,25 @@ def record_row(rec: dict, tokenizer, where: str = "record") -> tuple[list[int], 
 
 
 class SFT(CompletionLM):
-    def __init__(self, cfg: SFTConfig, rows: Sequence[tuple[list[int], list[int]]] | None = None,
+    def __init__(self, cfg: FinetuneConfig, rows: Sequence[tuple[list[int], list[int]]] | None = None,
                  model=None, tokenizer=None, stage: str = "sft", parent: str | None = None):
+        """cfg: an SFTConfig, whose --model and --data are read here; or, with `rows`, `model`,
+        `tokenizer` and `parent` given (distillation), any FinetuneConfig."""
         from qiusuo.model import load_model
 
         self.cfg = cfg
         setup_torch(cfg)
         if model is None:
             model, tokenizer = load_model(cfg.model, device=cfg.device)
+            parent = parent or cfg.model
         if tokenizer is None:
-            raise ValueError(f"{cfg.model} has no tokenizer.json; SFT needs it to encode the records")
+            raise ValueError(f"{parent} has no tokenizer.json; SFT needs it to encode the records")
         self.model, self.tokenizer = model.train(), tokenizer
         self.rows = list(rows) if rows is not None else read_sft_records(cfg.data, tokenizer, cfg.max_length)
         if rows is None and not has_chat_records(cfg.data):
             # prompt/completion records train on [bos] + prompt: the checkpoint's chat template renders that
             tokenizer.chat_template = prompt_chat_template()
-        self.stage, self.parent = stage, parent or cfg.model
+        self.stage, self.parent = stage, parent
         self.trainer = Trainer(cfg, model, tokenizer, stage, metadata={"parent": self.parent})
 
     def batch_rows(self, step: int):
