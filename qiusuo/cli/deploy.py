@@ -66,6 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-output-budget", type=int, default=None,
                    help="per request, n x max_tokens x (1 + top_logprobs); over it, 400")
     g.add_argument("--thinking-budget", type=int, default=None)
+    # --- issue 16 (harden2): request body limit; ServerConfig.max_body_bytes ---
+    g.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body in bytes; over it, 413 (default: 64 KiB + 32 bytes per context token)")
+    # --- end issue 16 block ---
     g = p.add_argument_group("local Ray head (first deploy only)")
     g.add_argument("--ray-num-cpus", type=float, default=None, help="CPUs Ray may hand out (default: all)")
     g.add_argument("--object-store-mb", type=int, default=150)
@@ -97,7 +101,8 @@ def deploy(args) -> int:
     path = resolve_model(verb := args.words[0])  # unknown names fail here, listing the known ones
     server = {k: v for k, v in dict(api_key=api_key(args), max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
                                     max_output_budget=args.max_output_budget,
-                                    default_thinking_budget=args.thinking_budget).items() if v is not None}
+                                    default_thinking_budget=args.thinking_budget,
+                                    max_body_bytes=args.max_body_bytes).items() if v is not None}
     engine = {k: v for k, v in dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                                     kv_cache_bytes=args.kv_cache_bytes).items() if v is not None}
     config = DeployConfig(
