@@ -4,6 +4,7 @@ about a second (a hostile case at most its `wall_s`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -413,6 +414,42 @@ def test_refuses_when_a_layer_is_missing_unless_allowed(monkeypatch):
     finally:
         weak_child.unlink()
         weak_child.parent.rmdir()
+
+
+
+def test_a_grpo_step_logs_the_sandbox_refusals(monkeypatch, task, make_checkpoint, tmp_path, capsys):
+    """Refusals reach GRPO's metrics.jsonl (count and reasons, per step) and its console line: a run
+    whose sandbox refuses every program learns nothing from its code problems, and before this the
+    count lived only in `sandbox.stats()` of whichever process scored (a Ray rollout worker's)."""
+    from qiusuo.train.config import GRPOConfig
+    from qiusuo.train.grpo import GRPO
+
+    weak_child = patch_child(monkeypatch, "def isolate_namespaces() -> dict:",
+                             "def isolate_namespaces() -> dict:\n    return {'network': 'socket-patch', "
+                             "'pid_namespace': False, 'mount_namespace': False, 'user_namespace': False}\n\n\n"
+                             "def _unused() -> dict:")
+    try:
+        cfg = GRPOConfig(model=str(make_checkpoint(num_hidden_layers=1)), out=str(tmp_path / "run"),
+                         prompts_per_step=1, group_size=2, max_tokens=4, steps=1, threads=1, progress=True,
+                         save_every=0)
+        grpo = GRPO(cfg, task=task)
+        generate = grpo.llm.generate
+
+        def right_answers(*args, **kwargs):  # real engine outputs whose text is the right program
+            outs = generate(*args, **kwargs)
+            for r in outs:
+                r.outputs = [dataclasses.replace(o, text=c("def inc(x):\n    return x + 1")) for o in r.outputs]
+            return outs
+
+        monkeypatch.setattr(grpo.llm, "generate", right_answers)
+        grpo.run()
+    finally:
+        weak_child.unlink()
+        weak_child.parent.rmdir()
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["sandbox_refusals"] == 2 and row["accuracy"] == 0.0
+    assert row["sandbox_refused/no_network_namespace"] == 2 and row["sandbox_refused/no_pid_namespace"] == 2
+    assert "sandbox refused 2 (no_network_namespace 2, no_pid_namespace 2)" in capsys.readouterr().out
 
 
 SECCOMP_DENIED = [

@@ -6,7 +6,10 @@ and each test failed before its limit existed.
 - n x max_tokens x (1 + top_logprobs) amplification (152 bytes in, 31 MiB out before);
 - admission by sequences, not requests (64 prompts x n=64 took 64 queue places);
 - a reader that stops reading: its output is held as merged deltas, O(tokens), not a queue of
-  cumulative copies, O(tokens^2).
+  cumulative copies, O(tokens^2);
+- request bodies over a limit sized from the context: 413 on the Content-Length before any of the
+  body is read, or as soon as a chunked body passes it (a 3.6 MB body of stop strings, refused
+  only after parsing, cost the event loop 0.1-0.5 s per request).
 
 The engine-process crash (kill -9 under load) is in test_serve_process.py; the API key from a file
 or the environment, and the exit on a load error, in test_serve_cli.py.
@@ -15,6 +18,8 @@ or the environment, and the exit on a load error, in test_serve_cli.py.
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import threading
 import time
 import tracemalloc
@@ -26,6 +31,7 @@ import torch
 from qiusuo.engine import EngineConfig, LLMEngine, SamplingParams
 from qiusuo.model import build_model
 from qiusuo.serve import create_app
+from qiusuo.serve.config import body_limit_for_context
 from qiusuo.serve.core_client import EngineCoreClient
 from qiusuo.serve.protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from qiusuo.serve.server import ServerThread
@@ -45,7 +51,9 @@ def make_engine(max_len: int = 2048, **kw) -> LLMEngine:
 @pytest.fixture(scope="module")
 def server():
     engine = make_engine()
-    with ServerThread(create_app(engine, served_model_name=NAME, max_output_budget=BUDGET, max_queue=8)) as srv:
+    # a body limit large enough for the limits behind it (stop caps, prompt length) to be reached
+    with ServerThread(create_app(engine, served_model_name=NAME, max_output_budget=BUDGET, max_queue=8,
+                                 max_body_bytes=8 << 20)) as srv:
         srv.engine = engine
         yield srv
 
@@ -194,3 +202,73 @@ def test_overlong_text_is_refused_before_tokenizing(server, monkeypatch):
     # a prompt that fits is still served
     assert post(server, "/v1/completions", {"model": NAME, "prompt": "ab " * 50, "max_tokens": 2}).status_code == 200
     assert seen and max(seen) < 1000
+
+
+# ---------------------------------------------------------------------- the body limit
+def raw_request(srv, head: bytes, body_parts: list[bytes] = (), timeout: float = 30) -> tuple[int, bytes]:
+    """Send a request head and some body bytes on a raw socket WITHOUT finishing the body, then read
+    the answer: a status comes back only if the server answered before reading the whole body."""
+    host, port = srv.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(head)
+        for part in body_parts:
+            s.sendall(part)
+        data = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                head_out, sep, body = data.partition(b"\r\n\r\n")
+                fields = dict(line.lower().split(b": ", 1) for line in head_out.split(b"\r\n")[1:] if sep)
+                if sep and len(body) >= int(fields.get(b"content-length", b"0")):
+                    break
+        except socket.timeout:
+            return 0, data  # no answer: the server is waiting for the rest of the body
+    head_out, _, body = data.partition(b"\r\n\r\n")
+    return int(head_out.split(b" ")[1]), body
+
+
+def test_body_limit_is_sized_from_the_context_and_enforced_before_reading():
+    """The default limit is 64 KiB + 32 bytes per context token (128 KiB for this 2k context). A body
+    over it is refused on its Content-Length before one byte of it is read, and a chunked body as soon
+    as the bytes received pass it; before, the limit was a fixed 4 MiB, so the 3.6 MB body of 400k
+    stop strings was read, parsed (0.1-0.5 s holding the GIL) and only then refused."""
+    engine = make_engine(max_len=2048)
+    with ServerThread(create_app(engine, served_model_name=NAME)) as srv:
+        limit = body_limit_for_context(2048)
+        assert limit == (64 << 10) + 32 * 2048
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        # the stop-string attack's Content-Length, and no body at all: answered at once
+        status, body = raw_request(srv, head + b"Content-Length: 3600115\r\n\r\n")
+        assert status == 413, "the server waited for a body it should have refused on its Content-Length"
+        e = json.loads(body)["error"]
+        assert e["code"] == "request_too_large" and str(limit) in e["message"] and set(e) == {
+            "message", "type", "param", "code"}
+        # chunked, no Content-Length: three 64 KiB chunks and no last chunk; answered once past the limit
+        chunk = b"%x\r\n" % (64 << 10) + b" " * (64 << 10) + b"\r\n"
+        status, _ = raw_request(srv, head + b"Transfer-Encoding: chunked\r\n\r\n", [chunk] * 3)
+        assert status == 413, "the server kept reading a chunked body past the limit"
+        # the body that the attack really sends: refused, never parsed
+        stop = ('{"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], "stop": ['
+                + ",".join(f'"{i:06d}"' for i in range(400_000)) + "]}").encode()
+        assert error(post(srv, "/v1/chat/completions", stop), 413)["code"] == "request_too_large"
+        # the boundary: a valid body of exactly `limit` bytes is served, one byte more is not
+        ok = json.dumps({"model": NAME, "messages": MSG, "max_tokens": 2}).encode()
+        padded = ok[:-1] + b" " * (limit - len(ok)) + b"}"
+        assert len(padded) == limit and post(srv, "/v1/chat/completions", padded).status_code == 200
+        error(post(srv, "/v1/chat/completions", padded[:-1] + b" }"), 413)
+        # a prompt filling the whole context, as token ids of the largest id, fits under the default
+        ids = json.dumps({"model": NAME, "prompt": [engine.tokenizer.vocab_size - 1] * 2047, "max_tokens": 1})
+        assert len(ids) < limit and post(srv, "/v1/completions", ids.encode()).status_code == 200
+        assert not engine.has_unfinished_requests()
+
+
+def test_an_explicit_body_limit_wins_and_is_validated():
+    engine = make_engine(max_len=2048)
+    with ServerThread(create_app(engine, served_model_name=NAME, max_body_bytes=4096)) as srv:
+        small = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "x" * 5000}]}).encode()
+        assert "4096-byte limit" in error(post(srv, "/v1/chat/completions", small), 413)["message"]
+    with pytest.raises(ValueError, match="max_body_bytes=10: must be >= 1024"):
+        create_app(engine, served_model_name=NAME, max_body_bytes=10)

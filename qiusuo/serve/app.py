@@ -5,7 +5,9 @@ the model loads or the engine restarts, 200 when it serves; public, as llama.cpp
 (Prometheus). Every other route, /metrics and the OpenAPI pages included, needs the Bearer key
 when one is set (vLLM protects only /v1/*, its #18892). Every error a client can cause comes back
 in OpenAI's `{"error": {"message", "type", "param", "code"}}` shape with a 4xx; a body over the
-size limit is refused with 413 before it is parsed.
+size limit (`max_body_bytes`, by default sized from the model's context: config.py) is refused
+with 413 before it is parsed: on its Content-Length before any of it is read, or, chunked, as soon
+as the bytes received pass the limit.
 
 The engine steps on a thread of this process or, with `engine_process=True`, in an engine-core
 process of its own (core_client.py: one client interface, two transports); the routes cannot
@@ -33,7 +35,7 @@ from qiusuo.engine import LLMEngine
 
 from .chat import create_chat_completion
 from .completions import create_completion
-from .config import ServerConfig
+from .config import BODY_BYTES_WHILE_LOADING, ServerConfig, body_limit_for_context
 from .core import check_loader, is_engine
 from .core_client import EngineCoreClient
 from .outputs import EngineLoadError
@@ -93,7 +95,7 @@ def create_app(engine: EngineSource, *, served_model_name: str, engine_process: 
     async def completions(req: CompletionRequest, raw: Request):
         return await create_completion(state, req, raw)
 
-    return _wrap(app, config)
+    return _wrap(app, config, state)
 
 
 @asynccontextmanager
@@ -150,9 +152,16 @@ def _add_error_handlers(app: FastAPI) -> None:
                             status_code=500)
 
 
-def _wrap(app: FastAPI, config: ServerConfig) -> FastAPI:
+def _wrap(app: FastAPI, config: ServerConfig, state: ServerState) -> FastAPI:
+    def body_limit() -> int:
+        if config.max_body_bytes is not None:
+            return config.max_body_bytes
+        if state.engine is None:
+            return BODY_BYTES_WHILE_LOADING
+        return body_limit_for_context(state.max_model_len)
+
     # Pure ASGI middlewares (not BaseHTTPMiddleware, which buffers streaming responses).
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=body_limit)
     if config.api_key is not None:
         app.add_middleware(Auth, api_key=config.api_key)  # added last = runs first
     return app
@@ -195,21 +204,24 @@ class Auth:
 
 
 class BodyLimit:
-    """413 for bodies over `max_bytes`, by Content-Length or by counting a chunked body as it arrives.
+    """413 for bodies over `max_bytes` (a number, or a function giving it per request), by
+    Content-Length before any of the body is read, or by counting a chunked body as it arrives.
 
     The body is read here (bounded) and replayed to the app; after it, `receive` is the server's
-    own, so the app still sees `http.disconnect`.
+    own, so the app still sees `http.disconnect`. A Content-Length that lies cannot get past the
+    count: the HTTP server never hands over more bytes than it announced.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int | Callable[[], int]):
+        self.app, self.limit = app, max_bytes if callable(max_bytes) else (lambda: max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.limit()
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._too_large(send, length)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await self._too_large(send, length, limit)
         chunks, total = [], 0
         while True:
             message = await receive()
@@ -217,8 +229,8 @@ class BodyLimit:
                 return
             chunk = message.get("body", b"")
             total += len(chunk)
-            if total > self.max_bytes:
-                return await self._too_large(send, None)
+            if total > limit:
+                return await self._too_large(send, None, limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -233,7 +245,10 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Send, length: bytes | None) -> None:
+    @staticmethod
+    async def _too_large(send: Send, length: bytes | None, limit: int) -> None:
         size = f"{int(length)} bytes" if length is not None and length.isdigit() else "the body"
-        await _send_json(send, 413, error_body(f"Request body too large: {size} is over the "
-                                               f"{self.max_bytes}-byte limit.", code="request_too_large"))
+        await _send_json(send, 413, error_body(f"Request body too large: {size} is over this server's "
+                                               f"{limit}-byte limit (max_body_bytes); send less, or start "
+                                               "the server with a larger --max-body-bytes.",
+                                               code="request_too_large"))

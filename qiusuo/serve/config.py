@@ -10,6 +10,14 @@ engine sees the request, each refusal a 4xx in OpenAI's error shape):
   (n=64, top_logprobs=20, max_tokens=400) once produced a 31 MiB response and +450 MB RSS;
   the default 131072 (2^17) lets n=1 fill a 128k context, and answers that request with 400.
   A request that sets no max_tokens gets the rest of the context, lowered to fit the budget.
+- `max_body_bytes` bounds the request body, checked on Content-Length and counted while the body
+  streams in, before any of it is parsed: JSON parsing holds the GIL, so a large body stalls every
+  other request (a 3.6 MB body of 400k stop strings cost the event loop 0.1-0.5 s per request).
+  The default (None) is sized from the model's context: 64 KiB + 32 bytes per context token
+  (`body_limit_for_context`), which holds a prompt filling the whole context as JSON text even
+  with every non-ASCII character escaped as `\\uXXXX` (about 12 bytes per token) or as a token-id
+  array (at most 8 bytes per id): 128 KiB for a 2k context, 4.06 MiB for 128k. Larger batches
+  of prompts in one body need an explicit limit.
 """
 
 from __future__ import annotations
@@ -18,6 +26,15 @@ from dataclasses import dataclass
 
 from qiusuo.fields import check_choices, option
 
+BODY_FIXED_BYTES = 64 << 10  # the request's JSON besides the prompt: parameters, message framing
+BODY_BYTES_PER_TOKEN = 32  # a context token as JSON text (escaped non-ASCII: ~12) or an id (<= 8)
+BODY_BYTES_WHILE_LOADING = 1 << 20  # the context is unknown until the model loads (routes answer 503)
+
+
+def body_limit_for_context(max_model_len: int) -> int:
+    """The default `max_body_bytes` for a model with this context (see the module docstring)."""
+    return BODY_FIXED_BYTES + BODY_BYTES_PER_TOKEN * max_model_len
+
 
 @dataclass
 class ServerConfig:
@@ -25,7 +42,8 @@ class ServerConfig:
     api_key: str | None = option(None, "Bearer key for every route but /health; None: no auth")
     max_queue: int = option(64, "sequences (n per prompt) admitted but waiting for their first token; past it, "
                                 "429 with Retry-After")
-    max_body_bytes: int = option(4 << 20, "larger request bodies get 413")
+    max_body_bytes: int | None = option(None, "largest request body in bytes; over it, 413 before parsing "
+                                              "(default: 64 KiB + 32 bytes per context token)")
     max_tokens_cap: int | None = option(None, "upper bound on any request's max_tokens (default: the model's "
                                               "context)")
     max_output_budget: int = option(1 << 17, "per request, n x max_tokens x (1 + top_logprobs) summed over its "
@@ -42,8 +60,9 @@ class ServerConfig:
             raise ValueError("api_key is empty; give a key or None to turn auth off")
         if self.max_queue < 1:
             raise ValueError(f"max_queue={self.max_queue}: must be >= 1 (every new request waits for its first token)")
-        if self.max_body_bytes < 1024:
-            raise ValueError(f"max_body_bytes={self.max_body_bytes}: must be >= 1024")
+        if self.max_body_bytes is not None and self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes={self.max_body_bytes}: must be >= 1024 (or None: sized from the "
+                             "model's context)")
         if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
             raise ValueError(f"max_tokens_cap={self.max_tokens_cap}: must be >= 1 (or None for no cap)")
         if self.max_output_budget < 1:

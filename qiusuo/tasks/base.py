@@ -32,7 +32,7 @@ import hashlib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from qiusuo.rewards.format import THINK_OPEN, parse_completion
 
@@ -73,6 +73,16 @@ class Score:
     accuracy: float
     parsed_answer: str | None
     timed_out: bool = False
+    refused: str | None = None  # the checker refused to run the answer (a sandbox that cannot confine it): why
+
+
+class Checked(NamedTuple):
+    """One `check_many` result. A refusal is scored 0 like a wrong answer, but it is the checker's
+    failure, not the model's, so it travels with the score and GRPO counts it per step."""
+
+    accuracy: float
+    timed_out: bool = False
+    refused: str | None = None
 
 
 def r1_prompt(question: str) -> str:
@@ -242,11 +252,12 @@ class Task:
         checked = self.check_many(problems, answers)
         extras = self._extra_rewards(problems, completions)
         scores = []
-        for p, answer, (accuracy, timed_out), extra in zip(parsed, answers, checked, extras):
+        for p, answer, check, extra in zip(parsed, answers, checked, extras):
+            accuracy, timed_out, refused = Checked(*check)  # (accuracy, timed_out) pairs are Checked too
             fmt = 1.0 if p is not None else 0.0
             reward = max(accuracy, self.format_score * fmt) + extra
             scores.append(Score(reward=reward, format=fmt, accuracy=accuracy, parsed_answer=answer,
-                                timed_out=timed_out))
+                                timed_out=timed_out, refused=refused))
         return scores
 
     def _extra_rewards(self, problems: Sequence[Problem], completions: Sequence[str]) -> list[float]:

@@ -37,7 +37,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from qiusuo.tasks.base import Problem
+from qiusuo.tasks.base import Checked, Problem
 from qiusuo.tasks.jsonl import JsonlTask, read_jsonl
 from qiusuo.tasks.registry import register
 from qiusuo.tasks.sandbox import Call, DecodedDict, DecodedSet, SandboxLimits, SandboxResult, canonical, run_many
@@ -225,16 +225,16 @@ class CodeTask(JsonlTask):
     def check(self, problem: Problem, answer: str) -> float:
         return self.check_many([problem], [answer])[0][0]
 
-    def check_many(self, problems, answers) -> list[tuple[float, bool]]:
+    def check_many(self, problems, answers) -> list[Checked]:
         jobs = [(i, extract_code(a), p.metadata["cases"]) for i, (p, a) in enumerate(zip(problems, answers))
                 if a is not None and a.strip()]
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(problems)
+        results: list[Checked] = [Checked(0.0)] * len(problems)
         ran = run_many([(code, [c.call for c in cases]) for _, code, cases in jobs], self.limits,
                        self.max_workers, self.allow_weak_isolation)
         for (i, _, cases), r in zip(jobs, ran):
             passed, total = count_passed(cases, r), len(cases)
             accuracy = passed / total if self.partial_credit else float(passed == total)
-            results[i] = (min(1.0, max(0.0, accuracy)), r.timed_out)
+            results[i] = Checked(min(1.0, max(0.0, accuracy)), r.timed_out, r.refused)
         return results
 
     def solution(self, problem: Problem, rng: random.Random, style: str) -> str:

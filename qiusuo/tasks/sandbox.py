@@ -33,6 +33,7 @@ import collections
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -117,10 +118,21 @@ class SandboxResult:
 
 
 def stats() -> dict[str, int]:
-    """Counters since start: runs, completed, refused_weak_isolation, timed_out, memory_exceeded,
-    no_result, cgroup_unavailable."""
+    """Counters since start: runs, completed, refused_weak_isolation (and `refused:<reason>` per
+    missing layer, see `refusal_reasons`), timed_out, memory_exceeded, no_result, cgroup_unavailable."""
     with _stats_lock:
         return dict(_stats)
+
+
+def refusal_reasons(refused: str) -> list[str]:
+    """The metric keys of a refusal message: one snake_case key per missing layer
+    ("no network namespace; no Landlock" -> ["no_network_namespace", "no_landlock"]), the
+    detail after a colon dropped ("confinement failed: OSError: ..." -> ["confinement_failed"])."""
+    keys = []
+    for part in refused.split("; "):
+        words = re.sub(r"[^a-z0-9]+", "_", part.split(":", 1)[0].strip().lower()).strip("_")
+        keys.append(words or "unknown")
+    return keys
 
 
 def _count(name: str) -> None:
@@ -481,6 +493,8 @@ def run_calls(program: str, calls: list[Call], limits: SandboxLimits = SandboxLi
                 "so the sandbox switches to its own uid")
         if report.get("refused"):
             _count("refused_weak_isolation")
+            for reason in refusal_reasons(report["refused"]):
+                _count("refused:" + reason)
             _log_once("refused:" + report["refused"], logging.ERROR,
                       f"sandbox refused to run code: {report['refused']}. Every code reward is 0 until the "
                       "kernel allows these layers; pass allow_weak_isolation=True (--allow-weak-sandbox) to "

@@ -122,9 +122,11 @@ class RolloutBuilder:
         kept_rows, kept_masks, kept_adv, first_stats = [], [], [], None
         rounds = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1
         gen_tokens, gen_seconds = 0, 0.0
+        refusals: list[str] = []
         for round_ in range(rounds):
             outs, completions, scores, seconds = self.sample(*self.problems(step, round_))
             gen_tokens, gen_seconds = gen_tokens + sum(len(o.token_ids) for o in completions), gen_seconds + seconds
+            refusals += [s.refused for s in scores if s.refused is not None]
             rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32).view(-1, G)  # (P, G)
             if first_stats is None:
                 first_stats = self._stats(completions, scores, rewards)
@@ -145,7 +147,8 @@ class RolloutBuilder:
         kept_rows, kept_masks, kept_adv = (x[: cfg.batch_completions] for x in (kept_rows, kept_masks, kept_adv))
         stats = {**first_stats, "rollout_time": round(time.perf_counter() - t0, 4),
                  "rollout_tokens_per_s": round(gen_tokens / max(gen_seconds, 1e-9), 1),
-                 "tokens": gen_tokens, "groups_used": len(kept_rows) // G, "sampling_rounds": round_ + 1}
+                 "tokens": gen_tokens, "groups_used": len(kept_rows) // G, "sampling_rounds": round_ + 1,
+                 **sandbox_refusal_metrics(refusals)}
         if not kept_rows:
             return None, stats
         ids, mask = pad_rows(kept_rows, kept_masks, pad_id(self.tokenizer), self.device)
@@ -163,6 +166,19 @@ class RolloutBuilder:
             "completion_len": sum(len(o.token_ids) for o in completions) / n,
             "empty_think_rate": empty / n,
         }
+
+
+def sandbox_refusal_metrics(refusals: list[str]) -> dict[str, int]:
+    """`sandbox_refusals`: completions of this step the checker refused to run (the code sandbox
+    could not confine them: each scored 0 whatever it says, so a run where this is not 0 learns
+    nothing from its code problems), and `sandbox_refused/<reason>` per missing layer when any."""
+    from qiusuo.tasks.sandbox import refusal_reasons
+
+    counts: dict[str, int] = {}
+    for refused in refusals:
+        for reason in refusal_reasons(refused):
+            counts[f"sandbox_refused/{reason}"] = counts.get(f"sandbox_refused/{reason}", 0) + 1
+    return {"sandbox_refusals": len(refusals), **dict(sorted(counts.items()))}
 
 
 def sample_groups(llm, tokenizer, task, problems: list, seeds: list[int], cfg: GRPOConfig):
@@ -186,4 +202,5 @@ def sample_groups(llm, tokenizer, task, problems: list, seeds: list[int], cfg: G
     return outs, completions, scores, seconds
 
 
-__all__ = ["GRPO", "RolloutBuilder", "Rollouts", "grpo_step", "run_metadata", "sample_groups"]
+__all__ = ["GRPO", "RolloutBuilder", "Rollouts", "grpo_step", "run_metadata", "sample_groups",
+           "sandbox_refusal_metrics"]

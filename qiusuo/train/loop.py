@@ -323,6 +323,10 @@ class _Progress:
         parts = [f"{k} {row[k]:.4g}" for k in ("loss", "reward_mean", "accuracy") if k in row]
         if "tokens_per_s" in row:
             parts.append(f"{row['tokens_per_s']:.0f} tok/s")
+        if row.get("sandbox_refusals"):  # every refused completion scored 0: say so where the reward shows
+            reasons = ", ".join(f"{k.removeprefix('sandbox_refused/')} {v}" for k, v in row.items()
+                                if k.startswith("sandbox_refused/"))
+            parts.append(f"sandbox refused {row['sandbox_refusals']} ({reasons})")
         info = "  ".join(parts)
         if self.bar is not None:
             self.bar.update(self.task, completed=row["step"], info=info)
