@@ -75,6 +75,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="per request, n x max_tokens x (1 + top_logprobs) summed over its prompts; over it, 400")
     p.add_argument("--thinking-budget", type=int, default=None,
                    help="default max reasoning tokens per request (a request's thinking_budget wins)")
+    # --- issue 19 (reasoning controls): answer reserve; port to the generated ServerConfig flags at merge
+    p.add_argument("--answer-reserve-tokens", type=int, default=_default(ServerConfig, "answer_reserve_tokens"),
+                   help="answer tokens kept when max_tokens would end a chat inside its think block: `</think>` "
+                        "is forced with min(this, max_tokens // 4) tokens left (0: never)")
+    # --- end issue 19
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads for the engine (default: torch's)")
@@ -111,7 +116,8 @@ def run(args) -> int:
     app = create_app(load, served_model_name=args.served_model_name or args.model,
                      engine_process=args.engine_process, api_key=key, max_queue=args.max_queue,
                      max_tokens_cap=args.max_tokens_cap, max_output_budget=args.max_output_budget,
-                     default_thinking_budget=args.thinking_budget)
+                     default_thinking_budget=args.thinking_budget,
+                     answer_reserve_tokens=args.answer_reserve_tokens)
     print(f"serving {args.model} ({path}) on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if key else ''}", flush=True)
     error = run_server(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -10,6 +10,9 @@ engine sees the request, each refusal a 4xx in OpenAI's error shape):
   (n=64, top_logprobs=20, max_tokens=400) once produced a 31 MiB response and +450 MB RSS;
   the default 131072 (2^17) lets n=1 fill a 128k context, and answers that request with 400.
   A request that sets no max_tokens gets the rest of the context, lowered to fit the budget.
+- `answer_reserve_tokens`: a chat whose think block is still open when only
+  min(answer_reserve_tokens, max_tokens // 4) tokens are left gets `</think>` forced, so the answer
+  still has those tokens (usage `reasoning_truncated` says so).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class ServerConfig:
     max_tokens_cap: int | None = None  # clamps max_tokens; None: the model's context
     max_output_budget: int = 1 << 17  # n x max_tokens x (1 + top_logprobs) per request; over it, 400
     default_thinking_budget: int | None = None  # requests that set no thinking_budget get this
+    answer_reserve_tokens: int = 256  # answer tokens kept when max_tokens would end a chat inside its think block
     retry_after_s: int = 1  # the Retry-After header of a 429
 
     def __post_init__(self):
@@ -43,5 +47,8 @@ class ServerConfig:
             raise ValueError(f"max_output_budget={self.max_output_budget}: must be >= 1")
         if self.default_thinking_budget is not None and self.default_thinking_budget < 0:
             raise ValueError(f"default_thinking_budget={self.default_thinking_budget}: must be >= 0 (or None)")
+        if self.answer_reserve_tokens < 0:
+            raise ValueError(f"answer_reserve_tokens={self.answer_reserve_tokens}: must be >= 0 (0: never close "
+                             "the think block early)")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s={self.retry_after_s}: must be >= 0")
