@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qiusuo.engine import CompletionOutput, EngineConfig, LLMEngine
-from qiusuo.model import Transformer, preset
+from qiusuo.model import Transformer
 from qiusuo.serve import ReasoningSplitter, create_app, split_final
 from qiusuo.serve.server import ServerThread
 from qiusuo.tokenizer import BUILTIN_CHAT_TEMPLATE, Tokenizer

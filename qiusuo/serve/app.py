@@ -217,8 +217,7 @@ class Auth:
         self.app, self.expected, self.expected_key = app, f"Bearer {api_key}".encode(), api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = _route(scope)
-        if scope["type"] == "http" and route not in self.PUBLIC:
+        if scope["type"] == "http" and (route := _route(scope)) not in self.PUBLIC:  # lifespan has no path
             headers = dict(scope["headers"])
             bearer = secrets.compare_digest(headers.get(b"authorization", b""), self.expected)
             key = secrets.compare_digest(headers.get(b"x-api-key", b""), self.expected_key)
