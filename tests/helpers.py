@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from qiusuo.model import Transformer, preset
+
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.08) -> None:
     """Random weights everywhere (incl. norms, biases, the router bias) so parity tests see every
@@ -19,3 +21,28 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.08) -> Non
                 t.copy_(0.05 * torch.randn(t.shape, generator=g))
             else:
                 t.copy_(std * torch.randn(t.shape, generator=g))
+
+
+class ScriptedModel(Transformer):
+    """A tiny transformer whose next token is `table[previous token]`, whatever its weights say.
+
+    The real forward still runs (the engine's paged cache is written as usual); only the logits are
+    replaced, so greedy and seeded sampling both follow the script.
+    """
+
+    def __init__(self, table: dict[int, int], tok):
+        super().__init__(preset("tiny-dense", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, num_hidden_layers=1))
+        self.table, self.eos = table, tok.eos_token_id
+
+    def hidden_states(self, input_ids, positions=None, cache=None):
+        h = super().hidden_states(input_ids, positions, cache=cache)
+        last = positions.argmax(dim=1)  # (B,) the last real position of each (right-padded) row
+        self._prev = input_ids[torch.arange(input_ids.shape[0]), last].tolist()
+        return h
+
+    def logits(self, h):
+        out = torch.full((h.shape[0], self.config.vocab_size), -20.0)  # (B, V)
+        for row, prev in enumerate(self._prev):
+            out[row, self.table.get(prev, self.eos)] = 20.0
+        return out

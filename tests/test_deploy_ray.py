@@ -162,6 +162,16 @@ def test_deploy_returns_and_the_openai_client_works(cluster):
     assert chunks and chunks[-1].choices[0].finish_reason == "length"
     with pytest.raises(NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    # Ollama's and Anthropic's APIs under the same route prefix (issue 19)
+    import anthropic
+    import ollama
+
+    o = ollama.Client(host=f"{cluster.base}/tiny", timeout=60).chat(
+        model="tiny:latest", messages=[{"role": "user", "content": "hi"}], stream=False, options={"num_predict": 4})
+    assert o.done and o.eval_count == 4
+    m = anthropic.Anthropic(base_url=f"{cluster.base}/tiny", api_key="unused", max_retries=0, timeout=60).messages.create(
+        model="tiny", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert m.stop_reason == "max_tokens" and m.usage.output_tokens == 4
     r = run_cli("deploy", "status", home=cluster.home)
     assert r.returncode == 0 and "tiny" in r.stdout and "RUNNING" in r.stdout and "replica " in r.stdout, r.stderr
     print(r.stdout)

@@ -191,6 +191,21 @@ def test_thinking_budget_counts_as_usage_does():
     assert ThinkingBudget(0, THINK, END).num_reasoning_tokens([b(c) for c in "<think>"]) is None
 
 
+def test_thinking_budget_close_at_and_cut():
+    # close_at=3: an open block is closed once the output is 3 tokens long, whatever the budget
+    limit = ThinkingBudget(None, THINK, END, opened_by_prompt=False, close_at=3)
+    logits = torch.zeros(TOK.vocab_size)
+    assert limit([THINK, b("a")], logits) is logits  # too short: untouched, nothing scanned
+    assert limit([THINK, b("a"), b("a")], logits)[END] == 0 and torch.isinf(limit([THINK, b("a"), b("a")], logits)[1])
+    assert limit([THINK, b("a"), END], logits) is logits  # closed: the answer is free
+    # cut: a forced `</think>` or an output that ends inside the block; a block the model closed itself is not cut
+    assert limit.cut([THINK, b("a"), b("a"), END, b("x")], "stop")
+    assert not limit.cut([THINK, b("a"), END, b("x"), b("x")], "length")
+    assert limit.cut([THINK, b("a")], "length") and not limit.cut([THINK, b("a")], "stop")
+    budget = ThinkingBudget(1, THINK, END)
+    assert budget.cut([THINK, b("a"), END], "stop") and not ThinkingBudget(2, THINK, END).cut([THINK, b("a"), END], "stop")
+
+
 def _out(ids, text=None, finish=None):
     from qiusuo.engine import CompletionOutput
 

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from qiusuo.engine import CompletionOutput, EngineConfig, LLMEngine
-from qiusuo.model import Transformer, preset
+from qiusuo.model import Transformer
 from qiusuo.serve import ReasoningSplitter, create_app, split_final
 from qiusuo.serve.server import ServerThread
 from qiusuo.tokenizer import BUILTIN_CHAT_TEMPLATE, Tokenizer
+
+import helpers
 
 torch.set_num_threads(1)
 
@@ -36,29 +38,8 @@ SCRIPT = {ASSISTANT: THINK, THINK: b("r"), b("r"): b("r"), END_THINK: b("A"), b(
 ANSWER = "Ab<think>"
 
 
-class ScriptedModel(Transformer):
-    """A tiny transformer whose next token is `table[previous token]`, whatever its weights say.
-
-    The real forward still runs (the engine's paged cache is written as usual); only the logits are
-    replaced, so greedy and seeded sampling both follow the script.
-    """
-
-    def __init__(self, table: dict[int, int]):
-        super().__init__(preset("tiny-dense", vocab_size=TOK.vocab_size, bos_token_id=TOK.bos_token_id,
-                                eos_token_id=EOS, pad_token_id=TOK.pad_token_id, num_hidden_layers=1))
-        self.table = table
-
-    def hidden_states(self, input_ids, positions=None, cache=None):
-        h = super().hidden_states(input_ids, positions, cache=cache)
-        last = positions.argmax(dim=1)  # (B,) the last real position of each (right-padded) row
-        self._prev = input_ids[torch.arange(input_ids.shape[0]), last].tolist()
-        return h
-
-    def logits(self, h):
-        out = torch.full((h.shape[0], self.config.vocab_size), -20.0)  # (B, V)
-        for row, prev in enumerate(self._prev):
-            out[row, self.table.get(prev, EOS)] = 20.0
-        return out
+def ScriptedModel(table: dict[int, int]) -> Transformer:
+    return helpers.ScriptedModel(table, TOK)
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +94,79 @@ def test_splitter_unclosed_think_is_all_reasoning():
 
 # ---------------------------------------------------------------------- end to end
 def test_reasoning_split_non_streaming(client):
-    r = client.chat.completions.create(model="s", messages=MSG, max_tokens=10)
+    # max_tokens=10 ends inside the think block: with no answer reserve the output is all reasoning
+    r = client.chat.completions.create(model="s", messages=MSG, max_tokens=3)
     m = r.choices[0].message
-    assert m.reasoning_content == m.reasoning == "r" * 9  # 1 tag + 9 reasoning tokens
+    assert m.reasoning_content == m.reasoning == "rr"  # 1 tag + 2 reasoning tokens (3 // 4 = 0 reserved)
     assert m.content == "" and r.choices[0].finish_reason == "length"
-    assert r.usage.completion_tokens == 10 and r.usage.completion_tokens_details.reasoning_tokens == 9
+    assert r.usage.completion_tokens == 3 and r.usage.completion_tokens_details.reasoning_tokens == 2
+    assert r.choices[0].model_extra["reasoning_truncated"] is True  # it ended inside the block
+
+
+def test_max_tokens_inside_think_keeps_an_answer_reserve(client):
+    # max_tokens=10: reserve min(256, 10 // 4) = 2, so `</think>` is forced at output token 7 and the
+    # answer gets 2 tokens; finish_reason stays OpenAI's "length", usage says the reasoning was cut.
+    r = client.chat.completions.create(model="s", messages=MSG, max_tokens=10)
+    m, c = r.choices[0].message, r.choices[0]
+    assert (m.reasoning_content, m.content, c.finish_reason) == ("r" * 6, "Ab", "length")
+    assert r.usage.completion_tokens == 10 and r.usage.completion_tokens_details.reasoning_tokens == 6
+    assert r.usage.completion_tokens_details.model_extra["reasoning_truncated"] is True
+    assert c.model_extra["reasoning_truncated"] is True
+    # the same cut streamed: the finishing chunk and the usage chunk say so
+    chunks = list(client.chat.completions.create(model="s", messages=MSG, max_tokens=10, stream=True,
+                                                 stream_options={"include_usage": True}))
+    content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    last = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason][0].choices[0]
+    assert content == "Ab" and last.finish_reason == "length" and last.model_extra["reasoning_truncated"] is True
+    assert chunks[-1].usage.completion_tokens_details.model_extra["reasoning_truncated"] is True
+    # with room, the script's answer comes whole: a big max_tokens reserves 256 tokens and closes at the end
+    r = client.chat.completions.create(model="s", messages=MSG, max_tokens=300)
+    assert r.choices[0].message.content == ANSWER and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens_details.reasoning_tokens == 300 - 75 - 2  # reserve min(256, 75) = 75
+
+
+@pytest.mark.parametrize("effort,budget", [("none", 0), ("minimal", 256)])
+def test_reasoning_effort_maps_to_a_budget(client, effort, budget):
+    r = client.chat.completions.create(model="s", messages=MSG, max_tokens=400, reasoning_effort=effort)
+    assert r.usage.completion_tokens_details.reasoning_tokens == budget
+    assert r.choices[0].message.content == ANSWER and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens_details.model_extra["reasoning_truncated"] is True
+    # an explicit thinking_budget wins over the effort
+    r = client.chat.completions.create(model="s", messages=MSG, max_tokens=100, reasoning_effort=effort,
+                                       extra_body={"thinking_budget": 3})
+    assert r.usage.completion_tokens_details.reasoning_tokens == 3
+
+
+def test_unknown_reasoning_effort_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="s", messages=MSG, max_tokens=5, reasoning_effort="maximal")
+    assert "reasoning_effort" in str(e.value)
+
+
+def test_earlier_reasoning_under_either_name_reaches_the_template(server):
+    # A template that renders an earlier turn's reasoning (as Qwen3's does): both names give the same
+    # prompt; the built-in template (like DeepSeek-R1's) drops it, so the prompt does not grow.
+    tok = Tokenizer.builtin()
+    tok.chat_template = BUILTIN_CHAT_TEMPLATE.replace(
+        "<|assistant|>{{ message['content'] }}",
+        "<|assistant|>{% if message['reasoning_content'] %}<think>{{ message['reasoning_content'] }}</think>"
+        "{% endif %}{{ message['content'] }}")
+    engine = LLMEngine(ScriptedModel(SCRIPT).eval(), tok, EngineConfig(kv_cache_bytes=8 << 20, num_threads=1))
+
+    def turns(**reasoning):
+        return [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A", **reasoning},
+                {"role": "user", "content": "again"}]
+
+    with ServerThread(create_app(engine, served_model_name="s")) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        n = {k: c.chat.completions.create(model="s", messages=turns(**kw), max_tokens=1).usage.prompt_tokens
+             for k, kw in [("none", {}), ("rc", {"reasoning_content": "xyz"}), ("r", {"reasoning": "xyz"}),
+                           ("both", {"reasoning_content": "xyz", "reasoning": "other text"})]}
+    assert n["rc"] == n["r"] == n["both"] == n["none"] + 2 + 3  # <think> + 3 bytes + </think>
+    builtin = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    plain = builtin.chat.completions.create(model="s", messages=turns(), max_tokens=1).usage.prompt_tokens
+    assert builtin.chat.completions.create(model="s", messages=turns(reasoning="xyz"),
+                                           max_tokens=1).usage.prompt_tokens == plain
 
 
 def test_thinking_budget_closes_the_block(client):
@@ -128,6 +177,7 @@ def test_thinking_budget_closes_the_block(client):
     # <think> + 5 + </think> + "Ab<think>" (9 byte tokens) + eos
     assert r.usage.completion_tokens == 1 + 5 + 1 + len(ANSWER) + 1
     assert r.usage.completion_tokens_details.reasoning_tokens == 5
+    assert r.usage.completion_tokens_details.model_extra["reasoning_truncated"] is True
 
 
 def test_thinking_budget_zero_and_sampling(client):

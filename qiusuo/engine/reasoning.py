@@ -189,46 +189,100 @@ def strip_answer_tags(text: str) -> str:
 
 
 # ---------------------------------------------------------------------- thinking budget
+# `reasoning_effort` (OpenAI's field; Ollama's `think` levels) -> thinking budget in reasoning tokens.
+# "none" closes the think block at once; the others are DeepSeek-R1's typical chain lengths: most
+# of its MATH-500 answers think for under 4k tokens, AIME ones for 8-16k.
+REASONING_EFFORT_BUDGETS = {"none": 0, "minimal": 256, "low": 1024, "medium": 4096, "high": 16384}
+# Tokens kept for the answer when max_tokens would end a sample inside its think block:
+# min(ANSWER_RESERVE_TOKENS, max_tokens // 4); the server's `answer_reserve_tokens` overrides the first.
+ANSWER_RESERVE_TOKENS = 256
+
+
+def answer_reserve(max_tokens: int | None, reserve: int = ANSWER_RESERVE_TOKENS) -> int:
+    """The answer tokens kept out of `max_tokens` (0: none; the block is never closed early)."""
+    return 0 if max_tokens is None else max(0, min(reserve, max_tokens // 4))
+
+
 class ThinkingBudget:
-    """Once a sample has `budget` reasoning tokens, its next token inside a think block is `</think>`.
+    """Closes a sample's think block: its next token inside one is `</think>` once the sample has
+    `budget` reasoning tokens, or once its output is `close_at` tokens long (max_tokens minus the
+    answer reserve minus the tag: the answer then still gets the reserve).
 
     A per-request logits processor (`SamplingParams.logits_processors`, vLLM's hook): while the sample
-    is inside a think block with `budget` reasoning tokens already written (counted as `ThinkState`
-    counts them, so the budget is usage's `reasoning_tokens`), every logit but `</think>`'s is masked.
+    is inside a think block and a limit is reached (reasoning counted as `ThinkState` counts it, so
+    the budget is usage's `reasoning_tokens`), every logit but `</think>`'s is masked.
     Greedy, seeded sampling and logprobs all see the forced token (logprob 0, the others -inf; the
     server clamps those for JSON). Stateless — it reads the state off the output ids each step — so
-    the n samples of a request can share it, and preemption and recomputation change nothing.
+    the n samples of a request can share it, and preemption and recomputation change nothing. It
+    scans the ids only once the output is long enough for a limit to bite (reasoning tokens never
+    outnumber output tokens), so most steps cost one comparison.
     """
 
-    def __init__(self, budget: int, start_id: int, end_id: int, opened_by_prompt: bool = False):
-        if budget < 0:
+    def __init__(self, budget: int | None, start_id: int, end_id: int, opened_by_prompt: bool = False,
+                 close_at: int | None = None):
+        if budget is not None and budget < 0:
             raise ValueError(f"thinking_budget={budget}: must be >= 0 (0 closes the think block at once)")
+        if close_at is not None and close_at < 0:
+            raise ValueError(f"close_at={close_at}: must be >= 0")
         self.budget, self.start_id, self.end_id = budget, start_id, end_id
         self.opened_by_prompt = opened_by_prompt  # the chat template already wrote `<think>`
+        self.close_at = close_at
+        limits = [x for x in (budget, close_at) if x is not None]
+        self._first_possible = min(limits) if limits else None  # output length before which nothing is forced
 
     def num_reasoning_tokens(self, output_ids: Sequence[int]) -> int | None:
         """Reasoning tokens written so far, or None when the sample is not inside a think block."""
         state = ThinkState(self.start_id, self.end_id, self.opened_by_prompt).scan(output_ids)
         return state.num_reasoning_tokens if state.inside else None
 
+    def _forces(self, num_out: int, num_reasoning: int) -> bool:
+        """Inside a block, with `num_out` output tokens of which `num_reasoning` reasoning: force `</think>`?"""
+        return ((self.budget is not None and num_reasoning >= self.budget)
+                or (self.close_at is not None and num_out >= self.close_at))
+
     def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if self._first_possible is None or len(output_ids) < self._first_possible:
+            return logits
         n = self.num_reasoning_tokens(output_ids)
-        if n is None or n < self.budget:
+        if n is None or not self._forces(len(output_ids), n):
             return logits
         forced = torch.full_like(logits, float("-inf"))  # (V,)
         forced[self.end_id] = 0.0
         return forced
 
+    def cut(self, output_ids: Sequence[int], finish_reason: str | None) -> bool:
+        """Was this sample's reasoning cut short: a `</think>` this processor forced, or an output that
+        ended (max_tokens, the context) inside a think block? What `reasoning_truncated` reports."""
+        state = ThinkState(self.start_id, self.end_id, self.opened_by_prompt)
+        for i, tid in enumerate(output_ids):
+            if tid == self.end_id and state.inside and self._forces(i, state.num_reasoning_tokens):
+                return True
+            state.step(tid)
+        return state.inside and finish_reason == "length"
+
+
+def thinking_limit(tokenizer: Any, budget: int | None, max_tokens: int | None = None, reserve: int = 0,
+                   opened_by_prompt: bool = False) -> ThinkingBudget | None:
+    """The `ThinkingBudget` for a request: `budget` reasoning tokens, and a block still open when only
+    `reserve` answer tokens (and the tag) are left of `max_tokens` is closed. None when the tokenizer
+    has no think tags or there is nothing to enforce."""
+    start_id, end_id = think_ids(tokenizer)
+    close_at = max_tokens - reserve - 1 if max_tokens is not None and reserve > 0 else None
+    if start_id is None or end_id is None or (budget is None and close_at is None):
+        return None
+    return ThinkingBudget(budget, start_id, end_id, opened_by_prompt, close_at=max(close_at, 0)
+                          if close_at is not None else None)
+
 
 def with_thinking_budget(params: SamplingParams, budget: int | None, tokenizer: Any,
-                         opened_by_prompt: bool = False) -> SamplingParams:
-    """`params` plus a `ThinkingBudget` processor when a budget is set and the tokenizer has think tags."""
-    start_id, end_id = think_ids(tokenizer)
-    if budget is None or start_id is None or end_id is None:
+                         opened_by_prompt: bool = False, reserve: int = 0) -> SamplingParams:
+    """`params` plus a `ThinkingBudget` processor (see `thinking_limit`) when there is one to enforce."""
+    proc = thinking_limit(tokenizer, budget, params.max_tokens, reserve, opened_by_prompt)
+    if proc is None:
         return params
-    proc = ThinkingBudget(budget, start_id, end_id, opened_by_prompt)
     return dataclasses.replace(params, logits_processors=[*params.logits_processors, proc])
 
 
-__all__ = ["REASONING", "CONTENT", "ThinkState", "ReasoningSplitter", "ThinkingBudget", "count_reasoning",
-           "prompt_opens_think", "split_final", "strip_answer_tags", "think_ids", "with_thinking_budget"]
+__all__ = ["REASONING", "CONTENT", "REASONING_EFFORT_BUDGETS", "ANSWER_RESERVE_TOKENS", "ThinkState",
+           "ReasoningSplitter", "ThinkingBudget", "answer_reserve", "count_reasoning", "prompt_opens_think",
+           "split_final", "strip_answer_tags", "think_ids", "thinking_limit", "with_thinking_budget"]

@@ -1,13 +1,18 @@
-"""`create_app`: the FastAPI app of the OpenAI-compatible server.
+"""`create_app`: the FastAPI app of the server: OpenAI's API, and Ollama's and Anthropic's on top.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (503 while
 the model loads or the engine restarts, 200 when it serves; public, as llama.cpp's), GET /metrics
-(Prometheus). Every other route, /metrics and the OpenAPI pages included, needs the Bearer key
-when one is set (vLLM protects only /v1/*, its #18892). Every error a client can cause comes back
-in OpenAI's `{"error": {"message", "type", "param", "code"}}` shape with a 4xx; a body over the
-size limit (`max_body_bytes`, by default sized from the model's context: config.py) is refused
-with 413 before it is parsed: on its Content-Length before any of it is read, or, chunked, as soon
-as the bytes received pass the limit.
+(Prometheus); Ollama's /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version
+(ollama.py) and Anthropic's POST /v1/messages, /v1/messages/count_tokens (anthropic.py), both
+translations onto the chat route. Every other route, /metrics and the OpenAPI pages included, needs
+the key when one is set (vLLM protects only /v1/*, its #18892), as `Authorization: Bearer KEY` or
+`x-api-key: KEY` (the anthropic client's header). Every error a client can cause comes back with a
+4xx in the shape of the API it called: OpenAI's `{"error": {"message", "type", "param", "code"}}`,
+Ollama's `{"error": "..."}` under /api/, Anthropic's `{"type": "error", "error": {"type",
+"message"}}` under /v1/messages; a body over the size limit
+(`max_body_bytes`, by default sized from the model's context: config.py) is refused with 413
+before it is parsed: on its Content-Length before any of it is read, or, chunked, as soon as the
+bytes received pass the limit.
 
 The engine steps on a thread of this process or, with `engine_process=True`, in an engine-core
 process of its own (core_client.py: one client interface, two transports); the routes cannot
@@ -33,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qiusuo.engine import LLMEngine
 
+from . import anthropic, ollama
 from .chat import create_chat_completion
 from .completions import create_completion
 from .config import BODY_BYTES_WHILE_LOADING, ServerConfig, body_limit_for_context
@@ -95,6 +101,8 @@ def create_app(engine: EngineSource, *, served_model_name: str, engine_process: 
     async def completions(req: CompletionRequest, raw: Request):
         return await create_completion(state, req, raw)
 
+    app.include_router(ollama.ollama_router(state))
+    app.include_router(anthropic.anthropic_router(state))
     return _wrap(app, config, state)
 
 
@@ -122,10 +130,34 @@ async def _lifespan(app: FastAPI, *, state: ServerState, source: Any, multiproce
         await asyncio.to_thread(client.close)
 
 
+def surface(path: str) -> str:
+    """Which API a path belongs to, for the shape of its errors: openai, ollama or anthropic."""
+    if path == "/api" or path.startswith("/api/"):
+        return "ollama"
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    return "openai"
+
+
+def shaped_error(path: str, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+    """An error body in the shape of the API `path` belongs to."""
+    kind = surface(path)
+    if kind == "ollama":
+        return {"error": message}
+    if kind == "anthropic":
+        return anthropic.error_body(status, message)
+    return error_body(message, type, param, code)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
+    def path_of(request: Request) -> str:
+        return _route(request.scope)
+
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, e: OpenAIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        body = shaped_error(path_of(request), e.status, e.message, e.type, e.param, e.code)
+        return JSONResponse(body, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
@@ -137,19 +169,20 @@ def _add_error_handlers(app: FastAPI) -> None:
         else:
             message = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: "
                                 f"{err.get('msg')}" for err in errors[:5])
-        return JSONResponse(error_body(message, param=".".join(loc) or None, code=first.get("type")),
-                            status_code=400)
+        return JSONResponse(shaped_error(path_of(request), 400, message, param=".".join(loc) or None,
+                                         code=first.get("type")), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return JSONResponse(error_body(str(e.detail), code=code), status_code=e.status_code, headers=e.headers)
+        return JSONResponse(shaped_error(path_of(request), e.status_code, str(e.detail), code=code),
+                            status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, e: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body(f"Internal server error: {type(e).__name__}", "internal_error"),
-                            status_code=500)
+        return JSONResponse(shaped_error(path_of(request), 500, f"Internal server error: {type(e).__name__}",
+                                         "internal_error"), status_code=500)
 
 
 def _wrap(app: FastAPI, config: ServerConfig, state: ServerState) -> FastAPI:
@@ -185,20 +218,24 @@ def _route(scope: Scope) -> str:
 
 
 class Auth:
-    """`Authorization: Bearer KEY` on every route except /health, compared in constant time."""
+    """`Authorization: Bearer KEY` or `x-api-key: KEY` on every route except /health, compared in
+    constant time (both headers are compared, so the time says nothing about which one was sent)."""
 
     PUBLIC = frozenset({"/health"})
 
     def __init__(self, app: ASGIApp, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.expected, self.expected_key = app, f"Bearer {api_key}".encode(), api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and _route(scope) not in self.PUBLIC:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                await _send_json(send, 401, error_body(
-                    "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
-                    "invalid_request_error", code="invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+        if scope["type"] == "http" and (route := _route(scope)) not in self.PUBLIC:  # lifespan has no path
+            headers = dict(scope["headers"])
+            bearer = secrets.compare_digest(headers.get(b"authorization", b""), self.expected)
+            key = secrets.compare_digest(headers.get(b"x-api-key", b""), self.expected_key)
+            if not (bearer or key):
+                await _send_json(send, 401, shaped_error(
+                    route, 401, "Incorrect or missing API key: send `Authorization: Bearer <key>` (or "
+                    "`x-api-key: <key>`).", "invalid_request_error", code="invalid_api_key"),
+                    [(b"www-authenticate", b"Bearer")])
                 return
         await self.app(scope, receive, send)
 
@@ -221,7 +258,7 @@ class BodyLimit:
         limit = self.limit()
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return await self._too_large(send, length, limit)
+            return await self._too_large(scope, send, length, limit)
         chunks, total = [], 0
         while True:
             message = await receive()
@@ -230,7 +267,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             total += len(chunk)
             if total > limit:
-                return await self._too_large(send, None, limit)
+                return await self._too_large(scope, send, None, limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -246,9 +283,9 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     @staticmethod
-    async def _too_large(send: Send, length: bytes | None, limit: int) -> None:
+    async def _too_large(scope: Scope, send: Send, length: bytes | None, limit: int) -> None:
         size = f"{int(length)} bytes" if length is not None and length.isdigit() else "the body"
-        await _send_json(send, 413, error_body(f"Request body too large: {size} is over this server's "
-                                               f"{limit}-byte limit (max_body_bytes); send less, or start "
-                                               "the server with a larger --max-body-bytes.",
-                                               code="request_too_large"))
+        await _send_json(send, 413, shaped_error(_route(scope), 413, f"Request body too large: {size} is over this "
+                                                 f"server's {limit}-byte limit (max_body_bytes); send less, or start "
+                                                 "the server with a larger --max-body-bytes.",
+                                                 code="request_too_large"))

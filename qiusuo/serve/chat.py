@@ -3,18 +3,33 @@
 Reasoning goes to both `reasoning_content` (DeepSeek, SGLang, llama.cpp) and `reasoning` (vLLM,
 Ollama's /v1), because clients read one or the other (vLLM renamed `reasoning_content` to
 `reasoning`; clients written for either name must keep working). Every streamed delta carries either reasoning or content, never both.
+
+Reasoning controls:
+- An earlier assistant turn's reasoning, sent back as `reasoning_content` or `reasoning` (either
+  name; `reasoning_content` wins if both differ), reaches the chat template as `reasoning_content`
+  (the tokenizer also copies it to `reasoning` and `thinking`, as transformers does). The template
+  decides: DeepSeek-R1's and the built-in one drop it (R1's model card: history without the
+  reasoning), Qwen3's renders it for turns after the last user message.
+- `reasoning_effort` none/minimal/low/medium/high is a thinking budget of 0/256/1024/4096/16384
+  reasoning tokens (`REASONING_EFFORT_BUDGETS`); an explicit `thinking_budget` wins.
+- When the budget is spent, or when only the answer reserve (min(answer_reserve_tokens=256,
+  max_tokens // 4)) is left of max_tokens inside the think block, `</think>` is forced and the
+  model answers. `finish_reason` stays OpenAI's (`length` if the answer then runs out too); the
+  choice's `reasoning_truncated` and usage's `completion_tokens_details.reasoning_truncated` say
+  that the reasoning was cut (also when the output ended inside the block).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
-from qiusuo.engine.reasoning import REASONING, ReasoningSplitter, split_final
+from qiusuo.engine.reasoning import REASONING, REASONING_EFFORT_BUDGETS, ReasoningSplitter, answer_reserve, split_final
 
 from .protocol import ChatCompletionRequest, OpenAIError
 from .serving import (EngineRequest, ServerState, chat_logprobs, check_text_fits, new_id, resolve_max_tokens,
@@ -30,9 +45,11 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         if m.role == "assistant" and message["content"] is None:
             message["content"] = ""
-        for key in ("name", "reasoning_content", "reasoning"):
-            if getattr(m, key) is not None:
-                message[key] = getattr(m, key)
+        if m.name is not None:
+            message["name"] = m.name
+        reasoning = m.reasoning_content if m.reasoning_content is not None else m.reasoning
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
         messages.append(message)
     kwargs = dict(req.chat_template_kwargs or {})
     clash = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
@@ -46,11 +63,26 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
     return state.tokenizer.encode(text, add_special_tokens=False)  # the template has the bos
 
 
-async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request) -> Response:
-    arrival = time.monotonic()
+@dataclass
+class ChatRun:
+    """A started chat request: what the OpenAI route and the Ollama and Anthropic translations
+    (ollama.py, anthropic.py) read back, through `chat_response` or `chat_stream`."""
+
+    er: EngineRequest
+    created: int
+    top_logprobs: int | None  # None: no logprobs
+
+
+async def start_chat(state: ServerState, req: ChatCompletionRequest, prompt_ids: list[int] | None = None,
+                     arrival: float | None = None, api: str = "openai_chat") -> ChatRun:
+    """Validate, admit and start one chat request: every API surface reaches the engine through here.
+    `prompt_ids`: an already-built prompt (Ollama's raw generate); else the messages are templated.
+    `api`: the surface it came through (the `qiusuo:api_requests` label)."""
+    arrival = time.monotonic() if arrival is None else arrival
     state.ready()
     state.check_model(req.model)
-    prompt_ids = render_prompt(state, req)
+    if prompt_ids is None:
+        prompt_ids = render_prompt(state, req)
     if not prompt_ids:
         raise OpenAIError(400, "The rendered prompt is empty.", param="messages")
     if req.top_logprobs and not req.logprobs:
@@ -61,21 +93,41 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     max_tokens = resolve_max_tokens(state, requested, len(prompt_ids), n=req.n, top_logprobs=k,
                                     param="max_completion_tokens" if use_completion_tokens else "max_tokens")
     params = sampling_params(req, max_tokens, k)
-    budget = req.thinking_budget if req.thinking_budget is not None else state.config.default_thinking_budget
+    budget = thinking_budget(state, req.thinking_budget, req.reasoning_effort)
     state.admit(req.n)
-    er = EngineRequest(state, new_id("chatcmpl"), prompt_ids, params, budget, arrival)
+    er = EngineRequest(state, new_id("chatcmpl"), prompt_ids, params, budget, arrival,
+                       answer_reserve(max_tokens, state.config.answer_reserve_tokens))
     await start_all([er])
-    created = int(time.time())
+    state.metrics.api_requests.labels(state.config.served_model_name, api).inc()
+    return ChatRun(er, int(time.time()), k)
+
+
+async def finish_chat(run: ChatRun, raw: Request):
+    """The final output of a non-streamed run, or None when the client left (the request is aborted)."""
+    try:
+        return await unless_disconnected(raw, _last_output(run.er))
+    finally:
+        run.er.close()
+
+
+async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request) -> Response:
+    run = await start_chat(state, req)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return AbortingStreamingResponse(_stream(state, er, created, k, include_usage), on_close=er.close)
-    try:
-        final = await unless_disconnected(raw, _last_output(er))
-    finally:
-        er.close()
+        return AbortingStreamingResponse(chat_stream(state, run, include_usage), on_close=run.er.close)
+    final = await finish_chat(run, raw)
     if final is None:
         return Response(status_code=499)  # nobody is listening; the request was aborted
-    return JSONResponse(_response(state, er, final, created, k))
+    return JSONResponse(chat_response(state, run, final))
+
+
+def thinking_budget(state: ServerState, budget: int | None, effort: str | None) -> int | None:
+    """A request's thinking budget: its own, else its reasoning effort's, else the server's default."""
+    if budget is not None:
+        return budget
+    if effort is not None:
+        return REASONING_EFFORT_BUDGETS[effort]
+    return state.config.default_thinking_budget
 
 
 async def _last_output(er: EngineRequest):
@@ -84,33 +136,40 @@ async def _last_output(er: EngineRequest):
     return er.final
 
 
-def _response(state: ServerState, er: EngineRequest, final, created: int, k: int | None) -> dict[str, Any]:
+def chat_response(state: ServerState, run: ChatRun, final) -> dict[str, Any]:
+    """The `chat.completion` body of a finished run."""
+    er, created, k = run.er, run.created, run.top_logprobs
     tok = state.tokenizer
-    choices, reasoning_tokens = [], 0
+    choices, reasoning_tokens, any_cut = [], 0, False
     for o in final.outputs:
         reasoning, content, n_reasoning = split_final(tok, er.prompt_ids, o, er.params.skip_special_tokens)
         reasoning_tokens += n_reasoning
+        cut = er.reasoning_cut(o)
+        any_cut |= cut
         choices.append({
             "index": o.index,
             "message": {"role": "assistant", "content": content, "reasoning_content": reasoning,
                         "reasoning": reasoning, "tool_calls": []},
             "logprobs": {"content": chat_logprobs(tok, o, 0, len(o.token_ids), k)} if k is not None else None,
-            "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
+            "finish_reason": o.finish_reason, "stop_reason": o.stop_reason, "reasoning_truncated": cut,
         })
     return {
         "id": er.request_id, "object": "chat.completion", "created": created,
         "model": state.config.served_model_name, "choices": choices,
         "usage": usage(final.num_prompt_tokens, final.num_completion_tokens, reasoning_tokens,
-                       final.num_cached_tokens),
+                       final.num_cached_tokens, any_cut),
     }
 
 
-async def _stream(state: ServerState, er: EngineRequest, created: int, k: int | None,
-                  include_usage: bool) -> AsyncIterator[str]:
+async def chat_stream(state: ServerState, run: ChatRun, include_usage: bool) -> AsyncIterator[str]:
+    """The run's `chat.completion.chunk` SSE events, `[DONE]` last; an engine error mid-stream is sent
+    as an `{"error": ...}` event. The other API surfaces translate these same events."""
+    er, created, k = run.er, run.created, run.top_logprobs
     tok, n = state.tokenizer, er.params.n
     splitters = [ReasoningSplitter(tok, er.prompt_ids, er.params.skip_special_tokens) for _ in range(n)]
     logprobs_sent = [0] * n
     finish_sent = [False] * n
+    cuts = [False] * n
 
     # The envelope is the same for every chunk: render it once, JSON-encode only what changes
     # (a measurable share of the event loop's time per token at 32 streams).
@@ -118,8 +177,11 @@ async def _stream(state: ServerState, er: EngineRequest, created: int, k: int | 
                 "model": state.config.served_model_name, "choices": [None]}).split("[null]")[0] + "["
     tail = "]" + (',"usage":null' if include_usage else "") + "}\n\n"
 
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs=None) -> str:
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs=None,
+              cut: bool | None = None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        if cut is not None:
+            choice["reasoning_truncated"] = cut
         return head + json.dumps(choice, ensure_ascii=False, separators=(",", ":")) + tail
 
     for i in range(n):
@@ -142,7 +204,8 @@ async def _stream(state: ServerState, er: EngineRequest, created: int, k: int | 
                     yield chunk(i, delta, logprobs=lps if j == len(segments) - 1 else None)
                 if o.finish_reason is not None:
                     finish_sent[i] = True
-                    yield chunk(i, {}, finish=o.finish_reason)
+                    cuts[i] = er.reasoning_cut(o)
+                    yield chunk(i, {}, finish=o.finish_reason, cut=cuts[i])
     except OpenAIError as e:
         yield sse(e.body())
         yield sse("[DONE]")
@@ -152,6 +215,6 @@ async def _stream(state: ServerState, er: EngineRequest, created: int, k: int | 
         body = {"id": er.request_id, "object": "chat.completion.chunk", "created": created,
                 "model": state.config.served_model_name, "choices": [],
                 "usage": usage(f.num_prompt_tokens, f.num_completion_tokens,
-                               sum(s.num_reasoning_tokens for s in splitters), f.num_cached_tokens)}
+                               sum(s.num_reasoning_tokens for s in splitters), f.num_cached_tokens, any(cuts))}
         yield sse(body)
     yield sse("[DONE]")

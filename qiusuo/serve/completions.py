@@ -56,6 +56,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     rid = new_id("cmpl")
     ers = [EngineRequest(state, f"{rid}-{i}", ids, p, None, arrival) for i, (ids, p) in enumerate(zip(all_ids, params))]
     await start_all(ers)
+    state.metrics.api_requests.labels(state.config.served_model_name, "openai_completions").inc()
     created = int(time.time())
 
     def close_all() -> None:

@@ -18,6 +18,9 @@ engine sees the request, each refusal a 4xx in OpenAI's error shape):
   with every non-ASCII character escaped as `\\uXXXX` (about 12 bytes per token) or as a token-id
   array (at most 8 bytes per id): 128 KiB for a 2k context, 4.06 MiB for 128k. Larger batches
   of prompts in one body need an explicit limit.
+- `answer_reserve_tokens`: a chat whose think block is still open when only
+  min(answer_reserve_tokens, max_tokens // 4) tokens are left gets `</think>` forced, so the answer
+  still has those tokens (usage `reasoning_truncated` says so).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class ServerConfig:
     default_thinking_budget: int | None = option(None, "default max reasoning tokens per request (a request's "
                                                        "thinking_budget wins)", flag="--thinking-budget")
     retry_after_s: int = option(1, "the Retry-After header of a 429, in seconds", flag="--retry-after")
+    answer_reserve_tokens: int = option(256, "answer tokens kept when max_tokens would end a chat inside its "
+                                             "think block: `</think>` is forced with min(this, max_tokens // 4) "
+                                             "tokens left (0: never)")
 
     def __post_init__(self):
         check_choices(self)
@@ -69,5 +75,8 @@ class ServerConfig:
             raise ValueError(f"max_output_budget={self.max_output_budget}: must be >= 1")
         if self.default_thinking_budget is not None and self.default_thinking_budget < 0:
             raise ValueError(f"default_thinking_budget={self.default_thinking_budget}: must be >= 0 (or None)")
+        if self.answer_reserve_tokens < 0:
+            raise ValueError(f"answer_reserve_tokens={self.answer_reserve_tokens}: must be >= 0 (0: never close "
+                             "the think block early)")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s={self.retry_after_s}: must be >= 0")

@@ -106,13 +106,14 @@ class EngineCoreClient:
 
     # ------------------------------------------------------------------ requests (event loop)
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-               thinking_budget: int | None = None, opened_by_prompt: bool = False) -> RequestStream:
+               thinking_budget: int | None = None, opened_by_prompt: bool = False,
+               answer_reserve: int = 0) -> RequestStream:
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
         if self._closing or not self._is_ready:
             raise EngineDeadError("the engine is restarting" if self.restarting else "the engine is not running")
         stream = RequestStream(request_id, prompt_ids)
-        params = with_thinking_budget(params, thinking_budget, self.tokenizer, opened_by_prompt)
+        params = with_thinking_budget(params, thinking_budget, self.tokenizer, opened_by_prompt, answer_reserve)
         self._requests[request_id] = stream
         try:
             self._send(AddRequest(request_id, prompt_ids, params))

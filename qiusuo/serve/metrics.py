@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from .outputs import EngineSnapshot
 
 P = "qiusuo:"
+API_SURFACES = ("openai_chat", "openai_completions", "ollama", "anthropic")
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                  20.0, 40.0, 80.0)  # fmt: skip
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -77,11 +78,15 @@ class ServerMetrics:
         self.request_success = Counter(P + "request_success", "Requests finished, by finish reason.",
                                        lab + ["finished_reason"], registry=r)
         self.rejected = Counter(P + "request_rejected", "Requests refused with 429 (queue full).", lab, registry=r)
+        self.api_requests = Counter(P + "api_requests", "Generation requests accepted for the engine, by API surface "
+                                    "(openai_chat, openai_completions, ollama, anthropic).", lab + ["api"], registry=r)
         for m in (self.ttft, self.tpot, self.e2e, self.prompt_tokens, self.generation_tokens, self.reasoning_tokens,
                   self.rejected):
             m.labels(model_name)  # exported as 0 from the start, so rate() has a baseline
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(model_name, reason)
+        for api in API_SURFACES:
+            self.api_requests.labels(model_name, api)
         r.register(_EngineCollector(model_name, queue_view, engine))
 
     def finished(self, reason: str) -> None:

@@ -7,7 +7,9 @@ and 128 stop token ids (OpenAI allows 4 stop strings; 500k of them in a 4 MiB bo
 12.3 s of engine time). Unknown fields are ignored, as vLLM does, so newer clients keep
 working; fields we accept but cannot honour (penalties, tools, suffix, echo) are refused with a
 400 that names them rather than silently ignored. vLLM's extra sampling fields (top_k,
-ignore_eos, stop_token_ids, ...) are accepted too, plus `thinking_budget`.
+ignore_eos, stop_token_ids, ...) are accepted too, plus `thinking_budget`. An assistant message's
+earlier reasoning may come as `reasoning_content` (DeepSeek, SGLang) or `reasoning` (vLLM, Ollama's
+/v1): both are accepted, since clients echo back whichever name they were given.
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     thinking_budget: int | None = Field(None, ge=0)  # max reasoning tokens, then `</think>` is forced
+    # OpenAI's; mapped to a thinking budget (REASONING_EFFORT_BUDGETS); thinking_budget wins when both are set
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None

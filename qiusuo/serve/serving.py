@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from starlette.requests import Request
 
 from qiusuo.engine import CompletionOutput, RequestOutput, SamplingParams
-from qiusuo.engine.reasoning import count_reasoning, prompt_opens_think
+from qiusuo.engine.reasoning import ThinkingBudget, ThinkState, count_reasoning, prompt_opens_think, thinking_limit
 
 from qiusuo.tokenizer import bytes_to_unicode
 
@@ -39,6 +39,7 @@ class ServerState:
         self.num_running = 0  # requests admitted, outputs flowing
         self.num_waiting_seqs = 0  # their sequences (n each): what max_queue bounds
         self._max_prompt_chars: int | None = None
+        self.started = time.time()  # the server's start: Ollama's modified_at when the registry has no entry
         self.metrics = ServerMetrics(config.served_model_name, lambda: (self.num_running, self.num_waiting),
                                      lambda: self.engine)
 
@@ -204,11 +205,18 @@ class EngineRequest:
     """One engine request from admission to its last output: queue bookkeeping, metrics, abort."""
 
     def __init__(self, state: ServerState, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 thinking_budget: int | None, arrival: float):
+                 thinking_budget: int | None, arrival: float, answer_reserve: int = 0):
+        """`answer_reserve` > 0: a think block still open when only that many tokens of max_tokens are
+        left is closed, so the answer gets them (chat routes; raw completions pass 0)."""
         self.state, self.request_id, self.prompt_ids = state, request_id, prompt_ids
         self.params, self.thinking_budget, self.arrival = params, thinking_budget, arrival
+        self.answer_reserve = answer_reserve
         self.opened_by_prompt = prompt_opens_think(prompt_ids, getattr(state.tokenizer, "think_start_id", None),
                                                    getattr(state.tokenizer, "think_end_id", None))
+        # The same limit the engine enforces (core_client builds it from the same arguments): it tells
+        # afterwards whether a sample's reasoning was cut.
+        self.limit: ThinkingBudget | None = thinking_limit(state.tokenizer, thinking_budget, params.max_tokens,
+                                                           answer_reserve, self.opened_by_prompt)
         self.final: RequestOutput | None = None
         self._stream = None
         self._submitted = self._accepted = False
@@ -221,7 +229,7 @@ class EngineRequest:
         engine = self.state.ready()
         try:
             self._stream = engine.submit(self.request_id, self.prompt_ids, self.params, self.thinking_budget,
-                                         self.opened_by_prompt)
+                                         self.opened_by_prompt, self.answer_reserve)
             self._submitted = True
             await self._stream.accepted()
         except ValueError as e:
@@ -229,6 +237,19 @@ class EngineRequest:
         except EngineDeadError as e:
             raise OpenAIError(503, str(e), "service_unavailable") from None
         self._accepted = True
+
+    @property
+    def first_token_time(self) -> float | None:
+        """`time.monotonic()` when the first token arrived (None: none yet)."""
+        return self._first
+
+    def reasoning_cut(self, out: CompletionOutput) -> bool:
+        """The sample's reasoning was cut: its think block closed by the budget or the answer reserve,
+        or its output ended inside the block."""
+        if self.limit is not None:
+            return self.limit.cut(out.token_ids, out.finish_reason)
+        return (out.finish_reason == "length"
+                and ThinkState.for_prompt(self.state.tokenizer, self.prompt_ids).scan(out.token_ids).inside)
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """The request's outputs after `start`; leaving early (disconnect, error) aborts it."""
@@ -394,11 +415,17 @@ async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     return None
 
 
-def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int, cached_tokens: int) -> dict[str, Any]:
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int, cached_tokens: int,
+          reasoning_truncated: bool | None = None) -> dict[str, Any]:
+    """OpenAI's usage; `reasoning_truncated` (chat only): some sample's think block was closed by the
+    thinking budget or the answer reserve, or its output ended inside it."""
+    details: dict[str, Any] = {"reasoning_tokens": reasoning_tokens}
+    if reasoning_truncated is not None:
+        details["reasoning_truncated"] = reasoning_truncated
     return {
         "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        "completion_tokens_details": details,
     }
 

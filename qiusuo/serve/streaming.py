@@ -1,4 +1,4 @@
-"""An SSE `StreamingResponse` that always runs its `on_close` when the response ends, however it ends.
+"""A streaming response (SSE, or Ollama's NDJSON) that always runs its `on_close` when the response ends, however it ends.
 
 Starlette cancels the body iterator when the client disconnects, but an async generator that is
 suspended at a `yield` at that moment is only finalized when it is garbage-collected; tying the
@@ -17,8 +17,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class AbortingStreamingResponse(StreamingResponse):
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], media_type: str = "text/event-stream"):
+        super().__init__(content, media_type=media_type, headers=SSE_HEADERS)
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
