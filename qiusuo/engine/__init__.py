@@ -6,9 +6,10 @@ nano-vllm with vLLM's names: `SamplingParams`, `Sequence`/`SequenceGroup`, `Bloc
 """
 
 from .config import EngineConfig
+from .guided import StructuredOutputsParams
 from .llm import LLM
 from .llm_engine import LLMEngine
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob"]

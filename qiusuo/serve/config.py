@@ -27,6 +27,7 @@ class ServerConfig:
     max_output_budget: int = 1 << 17  # n x max_tokens x (1 + top_logprobs) per request; over it, 400
     default_thinking_budget: int | None = None  # requests that set no thinking_budget get this
     retry_after_s: int = 1  # the Retry-After header of a 429
+    tool_call_parser: str | None = None  # hermes | deepseek_v3 | llama3_json; None: from the chat template
 
     def __post_init__(self):
         if not isinstance(self.served_model_name, str) or not self.served_model_name:
@@ -43,5 +44,8 @@ class ServerConfig:
             raise ValueError(f"max_output_budget={self.max_output_budget}: must be >= 1")
         if self.default_thinking_budget is not None and self.default_thinking_budget < 0:
             raise ValueError(f"default_thinking_budget={self.default_thinking_budget}: must be >= 0 (or None)")
+        if self.tool_call_parser is not None and self.tool_call_parser not in ("hermes", "deepseek_v3", "llama3_json"):
+            raise ValueError(f"tool_call_parser={self.tool_call_parser!r}: use hermes, deepseek_v3 or llama3_json "
+                             "(or leave it unset to choose from the chat template)")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s={self.retry_after_s}: must be >= 0")
