@@ -114,8 +114,8 @@ def test_bounded_strings_rewrite_keeps_validity():
     """xgrammar 0.2.9 lets raw control characters into length-bounded strings; we compile them as patterns."""
     s = bounded_strings({"type": "object", "properties": {"a": {"type": "string", "minLength": 2, "maxLength": 5},
                                                            "b": {"type": "array", "items": {"type": "string", "maxLength": 3}}}})
-    assert s["properties"]["a"] == {"type": "string", "pattern": "^.{2,5}$"}
-    assert s["properties"]["b"]["items"] == {"type": "string", "pattern": "^.{0,3}$"}
+    assert s["properties"]["a"] == {"type": "string", "pattern": "^[^\\uD800-\\uDFFF]{2,5}$"}
+    assert s["properties"]["b"]["items"] == {"type": "string", "pattern": "^[^\\uD800-\\uDFFF]{0,3}$"}
 
 
 # --- reasoning stays free: a scripted model writes its think block, then the grammar takes over -----------

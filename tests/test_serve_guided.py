@@ -263,6 +263,9 @@ def test_bad_tool_requests_are_400(client, kw, param):
 def test_metrics(server, client):
     import httpx
 
+    client.chat.completions.create(model=NAME, messages=MSG, max_tokens=100, seed=0,
+                                   response_format=schema_format("sentiment"))
+    client.chat.completions.create(model=NAME, messages=MSG, max_tokens=200, seed=0, tools=[ADD], tool_choice="required")
     text = httpx.get(server.url + "/metrics").text
     assert re.search(r'qiusuo:structured_output_requests_total\{kind="json",model_name="tiny"\} [1-9]', text)
     assert re.search(r'qiusuo:tool_call_requests_total\{model_name="tiny",tool_choice="required"\} [1-9]', text)

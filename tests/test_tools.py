@@ -118,3 +118,10 @@ def test_template_tool_calls_give_dict_arguments():
     (c,) = tools.template_tool_calls([{"id": "call_1", "type": "function",
                                        "function": {"name": "f", "arguments": '{"a": 1}'}}])
     assert c["function"]["arguments"] == {"a": 1} and c["name"] == "f"
+
+
+def test_llama3_json_answer_that_is_not_a_call_is_streamed_as_content():
+    s = tools.ToolCallStream("llama3_json")
+    text = '{"answer": 42}'
+    got = "".join(s.feed(text[:i], final=i == len(text))[0] for i in range(1, len(text) + 1))
+    assert got == text and tools.parse_final("llama3_json", text) == (text, [])

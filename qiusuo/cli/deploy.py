@@ -66,6 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-output-budget", type=int, default=None,
                    help="per request, n x max_tokens x (1 + top_logprobs); over it, 400")
     g.add_argument("--thinking-budget", type=int, default=None)
+    # --- issue 19 (tool calling): ServerConfig.tool_call_parser ---
+    g.add_argument("--tool-call-parser", default=None, choices=["hermes", "deepseek_v3", "llama3_json"],
+                   help="tool-call format of the model's answers (default: from the chat template)")
+    # --- end issue 19 ---
     g = p.add_argument_group("local Ray head (first deploy only)")
     g.add_argument("--ray-num-cpus", type=float, default=None, help="CPUs Ray may hand out (default: all)")
     g.add_argument("--object-store-mb", type=int, default=150)
@@ -97,7 +101,8 @@ def deploy(args) -> int:
     path = resolve_model(verb := args.words[0])  # unknown names fail here, listing the known ones
     server = {k: v for k, v in dict(api_key=api_key(args), max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
                                     max_output_budget=args.max_output_budget,
-                                    default_thinking_budget=args.thinking_budget).items() if v is not None}
+                                    default_thinking_budget=args.thinking_budget,
+                                    tool_call_parser=args.tool_call_parser).items() if v is not None}
     engine = {k: v for k, v in dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                                     kv_cache_bytes=args.kv_cache_bytes).items() if v is not None}
     config = DeployConfig(

@@ -75,6 +75,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="per request, n x max_tokens x (1 + top_logprobs) summed over its prompts; over it, 400")
     p.add_argument("--thinking-budget", type=int, default=None,
                    help="default max reasoning tokens per request (a request's thinking_budget wins)")
+    # --- issue 19 (tool calling): ServerConfig.tool_call_parser ---
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "deepseek_v3", "llama3_json"],
+                   help="tool-call format of the model's answers (vLLM's names; default: from the chat template)")
+    # --- end issue 19 ---
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads for the engine (default: torch's)")
@@ -111,7 +115,7 @@ def run(args) -> int:
     app = create_app(load, served_model_name=args.served_model_name or args.model,
                      engine_process=args.engine_process, api_key=key, max_queue=args.max_queue,
                      max_tokens_cap=args.max_tokens_cap, max_output_budget=args.max_output_budget,
-                     default_thinking_budget=args.thinking_budget)
+                     default_thinking_budget=args.thinking_budget, tool_call_parser=args.tool_call_parser)
     print(f"serving {args.model} ({path}) on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if key else ''}", flush=True)
     error = run_server(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -185,11 +185,13 @@ _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 def bounded_strings(schema: Any) -> Any:
     """A copy of `schema` whose strings with minLength/maxLength (and no pattern or format) carry the
-    equivalent pattern `^.{min,max}$` instead.
+    equivalent pattern `^[^\uD800-\uDFFF]{min,max}$` instead.
 
     xgrammar 0.2.9 compiles a length-bounded string to a character class that lets raw control
     characters (U+0000-U+001F) through, which is invalid JSON; its pattern strings exclude them.
-    Escapes are then not generated inside such strings (plain characters only), which is valid JSON.
+    Its `.` also takes UTF-8-encoded surrogates (ED A0..BF xx), one "character" to the grammar but
+    three U+FFFD once decoded, which breaks maxLength: the class excludes them. Escapes are then not
+    generated inside such strings (plain characters only), which is valid JSON.
     """
     if isinstance(schema, list):
         return [bounded_strings(s) for s in schema]
@@ -210,7 +212,7 @@ def bounded_strings(schema: Any) -> Any:
     if (is_string and ("minLength" in out or "maxLength" in out) and "pattern" not in out and "format" not in out
             and "enum" not in out and "const" not in out):
         lo, hi = int(out.pop("minLength", 0)), out.pop("maxLength", None)
-        out["pattern"] = f"^.{{{lo},{'' if hi is None else int(hi)}}}$"
+        out["pattern"] = f"^[^\\uD800-\\uDFFF]{{{lo},{'' if hi is None else int(hi)}}}$"
     return out
 
 

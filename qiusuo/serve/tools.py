@@ -204,6 +204,8 @@ class ToolCallStream:
 
     def feed(self, text: str, final: bool) -> tuple[str, list[dict[str, Any]]]:
         content, calls = split(self.parser, text, final)
+        if final and calls and not parse_final(self.parser, text)[1]:
+            content, calls = text, []  # not a call after all (e.g. a JSON answer to a llama3_json model): text
         delta = content[self.content_sent:]
         self.content_sent = max(self.content_sent, len(content))
         out = []
