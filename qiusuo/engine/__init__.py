@@ -16,9 +16,11 @@ from .config import EngineConfig
 _EXPORTS = {
     "LLM": "llm", "LLMEngine": "llm_engine", "SamplingParams": "sampling_params",
     "RequestOutput": "outputs", "CompletionOutput": "outputs", "Logprob": "outputs",
+    "StructuredOutputsParams": "guided",
 }  # fmt: skip
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "StructuredOutputsParams", "RequestOutput",
+           "CompletionOutput", "Logprob"]
 
 
 def __getattr__(name: str):

@@ -21,10 +21,12 @@ from qiusuo.model import kv_cache_bytes_per_token
 
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .guided import GrammarBackend, GuidedState
 from .model_runner import ModelRunner
 from .outputs import RequestOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
+from .reasoning import ThinkState
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceGroup, mix_seed
 
@@ -74,6 +76,7 @@ class LLMEngine:
         with torch.inference_mode():
             self.runner = ModelRunner(model, num_blocks, bs, model.dtype, Sampler(decode_token), config.compile)
         self._groups: dict[str, SequenceGroup] = {}
+        self._grammar_backend = None  # guided.GrammarBackend, built on the first structured request
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
         if config.compile:
@@ -121,6 +124,7 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got min {min(ids)}, max {max(ids)}")
+        compiled = self._compile_grammar(params) if params.structured_outputs is not None else None
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         seqs = []
         for i in range(params.n):
@@ -129,9 +133,21 @@ class LLMEngine:
                 decoder = self.tokenizer.incremental_decoder(skip_special_tokens=params.skip_special_tokens)
             seqs.append(Sequence(next(self._seq_ids), request_id, i, ids, params, mix_seed(seed, i),
                                  self.eos_token_ids, self.max_model_len, decoder))
+            if compiled is not None:
+                seqs[-1].guided = GuidedState(self._grammar_backend, compiled, ThinkState.for_prompt(self.tokenizer, ids),
+                                              seqs[-1].stop_token_ids, params.structured_outputs.allow_think_block)
         self._groups[request_id] = SequenceGroup(request_id, text, ids, params, seqs)
         for s in seqs:
             self.scheduler.add(s)
+
+    def _compile_grammar(self, params: SamplingParams):
+        """The request's grammar, compiled (xgrammar caches by grammar); ValueError when it is invalid."""
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer (the grammar is over text); this engine has none")
+        if self._grammar_backend is None:
+            self._grammar_backend = GrammarBackend(self.tokenizer, self.model.config.vocab_size,
+                                                   sorted(self.eos_token_ids))
+        return self._grammar_backend.compile(params.structured_outputs)
 
     def _tokenize(self, prompt: str | list[int], add_special_tokens: bool) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -226,4 +242,6 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,
+            "grammar_seconds": self.runner.sampler.grammar_stats.seconds,  # filling + applying token masks
+            "grammar_tokens": self.runner.sampler.grammar_stats.tokens,  # guided rows sampled
         }

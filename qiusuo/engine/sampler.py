@@ -15,10 +15,12 @@ Dimension letters: B rows, V vocabulary.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
+from .guided import GrammarStats
 from .outputs import Logprob
 from .sequence import Sequence
 
@@ -53,12 +55,16 @@ class SamplerOutput:
 class Sampler:
     def __init__(self, decode_token=None):
         self.decode_token = decode_token  # id -> text, for Logprob.decoded_token (None: no tokenizer)
+        self.grammar_stats = GrammarStats()
+        self._bitmask: torch.Tensor | None = None  # reused (B, ceil(V / 32)) int32 buffer
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         logits = logits.float()  # (B, V)
         params = [s.params for s in seqs]
         if any(p.logits_processors for p in params):
             logits = self._process(logits, seqs)
+        if any(s.guided is not None for s in seqs):
+            logits = self._guide(logits, seqs)
         greedy = logits.argmax(dim=-1)
         if all(p.temperature == 0 for p in params):
             tokens = greedy
@@ -78,6 +84,25 @@ class Sampler:
         for b, seq in enumerate(seqs):
             for proc in seq.params.logits_processors:
                 logits[b] = proc(seq.output_token_ids, logits[b])
+        return logits
+
+    def _guide(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Mask each guided row to the tokens its grammar allows (xgrammar's bitmask, in place on a copy)."""
+        import xgrammar as xgr
+
+        t0 = time.perf_counter()
+        B, V = logits.shape
+        words = (V + 31) // 32
+        if self._bitmask is None or self._bitmask.shape[0] < B or self._bitmask.shape[1] != words:
+            self._bitmask = xgr.allocate_token_bitmask(max(B, 16), V)
+        bitmask = self._bitmask[:B]
+        rows = [b for b, s in enumerate(seqs) if s.guided is not None]
+        for b in rows:
+            seqs[b].guided.fill(bitmask, b)
+        if not any(s.params.logits_processors for s in seqs):
+            logits = logits.clone()  # the runner's tensor is not ours to change (_process cloned already)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+        self.grammar_stats.add(t0, len(rows))
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .guided import StructuredOutputsParams
+
 # vLLM's per-request logits processor: (output token ids so far, logits row (V,)) -> logits row.
 # It sees the raw logits before temperature and filtering, and its result is what the sampler and
 # the returned logprobs use. It must be stateless (it is shared by the request's n samples and
@@ -34,6 +36,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     logits_processors: list[LogitsProcessor] | None = None
+    # JSON schema / regex / choice / grammar the output must match (guided.py); a dict of its fields works too
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -63,6 +67,10 @@ class SamplingParams:
         if not all(callable(f) for f in procs):
             raise ValueError("logits_processors must be callables f(output_token_ids, logits) -> logits")
         self.logits_processors = procs
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams (or a dict of its fields)")
 
     @property
     def greedy(self) -> bool:

@@ -59,6 +59,12 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.guided = None  # guided.GuidedState: the sample's grammar, set by the engine
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        """Tokens that end this sample (eos unless ignore_eos, plus the request's stop_token_ids)."""
+        return self._stop_ids
 
     # ------------------------------------------------------------------ views
     @property
@@ -86,6 +92,12 @@ class Sequence:
             self.cumulative_logprob += logprob
         if self.logprobs is not None:
             self.logprobs.append(top or {})
+        if self.guided is not None and self.guided.accept(token_id) and token_id not in self._stop_ids:
+            # The grammar is complete and terminated (its stop token was not one of ours: ignore_eos),
+            # or it rejected the token (never, with its mask applied): the sample ends here, the
+            # token's text left out like a stop token's.
+            self.finish("abort" if self.guided.rejected else "stop", "grammar" if self.guided.rejected else token_id)
+            return
         if token_id in self._stop_ids:
             self.finish("stop", None if token_id not in self.params.stop_token_ids else token_id)
             return  # the stop token's text is not part of the completion

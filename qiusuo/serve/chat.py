@@ -17,6 +17,12 @@ Reasoning controls:
   model answers. `finish_reason` stays OpenAI's (`length` if the answer then runs out too); the
   choice's `reasoning_truncated` and usage's `completion_tokens_details.reasoning_truncated` say
   that the reasoning was cut (also when the output ended inside the block).
+
+Tools (serve/tools.py): the request's `tools` reach the chat template; with `tool_choice` "auto" the
+answer (never the reasoning) is parsed for calls in the checkpoint's format, "required" and a named
+function are forced by a grammar, "none" leaves the answer as text. A sample that called tools ends
+with finish_reason "tool_calls". `response_format` / `structured_outputs` hold the answer to a grammar
+that starts after the think block (engine/guided.py).
 """
 
 from __future__ import annotations
@@ -29,11 +35,14 @@ from typing import Any, AsyncIterator
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
+from qiusuo.engine import StructuredOutputsParams
 from qiusuo.engine.reasoning import REASONING, REASONING_EFFORT_BUDGETS, ReasoningSplitter, answer_reserve, split_final
 
+from . import tools as tool_calls
 from .protocol import ChatCompletionRequest, OpenAIError
-from .serving import (EngineRequest, ServerState, chat_logprobs, check_text_fits, new_id, resolve_max_tokens,
-                      sampling_params, sse, start_all, unless_disconnected, usage)
+from .serving import (EngineRequest, ServerState, chat_logprobs, check_text_fits, is_reasoning_model, new_id,
+                      resolve_max_tokens, sampling_params, sse, start_all, structured_outputs, unless_disconnected,
+                      usage)
 from .streaming import AbortingStreamingResponse
 
 _RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tokenize", "chat_template"}
@@ -45,13 +54,18 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         if m.role == "assistant" and message["content"] is None:
             message["content"] = ""
-        if m.name is not None:
-            message["name"] = m.name
+        for key in ("name", "tool_call_id"):
+            if getattr(m, key) is not None:
+                message[key] = getattr(m, key)
         reasoning = m.reasoning_content if m.reasoning_content is not None else m.reasoning
         if reasoning is not None:
             message["reasoning_content"] = reasoning
+        if m.tool_calls:
+            message["tool_calls"] = tool_calls.template_tool_calls([c.model_dump() for c in m.tool_calls])
         messages.append(message)
     kwargs = dict(req.chat_template_kwargs or {})
+    if req.tools:
+        kwargs.setdefault("tools", req.tools)
     clash = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
     if clash:
         raise OpenAIError(400, f"chat_template_kwargs may not set {clash}", param="chat_template_kwargs")
@@ -92,11 +106,20 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, prompt_ids:
     requested = req.max_completion_tokens if use_completion_tokens else req.max_tokens
     max_tokens = resolve_max_tokens(state, requested, len(prompt_ids), n=req.n, top_logprobs=k,
                                     param="max_completion_tokens" if use_completion_tokens else "max_tokens")
-    params = sampling_params(req, max_tokens, k)
+    parser, structured = _constraints(state, req)
+    params = sampling_params(req, max_tokens, k, structured,
+                             skip_special_tokens=False if parser == "deepseek_v3" else None)  # its markers are special
+    name = state.config.served_model_name
+    if structured is not None and structured.kind != "structures":
+        state.metrics.structured_requests.labels(name, structured.kind).inc()
+    if req.tools:
+        choice = req.tool_choice if isinstance(req.tool_choice, str) else ("named" if req.tool_choice else "auto")
+        state.metrics.tool_requests.labels(name, choice).inc()
     budget = thinking_budget(state, req.thinking_budget, req.reasoning_effort)
     state.admit(req.n)
     er = EngineRequest(state, new_id("chatcmpl"), prompt_ids, params, budget, arrival,
                        answer_reserve(max_tokens, state.config.answer_reserve_tokens))
+    er.tool_parser = parser
     await start_all([er])
     state.metrics.api_requests.labels(state.config.served_model_name, api).inc()
     return ChatRun(er, int(time.time()), k)
@@ -130,6 +153,49 @@ def thinking_budget(state: ServerState, budget: int | None, effort: str | None) 
     return state.config.default_thinking_budget
 
 
+def _constraints(state: ServerState, req: ChatCompletionRequest) -> tuple[str | None, StructuredOutputsParams | None]:
+    """(the tool-call parser for this request, or None: no tool parsing; the answer's grammar, or None)."""
+    structured = structured_outputs(state, req)
+    choice = req.tool_choice
+    if not req.tools:
+        if choice not in (None, "none"):
+            raise OpenAIError(400, "tool_choice needs tools; give tools or leave tool_choice unset.", param="tool_choice")
+        return None, structured
+    try:
+        functions = [tool_calls.function_of(t) for t in req.tools]
+    except ValueError as e:
+        raise OpenAIError(400, str(e), param="tools") from None
+    if choice == "none":
+        return None, structured
+    parser = state.config.tool_call_parser or tool_calls.detect_parser(state.tokenizer.chat_template)
+    if parser is None:
+        raise OpenAIError(400, "This model's chat template has no tool-call format qiusuo knows (hermes, deepseek_v3, "
+                          "llama3_json); start the server with --tool-call-parser to name one.", param="tools")
+    if choice in (None, "auto"):
+        return parser, structured
+    if choice == "required":
+        chosen = functions
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        chosen = [f for f in functions if f["name"] == choice["function"].get("name")]
+        if not chosen:
+            raise OpenAIError(400, f"tool_choice names {choice['function'].get('name')!r}, which is not in tools.",
+                              param="tool_choice")
+    else:
+        raise OpenAIError(400, "tool_choice must be 'none', 'auto', 'required' or "
+                          "{'type': 'function', 'function': {'name': ...}}.", param="tool_choice")
+    if structured is not None:
+        raise OpenAIError(400, "tool_choice 'required' or a named function already fixes the output; drop "
+                          "response_format / structured_outputs.", param="tool_choice")
+    parallel = choice == "required" and req.parallel_tool_calls and parser == "hermes"
+    try:
+        forced = StructuredOutputsParams(structures=[tool_calls.structure(parser, f) for f in chosen],
+                                         max_structures=4 if parallel else 1,
+                                         allow_think_block=is_reasoning_model(state.tokenizer))
+    except ValueError as e:
+        raise OpenAIError(400, str(e), param="tools") from None
+    return parser, forced
+
+
 async def _last_output(er: EngineRequest):
     async for _ in er.outputs():
         pass
@@ -146,12 +212,19 @@ def chat_response(state: ServerState, run: ChatRun, final) -> dict[str, Any]:
         reasoning_tokens += n_reasoning
         cut = er.reasoning_cut(o)
         any_cut |= cut
+        calls, finish = [], o.finish_reason
+        if er.tool_parser is not None:
+            content, calls = tool_calls.parse_final(er.tool_parser, content or "")
+            content = content or None
+            if calls:
+                state.metrics.tool_calls.labels(state.config.served_model_name).inc(len(calls))
+                finish = "tool_calls" if finish == "stop" else finish
         choices.append({
             "index": o.index,
             "message": {"role": "assistant", "content": content, "reasoning_content": reasoning,
-                        "reasoning": reasoning, "tool_calls": []},
+                        "reasoning": reasoning, "tool_calls": calls},
             "logprobs": {"content": chat_logprobs(tok, o, 0, len(o.token_ids), k)} if k is not None else None,
-            "finish_reason": o.finish_reason, "stop_reason": o.stop_reason, "reasoning_truncated": cut,
+            "finish_reason": finish, "stop_reason": o.stop_reason, "reasoning_truncated": cut,
         })
     return {
         "id": er.request_id, "object": "chat.completion", "created": created,
@@ -170,6 +243,9 @@ async def chat_stream(state: ServerState, run: ChatRun, include_usage: bool) -> 
     logprobs_sent = [0] * n
     finish_sent = [False] * n
     cuts = [False] * n
+    # Tool calls: the answer so far, per sample, re-parsed on each delta (tools.ToolCallStream).
+    calls = [tool_calls.ToolCallStream(er.tool_parser) for _ in range(n)] if er.tool_parser else None
+    answers = [""] * n
 
     # The envelope is the same for every chunk: render it once, JSON-encode only what changes
     # (a measurable share of the event loop's time per token at 32 streams).
@@ -199,13 +275,22 @@ async def chat_stream(state: ServerState, run: ChatRun, include_usage: bool) -> 
                     logprobs_sent[i] = len(o.token_ids)
                     if not segments:  # tokens with no visible text yet (held back, or a stop token)
                         segments = [(REASONING if splitters[i].in_reasoning else "content", "")]
+                if calls is not None:
+                    segments = _tool_segments(calls[i], answers, i, segments, o.finish_reason is not None)
                 for j, (kind, text) in enumerate(segments):
-                    delta = {"reasoning_content": text, "reasoning": text} if kind == REASONING else {"content": text}
+                    if kind == "tool_calls":
+                        delta = {"tool_calls": text}
+                    else:
+                        delta = {"reasoning_content": text, "reasoning": text} if kind == REASONING else {"content": text}
                     yield chunk(i, delta, logprobs=lps if j == len(segments) - 1 else None)
                 if o.finish_reason is not None:
                     finish_sent[i] = True
                     cuts[i] = er.reasoning_cut(o)
-                    yield chunk(i, {}, finish=o.finish_reason, cut=cuts[i])
+                    finish = o.finish_reason
+                    if calls is not None and calls[i].calls:
+                        state.metrics.tool_calls.labels(state.config.served_model_name).inc(len(calls[i].calls))
+                        finish = "tool_calls" if finish == "stop" else finish
+                    yield chunk(i, {}, finish=finish, cut=cuts[i])
     except OpenAIError as e:
         yield sse(e.body())
         yield sse("[DONE]")
@@ -218,3 +303,21 @@ async def chat_stream(state: ServerState, run: ChatRun, include_usage: bool) -> 
                                sum(s.num_reasoning_tokens for s in splitters), f.num_cached_tokens, any(cuts))}
         yield sse(body)
     yield sse("[DONE]")
+
+
+def _tool_segments(stream: tool_calls.ToolCallStream, answers: list[str], i: int, segments: list[tuple[str, Any]],
+                   final: bool) -> list[tuple[str, Any]]:
+    """Reasoning passes through; answer text goes through the tool-call parser, which returns the content
+    that can no longer be part of a call and the tool-call deltas (OpenAI's `delta.tool_calls`)."""
+    out: list[tuple[str, Any]] = []
+    for kind, text in segments:
+        if kind == REASONING:
+            out.append((kind, text))
+        else:
+            answers[i] += text
+    content, deltas = stream.feed(answers[i], final)
+    if content or (not out and not deltas and segments):
+        out.append(("content", content))
+    for d in deltas:
+        out.append(("tool_calls", [d]))
+    return out

@@ -17,7 +17,8 @@ from qiusuo.engine.reasoning import count_reasoning
 
 from .protocol import CompletionRequest, OpenAIError
 from .serving import (EngineRequest, ServerState, check_prompt_ids, check_text_fits, completion_logprobs, merge,
-                      new_id, resolve_max_tokens, sampling_params, sse, start_all, unless_disconnected, usage)
+                      new_id, resolve_max_tokens, sampling_params, sse, start_all, structured_outputs,
+                      unless_disconnected, usage)
 from .streaming import AbortingStreamingResponse
 
 
@@ -50,9 +51,12 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     state.check_model(req.model)
     all_ids = prompts_ids(state, req.prompt, req.n)
     k = req.logprobs
+    structured = structured_outputs(state, req)
     params = [sampling_params(req, resolve_max_tokens(state, req.max_tokens, len(ids), n=req.n, top_logprobs=k,
-                                                      num_prompts=len(all_ids)), k) for ids in all_ids]
+                                                      num_prompts=len(all_ids)), k, structured) for ids in all_ids]
     state.admit(len(all_ids) * req.n, len(all_ids))
+    if structured is not None:
+        state.metrics.structured_requests.labels(state.config.served_model_name, structured.kind).inc()
     rid = new_id("cmpl")
     ers = [EngineRequest(state, f"{rid}-{i}", ids, p, None, arrival) for i, (ids, p) in enumerate(zip(all_ids, params))]
     await start_all(ers)

@@ -27,7 +27,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Literal
+
 from qiusuo.fields import check_choices, option
+
+ToolCallParser = Literal["hermes", "deepseek_v3", "llama3_json"]  # serve/tools.py's parsers
 
 BODY_FIXED_BYTES = 64 << 10  # the request's JSON besides the prompt: parameters, message framing
 BODY_BYTES_PER_TOKEN = 32  # a context token as JSON text (escaped non-ASCII: ~12) or an id (<= 8)
@@ -57,6 +61,8 @@ class ServerConfig:
     answer_reserve_tokens: int = option(256, "answer tokens kept when max_tokens would end a chat inside its "
                                              "think block: `</think>` is forced with min(this, max_tokens // 4) "
                                              "tokens left (0: never)")
+    tool_call_parser: ToolCallParser | None = option(None, "tool-call format of the model's answers (vLLM's "
+                                                           "names; default: from the chat template)")
 
     def __post_init__(self):
         check_choices(self)

@@ -53,6 +53,15 @@ class _EngineCollector:
         c = CounterMetricFamily(P + "num_preemptions", "Sequences preempted (recomputed later).", labels=labels)
         c.add_metric([self.model_name], snap.num_preemptions)
         yield c
+        for name, doc, key in (
+            ("grammar_time_seconds", "Time spent computing and applying grammar token masks "
+             "(divide by grammar_tokens for the time per token).", "grammar_seconds"),
+            ("grammar_tokens", "Tokens sampled under a grammar (structured outputs, forced tool calls).",
+             "grammar_tokens"),
+        ):
+            c = CounterMetricFamily(P + name, doc, labels=labels)
+            c.add_metric([self.model_name], snap.extra.get(key, 0))
+            yield c
         c = CounterMetricFamily(P + "engine_restarts", "Engine processes respawned after dying.", labels=labels)
         c.add_metric([self.model_name], engine.num_restarts if engine is not None else 0)
         yield c
@@ -77,11 +86,17 @@ class ServerMetrics:
                                         registry=r)
         self.request_success = Counter(P + "request_success", "Requests finished, by finish reason.",
                                        lab + ["finished_reason"], registry=r)
+        self.structured_requests = Counter(P + "structured_output_requests",
+                                           "Requests with an output constraint, by kind (json, json_object, "
+                                           "regex, choice, grammar).", lab + ["kind"], registry=r)
+        self.tool_requests = Counter(P + "tool_call_requests", "Chat requests with tools, by tool_choice "
+                                     "(auto, none, required, named).", lab + ["tool_choice"], registry=r)
+        self.tool_calls = Counter(P + "tool_calls", "Tool calls returned to clients.", lab, registry=r)
         self.rejected = Counter(P + "request_rejected", "Requests refused with 429 (queue full).", lab, registry=r)
         self.api_requests = Counter(P + "api_requests", "Generation requests accepted for the engine, by API surface "
                                     "(openai_chat, openai_completions, ollama, anthropic).", lab + ["api"], registry=r)
         for m in (self.ttft, self.tpot, self.e2e, self.prompt_tokens, self.generation_tokens, self.reasoning_tokens,
-                  self.rejected):
+                  self.rejected, self.tool_calls):
             m.labels(model_name)  # exported as 0 from the start, so rate() has a baseline
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(model_name, reason)

@@ -7,9 +7,11 @@ and 128 stop token ids (OpenAI allows 4 stop strings; 500k of them in a 4 MiB bo
 12.3 s of engine time). Unknown fields are ignored, as vLLM does, so newer clients keep
 working; fields we accept but cannot honour (penalties, tools, suffix, echo) are refused with a
 400 that names them rather than silently ignored. vLLM's extra sampling fields (top_k,
-ignore_eos, stop_token_ids, ...) are accepted too, plus `thinking_budget`. An assistant message's
-earlier reasoning may come as `reasoning_content` (DeepSeek, SGLang) or `reasoning` (vLLM, Ollama's
-/v1): both are accepted, since clients echo back whichever name they were given.
+ignore_eos, stop_token_ids, ...) are accepted too, plus `thinking_budget`, and vLLM's
+`structured_outputs` ({json | regex | choice | grammar | json_object, disable_any_whitespace}) with the
+older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` spellings. An assistant
+message's earlier reasoning may come as `reasoning_content` (DeepSeek, SGLang) or `reasoning` (vLLM,
+Ollama's /v1): both are accepted, since clients echo back whichever name they were given.
 """
 
 from __future__ import annotations
@@ -55,6 +57,17 @@ class TextPart(_Request):
     text: str
 
 
+class ToolCallFunction(_Request):
+    name: str
+    arguments: str | dict[str, Any] = ""
+
+
+class ToolCall(_Request):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Request):
     # "developer" is OpenAI's newer name for "system"; "tool" is refused by templates that lack it.
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -62,6 +75,8 @@ class ChatMessage(_Request):
     name: str | None = None
     reasoning_content: str | None = None  # earlier turns' reasoning, under either name (vLLM #38488)
     reasoning: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool result: which call it answers
 
     def text(self) -> str | None:
         if isinstance(self.content, list):
@@ -90,6 +105,11 @@ class _SamplingFields(_Request):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's; engine.StructuredOutputsParams fields
+    guided_json: str | dict[str, Any] | None = None  # vLLM's older names for structured_outputs
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -126,19 +146,10 @@ class ChatCompletionRequest(_SamplingFields):
     # OpenAI's; mapped to a thinking budget (REASONING_EFFORT_BUDGETS); thinking_budget wins when both are set
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Any] | None = Field(None, max_length=128)
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
-
-    def unsupported(self) -> list[str]:
-        bad = super().unsupported()
-        if self.tools:
-            bad.append("tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            bad.append("tool_choice")
-        if self.response_format and self.response_format.get("type") != "text":
-            bad.append("response_format")
-        return bad
 
 
 class CompletionRequest(_SamplingFields):

@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.requests import Request
 
-from qiusuo.engine import CompletionOutput, RequestOutput, SamplingParams
+from qiusuo.engine import CompletionOutput, RequestOutput, SamplingParams, StructuredOutputsParams
 from qiusuo.engine.reasoning import ThinkingBudget, ThinkState, count_reasoning, prompt_opens_think, thinking_limit
 
 from qiusuo.tokenizer import bytes_to_unicode
@@ -154,7 +154,60 @@ def resolve_max_tokens(state: ServerState, requested: int | None, num_prompt_tok
     return max_tokens
 
 
-def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+_STRUCTURED_FIELDS = {"json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace"}
+_GUIDED_ALIASES = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def structured_outputs(state: ServerState, req: _SamplingFields) -> StructuredOutputsParams | None:
+    """The request's output constraint, from OpenAI's `response_format` or vLLM's `structured_outputs`
+    (or its older `guided_*` fields): at most one of them. For a reasoning model the grammar starts
+    after the think block, which the model may open itself (`allow_think_block`)."""
+    specs: list[tuple[str, dict[str, Any]]] = []
+    rf = getattr(req, "response_format", None)
+    if rf is not None:
+        kind = rf.get("type")
+        if kind == "json_object":
+            specs.append(("response_format", {"json_object": True}))
+        elif kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+                raise OpenAIError(400, "response_format json_schema needs json_schema.schema, a JSON schema object.",
+                                  param="response_format")
+            # strict or not, the schema is enforced: the grammar makes "best effort" and "guaranteed" the same
+            specs.append(("response_format", {"json": js["schema"]}))
+        elif kind != "text":
+            raise OpenAIError(400, f"response_format type {kind!r}: use 'text', 'json_object' or 'json_schema'.",
+                              param="response_format")
+    if req.structured_outputs is not None:
+        unknown = sorted(set(req.structured_outputs) - _STRUCTURED_FIELDS)
+        if unknown:
+            raise OpenAIError(400, f"structured_outputs fields {unknown} are not supported; use "
+                              f"{sorted(_STRUCTURED_FIELDS)}.", param="structured_outputs", code="unsupported_parameter")
+        specs.append(("structured_outputs", dict(req.structured_outputs)))
+    for alias, key in _GUIDED_ALIASES.items():
+        if getattr(req, alias) is not None:
+            specs.append((alias, {key: getattr(req, alias)}))
+    if len(specs) > 1:
+        raise OpenAIError(400, f"{', '.join(n for n, _ in specs)}: give one output constraint, not several.",
+                          param=specs[1][0])
+    if not specs:
+        return None
+    param, fields = specs[0]
+    try:
+        return StructuredOutputsParams(**fields, allow_think_block=is_reasoning_model(state.tokenizer))
+    except ValueError as e:
+        raise OpenAIError(400, str(e), param=param) from None
+
+
+def is_reasoning_model(tokenizer: Any) -> bool:
+    """The checkpoint has think tags and its chat template knows them (it writes or strips think blocks)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return getattr(tokenizer, "think_end_id", None) is not None and "think>" in template
+
+
+def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None,
+                    structured: StructuredOutputsParams | None = None,
+                    skip_special_tokens: bool | None = None) -> SamplingParams:
     unsupported = req.unsupported()
     if unsupported:
         raise OpenAIError(400, f"{', '.join(unsupported)} is not supported by this server; leave it unset.",
@@ -165,7 +218,8 @@ def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None)
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, max_tokens=max_tokens,
             stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             include_stop_str_in_output=req.include_stop_str_in_output, seed=req.seed, logprobs=logprobs,
-            skip_special_tokens=req.skip_special_tokens,
+            skip_special_tokens=req.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
+            structured_outputs=structured,
         )
     except ValueError as e:
         raise OpenAIError(400, str(e)) from None
@@ -218,6 +272,7 @@ class EngineRequest:
         self.limit: ThinkingBudget | None = thinking_limit(state.tokenizer, thinking_budget, params.max_tokens,
                                                            answer_reserve, self.opened_by_prompt)
         self.final: RequestOutput | None = None
+        self.tool_parser: str | None = None  # chat with tools: the format its answer is parsed in (serve/tools.py)
         self._stream = None
         self._submitted = self._accepted = False
         self._phase = "waiting"  # -> running -> done
