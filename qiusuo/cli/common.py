@@ -35,6 +35,21 @@ def compile_setting(args: argparse.Namespace) -> bool | str:
     return setting
 
 
+# ---- MTP speculative decoding (EngineConfig.speculative_config; issue 15 part 3) ----
+def add_speculative_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative-mtp", type=int, default=None, metavar="K",
+                   help="MTP self-speculative decoding: the model's MTP layer drafts K tokens per step, the "
+                        "model verifies them in one forward (same tokens when greedy, same distribution when "
+                        "sampling) (qiusuo/engine/spec_decode.py)")
+
+
+def speculative_setting(args: argparse.Namespace) -> dict | None:
+    """EngineConfig.speculative_config from --speculative-mtp K (vLLM's dict)."""
+    k = getattr(args, "speculative_mtp", None)
+    return None if k is None else {"method": "mtp", "num_speculative_tokens": k}
+# ---- end of MTP speculative decoding flags ----
+
+
 def apply_threads(threads: int | None) -> int:
     from qiusuo.runtime import set_threads
 

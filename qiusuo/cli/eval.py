@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_compile_flag, add_runtime_flags, apply_threads, compile_setting
+from .common import (add_compile_flag, add_runtime_flags, add_speculative_flag, apply_threads, compile_setting,
+                     speculative_setting)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "activations too, faster on x86, less exact), int4 in groups of 32")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     add_compile_flag(p)
+    add_speculative_flag(p)
     p.add_argument("--out", default=None, help="directory for report.json, samples.jsonl and accuracy.png")
     add_runtime_flags(p)
     p.set_defaults(func=run)
@@ -40,7 +42,7 @@ def run(args) -> int:
     difficulty = args.difficulty[0] if args.difficulty and len(args.difficulty) == 1 else args.difficulty
     problems = task.generate(args.n, seed=args.seed, split=args.split, difficulty=difficulty)
     llm = LLM(str(resolve_model(args.model)), device=args.device, dtype=args.dtype, quantization=args.quantize,
-              compile=compile_setting(args))
+              compile=compile_setting(args), speculative_config=speculative_setting(args))
     try:
         result = evaluate(llm, task, problems, samples=args.samples, temperature=args.temperature,
                           top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)

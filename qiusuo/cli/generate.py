@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_compile_flag, compile_setting
+from .common import add_compile_flag, add_speculative_flag, compile_setting, speculative_setting
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -22,6 +22,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="low-bit weights (qiusuo/model/quantize.py): int8 per channel, int8-dynamic (8-bit "
                         "activations too, faster on x86, less exact), int4 in groups of 32")
     add_compile_flag(p)
+    add_speculative_flag(p)
 
 
 def register(subparsers) -> None:
@@ -43,7 +44,8 @@ def _load(args):
     from qiusuo.registry import resolve_model
 
     llm = LLM(str(resolve_model(args.model)), device=args.device, dtype=args.dtype, quantization=args.quantize,
-              num_threads=args.threads, compile=compile_setting(args))
+              num_threads=args.threads, compile=compile_setting(args),
+              speculative_config=speculative_setting(args))
     params = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   max_tokens=args.max_tokens, seed=args.seed)
     return llm, SamplingParams, params

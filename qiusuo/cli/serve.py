@@ -20,7 +20,7 @@ import functools
 import os
 import sys
 
-from .common import add_compile_flag, check_port_free, compile_setting
+from .common import add_compile_flag, add_speculative_flag, check_port_free, compile_setting, speculative_setting
 
 API_KEY_ENV = "QIUSUO_API_KEY"
 
@@ -82,6 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="low-bit weights (qiusuo/model/quantize.py): int8 per channel, int8-dynamic (8-bit "
                         "activations too, faster on x86, less exact), int4 in groups of 32")
     add_compile_flag(p)
+    add_speculative_flag(p)
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences per engine step")
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV-cache budget in bytes")
@@ -101,7 +102,8 @@ def run(args) -> int:
     engine_kwargs = {k: v for k, v in dict(num_threads=args.threads, max_model_len=args.max_model_len,
                                            max_num_seqs=args.max_num_seqs,
                                            kv_cache_bytes=args.kv_cache_bytes,
-                                           compile=compile_setting(args) or None).items() if v is not None}
+                                           compile=compile_setting(args) or None,
+                                           speculative_config=speculative_setting(args)).items() if v is not None}
     path = resolve_model(args.model)  # fail fast (exit 2) on an unknown name, before binding the port
     check_port_free(args.host, args.port)  # a busy port: one line and exit 2, not a traceback after loading
     # a partial of a module-level function pickles: the engine process calls it to build its engine

@@ -1,8 +1,44 @@
-"""`EngineConfig`: the engine's knobs (KV budget, block size, batching limits), validated."""
+"""`EngineConfig`: the engine's knobs (KV budget, block size, batching limits), validated; and
+`SpeculativeConfig`, its speculative-decoding part (vLLM's `speculative_config`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+SPECULATIVE_METHODS = ("mtp",)
+
+
+@dataclass
+class SpeculativeConfig:
+    """MTP self-speculative decoding (spec_decode.py): the model's own MTP layer drafts
+    `num_speculative_tokens` tokens per step and the main model verifies them in one forward."""
+
+    method: str = "mtp"  # the draft source; "mtp" (vLLM also names it "deepseek_mtp")
+    num_speculative_tokens: int = 1  # draft tokens per step (k); DeepSeek-V3 reports k = 1
+
+    def __post_init__(self):
+        if self.method == "deepseek_mtp":
+            self.method = "mtp"
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config method={self.method!r}: only 'mtp' (the model's own MTP "
+                             "layer as the draft) is implemented")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
+            raise ValueError(f"speculative_config num_speculative_tokens={k!r}: must be an integer in [1, 16]")
+
+    @classmethod
+    def from_value(cls, value: "SpeculativeConfig | dict[str, Any] | None") -> "SpeculativeConfig | None":
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict like {{'method': 'mtp', "
+                             f"'num_speculative_tokens': 2}} or None, got {type(value).__name__}")
+        unknown = set(value) - {"method", "num_speculative_tokens"}
+        if unknown:
+            raise ValueError(f"speculative_config: unknown keys {sorted(unknown)}; "
+                             "use 'method' and 'num_speculative_tokens'")
+        return cls(**value)
 
 
 @dataclass
@@ -20,6 +56,8 @@ class EngineConfig:
     # starts hit inductor's on-disk cache), weights frozen into the graph (not for live modules).
     # True or "default", or "max-autotune" (also tunes the matmul kernels: slower start, faster batches).
     compile: bool | str = False
+    # MTP self-speculative decoding, vLLM's name and shape: {"method": "mtp", "num_speculative_tokens": k}.
+    speculative_config: SpeculativeConfig | dict | None = None
 
     def __post_init__(self):
         if self.block_size < 1:
@@ -34,5 +72,9 @@ class EngineConfig:
             raise ValueError(f"compile={self.compile!r}: use False, True (= 'default') or 'max-autotune'")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads}: must be >= 1 (or None to leave torch's setting)")
+        self.speculative_config = SpeculativeConfig.from_value(self.speculative_config)
+        if self.speculative_config is not None and self.compile:
+            raise ValueError("compile and speculative_config do not combine yet: the compiled graph runs one "
+                             "token per row, the verify step k + 1; use one or the other")
 
     DEFAULT_MAX_KV_BYTES = 1 << 30
