@@ -103,6 +103,11 @@ def add_engine_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
     from qiusuo.engine.config import EngineConfig  # light: the engine package imports torch lazily
 
     add_config_flags(parser, EngineConfig, skip=ENGINE_SKIP + skip)
+    # speculative_config is a dict (vLLM's shape); its one method so far is a count on the command line
+    parser.add_argument("--speculative-mtp", type=int, default=None, metavar="K",
+                        help="MTP self-speculative decoding: the model's MTP layer drafts K tokens per step, the "
+                             "model verifies them in one forward (same tokens when greedy, same distribution when "
+                             "sampling) (qiusuo/engine/spec_decode.py)")
 
 
 def engine_options(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -114,6 +119,9 @@ def engine_options(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict
     from qiusuo.runtime import default_threads
 
     options = config_kwargs(EngineConfig, args, skip=ENGINE_SKIP + skip)
+    k = getattr(args, "speculative_mtp", None)
+    if k is not None:
+        options["speculative_config"] = {"method": "mtp", "num_speculative_tokens": k}
     if "num_threads" in options and options["num_threads"] is None:
         options["num_threads"] = default_threads()
     EngineConfig(**options)  # the one check, before a model loads or a port is bound

@@ -17,6 +17,9 @@ is prefilled in the same forward, where the model writes all new states before i
 sibling reading a block its first sample writes in the same forward sees the written states);
 generated blocks once they are full and computed (`register_computed`). The prompt's last token
 is never served from the cache: its logits are needed to sample the first output token.
+
+Speculative decoding: a decoding sequence holds blocks for its k draft tokens too (`lookahead`);
+after verification the blocks past its accepted tokens are given back (`trim`).
 """
 
 from __future__ import annotations
@@ -115,6 +118,9 @@ class BlockManager:
                 block_id = self._take_free()
             seq.block_table.append(block_id)
         seq.num_cached_tokens = seq.num_computed_tokens = num_hit * self.block_size
+        # The MTP layer's state of position j pairs token j with the hidden state of j - 1, so position
+        # 0 has none; cached blocks hold it for every position they cover (spec_decode.py).
+        seq.num_mtp_computed = max(1, seq.num_computed_tokens)
 
     def deallocate(self, seq: Sequence) -> None:
         # Tail blocks are freed first so that they are reused before the shared prefix blocks.
@@ -129,17 +135,31 @@ class BlockManager:
         seq.num_computed_tokens = 0
 
     # ------------------------------------------------------------------ decode
-    def can_append(self, seq: Sequence) -> bool:
-        """Room for the token at position num_tokens - 1 (sampled, not yet in the cache)?"""
-        return seq.num_tokens <= len(seq.block_table) * self.block_size or len(self.free) > 0
+    def can_append(self, seq: Sequence, lookahead: int = 0) -> bool:
+        """Room for the token at position num_tokens - 1 (sampled, not yet in the cache), and for
+        `lookahead` draft tokens after it?"""
+        return self.blocks_needed(seq.num_tokens + lookahead) - len(seq.block_table) <= len(self.free)
 
-    def may_append(self, seq: Sequence) -> None:
-        if seq.num_tokens > len(seq.block_table) * self.block_size:
+    def may_append(self, seq: Sequence, lookahead: int = 0) -> None:
+        while seq.num_tokens + lookahead > len(seq.block_table) * self.block_size:
             seq.block_table.append(self._take_free())
 
-    def register_computed(self, seq: Sequence) -> None:
-        """Register the blocks of `seq` that became full and computed (generated text is shareable too)."""
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past the sequence's tokens (those of rejected draft tokens). They were
+        never registered (only computed blocks are), so they go straight back to the free list."""
+        keep = self.blocks_needed(seq.num_tokens)
+        while len(seq.block_table) > keep:
+            block_id = seq.block_table.pop()
+            block = self.blocks[block_id]
+            assert block.ref_count == 1 and block.key is None, f"block {block_id} is shared or registered"
+            block.ref_count = 0
+            self.free[block_id] = None
+
+    def register_computed(self, seq: Sequence, num_computed: int | None = None) -> None:
+        """Register the blocks of `seq` that became full and computed (generated text is shareable too).
+        num_computed: tokens whose whole cached state is written (default: num_computed_tokens)."""
         if not self.enable_prefix_caching:
             return
-        for i in range(len(seq.block_cids), seq.num_computed_tokens // self.block_size):
+        num_computed = seq.num_computed_tokens if num_computed is None else num_computed
+        for i in range(len(seq.block_cids), num_computed // self.block_size):
             seq.block_cids.append(self._register(seq.block_table[i], self._key(seq, i)))

@@ -1,4 +1,5 @@
-"""`EngineConfig`: the engine's knobs (how `LLM` loads a checkpoint, KV budget, batching limits), validated.
+"""`EngineConfig`: the engine's knobs (how `LLM` loads a checkpoint, KV budget, batching limits), validated;
+and `SpeculativeConfig`, its speculative-decoding part (vLLM's `speculative_config`).
 
 The one list of engine options: `LLM(path, **options)` passes them here, and `qiusuo generate`,
 `chat`, `eval`, `serve` and `deploy` build their engine flags from these fields (qiusuo/cli/flags.py),
@@ -9,7 +10,7 @@ Light on purpose (no torch): the CLI's parser imports it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from qiusuo.fields import check_choices, option
 
@@ -17,6 +18,39 @@ DType = Literal["auto", "float32", "bfloat16"]
 # qiusuo.model.quantize.MODES and INT4_GROUP_SIZES (tests/test_cli_flags.py checks they agree)
 Quantization = Literal["int8", "int8-dynamic", "int4"]
 Int4GroupSize = Literal[32, 64, 128]
+SPECULATIVE_METHODS = ("mtp",)
+
+
+@dataclass
+class SpeculativeConfig:
+    """MTP self-speculative decoding (spec_decode.py): the model's own MTP layer drafts
+    `num_speculative_tokens` tokens per step and the main model verifies them in one forward."""
+
+    method: str = "mtp"  # the draft source; "mtp" (vLLM also names it "deepseek_mtp")
+    num_speculative_tokens: int = 1  # draft tokens per step (k); DeepSeek-V3 reports k = 1
+
+    def __post_init__(self):
+        if self.method == "deepseek_mtp":
+            self.method = "mtp"
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config method={self.method!r}: only 'mtp' (the model's own MTP "
+                             "layer as the draft) is implemented")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
+            raise ValueError(f"speculative_config num_speculative_tokens={k!r}: must be an integer in [1, 16]")
+
+    @classmethod
+    def from_value(cls, value: "SpeculativeConfig | dict[str, Any] | None") -> "SpeculativeConfig | None":
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict like {{'method': 'mtp', "
+                             f"'num_speculative_tokens': 2}} or None, got {type(value).__name__}")
+        unknown = set(value) - {"method", "num_speculative_tokens"}
+        if unknown:
+            raise ValueError(f"speculative_config: unknown keys {sorted(unknown)}; "
+                             "use 'method' and 'num_speculative_tokens'")
+        return cls(**value)
 
 
 @dataclass
@@ -51,6 +85,9 @@ class EngineConfig:
     num_threads: int | None = option(None, "torch threads while the engine steps (default: all cores on a quiet "
                                            "machine, 1 of 2 when the load average says a neighbour is busy)",
                                      flag="--threads")
+    # MTP self-speculative decoding, vLLM's name and shape: {"method": "mtp", "num_speculative_tokens": k};
+    # on the command line --speculative-mtp K (cli/flags.py)
+    speculative_config: SpeculativeConfig | dict | None = option(None, "MTP self-speculative decoding")
 
     def __post_init__(self):
         check_choices(self)
@@ -69,5 +106,9 @@ class EngineConfig:
             raise ValueError(f"max_model_len={self.max_model_len}: must be >= 2 (a prompt token and an output token)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads}: must be >= 1 (or None to leave torch's setting)")
+        self.speculative_config = SpeculativeConfig.from_value(self.speculative_config)
+        if self.speculative_config is not None and self.compile:
+            raise ValueError("compile and speculative_config do not combine yet: the compiled graph runs one "
+                             "token per row, the verify step k + 1; use one or the other")
 
     DEFAULT_MAX_KV_BYTES = 1 << 30

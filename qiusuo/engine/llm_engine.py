@@ -29,6 +29,7 @@ from .sampling_params import SamplingParams
 from .reasoning import ThinkState
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceGroup, mix_seed
+from .spec_decode import SpecDecodingStats
 
 
 def warm_up_rows(max_num_seqs: int) -> int:
@@ -50,7 +51,22 @@ class LLMEngine:
             [tokenizer.eos_token_id] if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None else []
         )
         bs = config.block_size
+        spec = config.speculative_config
+        self.num_speculative_tokens = k = spec.num_speculative_tokens if spec is not None else 0
+        self.spec_decoding_stats = SpecDecodingStats(k) if k else None
         self.kv_cache_bytes_per_token = kv_cache_bytes_per_token(model, model.dtype)
+        if k:
+            if not len(getattr(model, "mtp", ())):
+                raise ValueError(
+                    "speculative_config method 'mtp' drafts with the model's MTP layer, and this model has "
+                    f"none (model_type={mcfg.model_type!r}, num_nextn_predict_layers="
+                    f"{getattr(mcfg, 'num_nextn_predict_layers', 0)}); use a DeepSeek-V3 checkpoint trained with "
+                    "MTP (qiusuo pretrain --preset tiny-moe) or drop speculative_config"
+                )
+            # The MTP layer's own states and the main model's final hidden state, per token.
+            size = torch.tensor([], dtype=model.dtype).element_size()
+            self.kv_cache_bytes_per_token += size * (mcfg.hidden_size + sum(
+                torch.Size(d).numel() for d in model.mtp[0].self_attn.cache_dims()))
         blocks_per_seq = -(-self.max_model_len // bs)
         budget = config.kv_cache_bytes
         if budget is None:
@@ -69,12 +85,12 @@ class LLMEngine:
         if max_batched < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens={max_batched} must be >= max_model_len={self.max_model_len}")
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched, k)
         decode_token = None
         if tokenizer is not None:
             decode_token = lambda i: tokenizer.decode([i])  # noqa: E731
         with torch.inference_mode():
-            self.runner = ModelRunner(model, num_blocks, bs, model.dtype, Sampler(decode_token), config.compile)
+            self.runner = ModelRunner(model, num_blocks, bs, model.dtype, Sampler(decode_token), config.compile, k)
         self._groups: dict[str, SequenceGroup] = {}
         self._grammar_backend = None  # guided.GrammarBackend, built on the first structured request
         self._seq_ids = itertools.count()
@@ -189,16 +205,19 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        with self.inference_context():
-            result = self.runner.run(sched.prefill, sched.decode)
         touched: dict[str, SequenceGroup] = {}
-        for i, seq in enumerate(sched.decode + sched.prefill):
-            seq.num_computed_tokens = seq.num_tokens  # every token but the new one is cached now
-            seq.append_token(result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
-            self.block_manager.register_computed(seq)
-            if seq.is_finished:
-                self.scheduler.finish(seq)
-            touched[seq.request_id] = None
+        if self.num_speculative_tokens:
+            self._step_spec(sched, touched)
+        else:
+            with self.inference_context():
+                result = self.runner.run(sched.prefill, sched.decode)
+            for i, seq in enumerate(sched.decode + sched.prefill):
+                seq.num_computed_tokens = seq.num_tokens  # every token but the new one is cached now
+                seq.append_token(result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
+                self.block_manager.register_computed(seq)
+                if seq.is_finished:
+                    self.scheduler.finish(seq)
+                touched[seq.request_id] = None
         outputs = []
         for rid in touched:
             group = self._groups[rid]
@@ -208,6 +227,30 @@ class LLMEngine:
             elif not finished_only:
                 outputs.append(group.output())
         return outputs
+
+    def _step_spec(self, sched, touched: dict) -> None:
+        """A speculative step: each row appends the tokens it gained until one of them stops it (a stop
+        token, a stop string or max_tokens inside the accepted drafts: the rest are dropped)."""
+        with self.inference_context():
+            rows = self.runner.run_spec(sched.prefill, sched.decode)
+        stats = self.spec_decoding_stats
+        for i, (seq, row) in enumerate(zip(sched.decode + sched.prefill, rows)):
+            if i < len(sched.decode):
+                stats.observe(row.num_draft, row.num_accepted)
+            for t, lp, top in zip(row.token_ids, row.logprobs, row.top_logprobs):
+                seq.append_token(t, lp, top)
+                if seq.is_finished:
+                    break
+            # The main KV is written for every token but the newest (accepted drafts included); the
+            # slots of rejected drafts are past it and their blocks go back (a finished sequence frees all).
+            seq.num_computed_tokens = seq.num_tokens - 1
+            if not seq.is_finished:
+                self.block_manager.trim(seq)
+            # A block is shared only once the MTP layer's states in it are verified too.
+            self.block_manager.register_computed(seq, min(seq.num_computed_tokens, seq.num_mtp_computed))
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+            touched[seq.request_id] = None
 
     @contextlib.contextmanager
     def inference_context(self):
@@ -244,4 +287,5 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "grammar_seconds": self.runner.sampler.grammar_stats.seconds,  # filling + applying token masks
             "grammar_tokens": self.runner.sampler.grammar_stats.tokens,  # guided rows sampled
+            **({"spec_decode": self.spec_decoding_stats.as_dict()} if self.spec_decoding_stats else {}),
         }

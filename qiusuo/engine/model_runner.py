@@ -11,6 +11,10 @@ step, and within one forward every layer writes before it reads (block_manager.p
 cache hits read only their own blocks, so they may run in any earlier forward. Prefill computes
 logits only at each row's last real position (`hidden_states` then `logits`).
 
+With speculative decoding (`spec_decode.py`) a decode row instead gets drafts from the MTP layer
+and one verify forward over its last token and drafts ((B, 1 + k), right-padded), and `run_spec`
+returns each row's accepted tokens; every main forward also caches its final hidden states.
+
 Dimension letters: B rows, T new tokens per row, D hidden, V vocabulary, nb blocks per row.
 """
 
@@ -25,6 +29,7 @@ from .compiled import CompiledDecode, decode_logits
 from .paged_cache import PagedKVCache
 from .sampler import Sampler, SamplerOutput
 from .sequence import Sequence
+from .spec_decode import MTPProposer, RejectionSampler, VerifiedRow
 
 
 SPLIT_OVERHEAD_TOKENS = 64  # a forward's fixed cost in padded tokens (~1.5 ms vs ~25 us per token, tiny-dense)
@@ -49,12 +54,15 @@ def length_groups(lens: list[int], overhead: int = SPLIT_OVERHEAD_TOKENS) -> lis
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, cache_dtype: torch.dtype,
-                 sampler: Sampler, compile: bool | str = False):
+                 sampler: Sampler, compile: bool | str = False, num_speculative_tokens: int = 0):
         self.model = model
         self.device = model.device
         self.block_size = block_size
-        self.cache = PagedKVCache(model, num_blocks, block_size, cache_dtype, self.device)
+        self.num_speculative_tokens = k = num_speculative_tokens
+        self.cache = PagedKVCache(model, num_blocks, block_size, cache_dtype, self.device, mtp=k > 0)
         self.sampler = sampler
+        self.proposer = MTPProposer(model, self.cache, block_size, k) if k else None
+        self.rejection_sampler = RejectionSampler(sampler) if k else None
         # The compiled decode graphs are traced on rows spanning >= 2 blocks (a size of 1 would be
         # specialised, LLMEngine._warm_up); shorter rows are padded with the null block, which the
         # mask hides, so that a 10-token chat does not recompile the graph.
@@ -73,6 +81,57 @@ class ModelRunner:
             logits.append(self._prefill_grouped(prefill))
         logits = logits[0] if len(logits) == 1 else torch.cat(logits)  # (B, V), decode rows first
         return self.sampler(logits, decode + prefill)
+
+    def run_spec(self, prefill: list[Sequence], decode: list[Sequence]) -> list[VerifiedRow]:
+        """The speculative step: per row (decode rows first) the tokens it gained."""
+        rows: list[VerifiedRow] = []
+        if decode:
+            ks = [s.num_lookahead_tokens(self.num_speculative_tokens) for s in decode]
+            drafting = [i for i, k in enumerate(ks) if k]
+            drafts: list[list[int]] = [[] for _ in decode]
+            qs = None
+            if drafting:
+                sub_drafts, sub_q = self.proposer.propose([decode[i] for i in drafting], [ks[i] for i in drafting])
+                for i, d in zip(drafting, sub_drafts):
+                    drafts[i] = d
+                if sub_q is not None:
+                    qs = torch.zeros(len(decode), *sub_q.shape[1:], device=self.device)
+                    qs[torch.tensor(drafting, device=self.device)] = sub_q
+            logits = self._verify(decode, drafts)  # (B, 1 + max k, V)
+            rows += self.rejection_sampler(logits, decode, drafts, qs)
+        if prefill:
+            out = self.sampler(self._prefill_grouped(prefill), prefill)
+            rows += [VerifiedRow([t], [lp], [top], 0)
+                     for t, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs)]
+        return rows
+
+    def _verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> torch.Tensor:
+        """The main model over each row's last token and its drafts in one forward -> logits (B, T, V)."""
+        B = len(seqs)
+        T = 1 + max(len(d) for d in drafts)
+        ids, pos, slots, valid = [], [], [], []
+        for b, (s, d) in enumerate(zip(seqs, drafts)):
+            n = 1 + len(d)
+            start = s.num_tokens - 1
+            ids += [s.token_ids[-1]] + d + [0] * (T - n)
+            pos += list(range(start, start + n)) + [0] * (T - n)
+            slots += [self._slot(s, p) for p in range(start, start + n)]
+            valid += range(b * T, b * T + n)
+        input_ids = torch.tensor(ids, device=self.device).view(B, T)
+        positions = torch.tensor(pos, device=self.device).view(B, T)
+        valid_t = torch.tensor(valid, device=self.device) if len(valid) < B * T else None
+        slots_t = torch.tensor(slots, device=self.device)
+        self.cache.prepare(self._block_tables(seqs), positions, slots_t, valid_t)
+        h = self.model.hidden_states(input_ids, positions, cache=self.cache)  # (B, T, D)
+        self._write_hidden(h, slots_t, valid_t)
+        return self.model.logits(h)  # (B, T, V)
+
+    def _write_hidden(self, h: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Cache the final hidden states of the real new tokens (the MTP layer's input)."""
+        if self.cache.hidden is None:
+            return
+        h = h.reshape(-1, h.shape[-1])  # (B*T, D)
+        self.cache.write_hidden(slots, h if valid is None else h.index_select(0, valid))
 
     def _block_tables(self, seqs: list[Sequence], min_blocks: int = 1) -> torch.Tensor:
         nb = max(min_blocks, max(len(s.block_table) for s in seqs))
@@ -126,8 +185,10 @@ class ModelRunner:
         positions = torch.tensor(pos, device=self.device).view(B, T)
         padded = len(valid) < B * T
         valid_t = torch.tensor(valid, device=self.device) if padded else None
-        self.cache.prepare(self._block_tables(seqs), positions, torch.tensor(slots, device=self.device), valid_t)
+        slots_t = torch.tensor(slots, device=self.device)
+        self.cache.prepare(self._block_tables(seqs), positions, slots_t, valid_t)
         h = self.model.hidden_states(input_ids, positions, cache=self.cache)  # (B, T, D)
+        self._write_hidden(h, slots_t, valid_t)
         last = torch.tensor(lens, device=self.device) - 1
         h_last = h[torch.arange(B, device=self.device), last]  # (B, D)
         return self.model.logits(h_last)  # (B, V)

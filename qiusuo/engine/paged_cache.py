@@ -11,6 +11,10 @@ the new tokens and their slots; the model then calls `attn_mask` once and `updat
 blocks, so key j of row b is the state at position j of that sequence. The gathered states live
 in scratch buffers shared by every layer, valid until the next `update` (the cache protocol).
 
+With MTP speculative decoding (`mtp=True`) the pools also hold the first MTP layer's states (at
+its layer index, num_hidden_layers) and a `hidden` pool: the main model's final hidden state of
+each token, which the MTP layer reads to continue from any cached prefix (spec_decode.py).
+
 Dimension letters: B rows, T new tokens per row (right-padded), S = nb * block_size visible
 positions, nb blocks per row (the longest block table in the batch), N real new tokens.
 """
@@ -21,30 +25,34 @@ import torch
 from torch import nn
 
 
-def cache_dims(model: nn.Module) -> list[tuple[tuple[int, ...], ...]]:
-    """Per layer, the per-token shapes of the states its attention caches."""
-    return [layer.self_attn.cache_dims() for layer in model.model.layers]
+def cache_dims(model: nn.Module, mtp: bool = False) -> list[tuple[tuple[int, ...], ...]]:
+    """Per layer, the per-token shapes of the states its attention caches (then the first MTP layer's)."""
+    layers = list(model.model.layers) + ([model.mtp[0]] if mtp else [])
+    return [layer.self_attn.cache_dims() for layer in layers]
 
 
 class PagedKVCache:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, mtp: bool = False):
         self.block_size = block_size
         self.null_block = num_blocks
         self.pools: list[tuple[torch.Tensor, ...]] = []
-        for dims in cache_dims(model):
+        for dims in cache_dims(model, mtp):
             self.pools.append(tuple(torch.zeros((num_blocks + 1, block_size, *d), dtype=dtype, device=device)
                                     for d in dims))
+        D = model.config.hidden_size
+        self.hidden = torch.zeros((num_blocks + 1) * block_size, D, dtype=dtype, device=device) if mtp else None
         self._mask: torch.Tensor | None = None
         # One gather buffer per state index, shared by every layer: a layer's gathered states are
         # read by its attention before the next layer gathers. Reusing the memory keeps it hot in
         # cache and spares the page faults of fresh, ever larger allocations as contexts grow.
-        self._scratch: list[torch.Tensor | None] = [None] * max(len(d) for d in cache_dims(model))
+        self._scratch: list[torch.Tensor | None] = [None] * max(len(d) for d in cache_dims(model, mtp))
 
     def prepare(self, block_tables: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                valid: torch.Tensor | None) -> None:
+                valid: torch.Tensor | None, first_visible: int = 0) -> None:
         """block_tables (B, nb), positions (B, T) (padding: 0), slots (N,) of the real new tokens,
-        valid (N,) their indices in the flattened (B*T) batch, or None when nothing is padded."""
+        valid (N,) their indices in the flattened (B*T) batch, or None when nothing is padded.
+        first_visible: keys before it are hidden (the MTP layer has no state at position 0)."""
         B, nb = block_tables.shape
         S = nb * self.block_size
         self._block_ids = block_tables.reshape(-1)  # (B*nb,)
@@ -55,6 +63,16 @@ class PagedKVCache:
         # query sits at position 0 and sees key 0 only (finite, discarded later).
         key_pos = torch.arange(S, device=positions.device)
         self._mask = (key_pos <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        if first_visible:
+            self._mask = self._mask & (key_pos >= first_visible)
+
+    def write_hidden(self, slots: torch.Tensor, h: torch.Tensor) -> None:
+        """Store the main model's final hidden states h (N, D) of the tokens at `slots` (N,)."""
+        self.hidden.index_copy_(0, slots, h.to(self.hidden.dtype))
+
+    def read_hidden(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots (...,) -> hidden states (..., D)."""
+        return self.hidden.index_select(0, slots.reshape(-1)).view(*slots.shape, -1)
 
     def attn_mask(self, positions: torch.Tensor) -> torch.Tensor:
         assert self._mask is not None and self._mask.shape[2] == positions.shape[1], "call prepare() first"

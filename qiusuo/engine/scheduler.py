@@ -7,6 +7,9 @@ and generated tokens are prefilled again, mostly from the prefix cache). Then wa
 are admitted, first come first served, while the token budget (`max_num_batched_tokens`), the
 sequence cap (`max_num_seqs`) and the free blocks allow. A step that preempted admits nothing, so
 that a preempted sequence does not immediately evict another one.
+
+With speculative decoding each decoding sequence also needs KV slots for its draft tokens
+(`num_lookahead_tokens`, vLLM's lookahead slots), and they count against the token budget.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 num_lookahead_tokens: int = 0):
         self.block_manager = block_manager
+        self.num_lookahead_tokens = num_lookahead_tokens
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -45,20 +50,23 @@ class Scheduler:
         out = SchedulerOutput()
         queue = deque(self.running)
         preempted = False
+        num_decode_tokens = 0
         while queue:
             seq = queue.popleft()
-            while not bm.can_append(seq):
+            lookahead = seq.num_lookahead_tokens(self.num_lookahead_tokens) if self.num_lookahead_tokens else 0
+            while not bm.can_append(seq, lookahead):
                 preempted = True
                 self._preempt(queue.pop() if queue else seq)
                 if seq.status is SequenceStatus.WAITING:
                     break
             if seq.status is SequenceStatus.RUNNING:
-                bm.may_append(seq)
+                bm.may_append(seq, lookahead)
                 out.decode.append(seq)
+                num_decode_tokens += 1 + lookahead
         self.running = list(out.decode)
         if preempted:
             return out
-        budget = self.max_num_batched_tokens - len(out.decode)
+        budget = self.max_num_batched_tokens - num_decode_tokens
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             # Upper bound (cache hits are known only after allocation); the first prefill of a

@@ -46,6 +46,7 @@ class Sequence:
         self.block_cids: list[int] = []  # content ids of the leading full blocks that are hashed
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last admission
+        self.num_mtp_computed = 0  # MTP speculative decoding: positions whose MTP-layer state is cached
         # stop conditions
         self._stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_token_ids)
         self._max_len = min(max_model_len, self.num_prompt_tokens + (params.max_tokens or max_model_len))
@@ -82,6 +83,11 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def num_lookahead_tokens(self, k: int) -> int:
+        """Draft tokens worth verifying this step: at most k, and never past max_tokens or the context
+        (a step emits up to drafts + 1 tokens; the last token it may emit needs no draft)."""
+        return max(0, min(k, self._max_len - self.num_tokens - 1))
 
     # ------------------------------------------------------------------ generation
     def append_token(self, token_id: int, logprob: float | None = None,

@@ -57,9 +57,13 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * D, D, bias=False)
         self.shared_head = SharedHead(config)
 
-    def forward(self, h, emb, cos, sin):
-        x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h)), dim=-1))
-        return self.shared_head.norm(super().forward(x, cos, sin))
+    def forward(self, h, emb, cos, sin, mask=None, cache=None):
+        """h: the previous depth's hidden states (B, T, D) (depth 1: the main model's final ones),
+        emb: embeddings of the tokens one ahead (B, T, D) -> normalised hidden states (B, T, D).
+        With a cache (speculative decoding, qiusuo/engine/spec_decode.py) it attends to the
+        cached positions as a main layer does."""
+        x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h)), dim=-1))  # (B, T, 2D) -> (B, T, D)
+        return self.shared_head.norm(super().forward(x, cos, sin, mask, cache))
 
 
 class Backbone(nn.Module):

@@ -62,6 +62,20 @@ class _EngineCollector:
             c = CounterMetricFamily(P + name, doc, labels=labels)
             c.add_metric([self.model_name], snap.extra.get(key, 0))
             yield c
+        spec = snap.extra.get("spec_decode")
+        if spec is not None:  # MTP speculative decoding is on: vLLM's spec_decode counters
+            for name, doc in (("num_drafts", "Speculative steps of a sequence with at least one draft token."),
+                              ("num_draft_tokens", "Draft tokens proposed."),
+                              ("num_accepted_tokens", "Draft tokens accepted by the target model.")):
+                c = CounterMetricFamily(P + "spec_decode_" + name, doc, labels=labels)
+                c.add_metric([self.model_name], spec[name])
+                yield c
+            c = CounterMetricFamily(P + "spec_decode_num_accepted_tokens_per_pos",
+                                    "Draft tokens accepted, by position in the draft (0 = first).",
+                                    labels=labels + ["position"])
+            for pos, n in enumerate(spec["num_accepted_tokens_per_pos"]):
+                c.add_metric([self.model_name, str(pos)], n)
+            yield c
         c = CounterMetricFamily(P + "engine_restarts", "Engine processes respawned after dying.", labels=labels)
         c.add_metric([self.model_name], engine.num_restarts if engine is not None else 0)
         yield c
