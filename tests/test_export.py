@@ -234,3 +234,15 @@ def test_llama_cpp_tokenizes_like_ours(tmp_path):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours, text
         assert llm.detokenize(ours).decode() == tok.decode(ours, skip_special_tokens=True), text
     assert llm.tokenize(b"hi", add_bos=True)[0] == tok.bos_token_id
+
+
+def test_q4_0_file_keeps_the_output_matrix_at_q8_0_and_loads_in_llama_cpp(tmp_path):
+    """As llama-quantize does for a tied output whose rows are not a multiple of 256 (q6_K -> q8_0)."""
+    model, tok = build_model("tiny-dense", seed=0)
+    path = export_gguf(model, tok, tmp_path / "m.gguf", dtype="q4_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q4_0
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    out = llama_greedy(llama(path), prompts(tok)[:1])
+    assert len(out[0]) > 0

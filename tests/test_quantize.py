@@ -163,3 +163,43 @@ def test_export_quantize_is_the_model_transform():
     from qiusuo.export import quantize as old
 
     assert old.quantize_model is quantize_model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_and_head_are_int8_and_qkv_gate_up_fused(tied):
+    """The output head is a fifth of SmolLM2-135M's weights; left in fp32 it took a third of an int8
+    decode step (issue 15), so it is quantized too, sharing the embedding's table when tied."""
+    from qiusuo.model import ModelConfig, Transformer
+    from qiusuo.model.quantize import QuantizedEmbedding
+
+    cfg = ModelConfig(model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=tied, initializer_range=0.05)
+    model = Transformer(cfg).eval()
+    model.reset_parameters(seed=0)
+    x = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref_emb = model.model.embed_tokens(x)
+        ref = model(x)
+        quantize_model(model, "int4")
+        emb, out = model.model.embed_tokens(x), model(x)
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding) and isinstance(model.output_head, Int8Weight)
+    assert model.lm_head is None  # the fp32 head is gone, not kept beside the int8 one
+    assert (model.output_head is model.model.embed_tokens.table) == tied
+    assert model.dtype == torch.float32 and emb.dtype == torch.float32
+    assert rel_max_err(emb, ref_emb) < 0.01  # int8 per row: half a step of 1/127 of the row's max
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn.q_proj is None and attn.qkv_proj.out_features == (4 + 2 + 2) * 16
+        assert mlp.gate_proj is None and mlp.gate_up_proj.out_features == 2 * 96
+        assert all(not isinstance(m, torch.nn.Linear) for m in layer.modules())
+    assert rel_max_err(out, ref) < BOUNDS["int4"]
+
+
+def test_fused_projection_keeps_each_bias():
+    lin = [torch.nn.Linear(32, n, bias=b) for n, b in ((16, True), (8, False), (8, True))]
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        fused = QuantizedLinear(lin, "int8")
+        ref = torch.cat([m(x) for m in lin], dim=-1)
+        assert fused.out_features == 32 and rel_max_err(fused(x), ref) < 0.02

@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = formats.add_parser("gguf", help="write a GGUF file (llama/qwen2 dense, deepseek2 for MLA + MoE)")
     g.add_argument("--model", required=True, help="checkpoint directory or registry name (NAME[:TAG])")
     g.add_argument("--out", required=True, help="GGUF file to write")
-    g.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0"],
+    g.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
                    help="weight type of the matrices; norms and routers stay f32 (default: f16)")
     g.add_argument("--name", default=None, help="general.name in the file (default: the model's name)")
     g.set_defaults(func=export_gguf)

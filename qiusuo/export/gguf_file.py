@@ -18,7 +18,10 @@ Configurations llama.cpp cannot represent are refused by `check_gguf_support` wi
 field named, before any file is written.
 
 Tensor types follow the converter: norms, 1-D tensors and the router stay F32; other weights
-take the requested type (q8_0 falls back to F16 for rows not a multiple of 32).
+take the requested type (q8_0 and q4_0 fall back to F16 for rows not a multiple of 32). In a q4_0
+file the output matrix (`output`, or `token_embd` when tied) is q8_0: llama.cpp's `llama-quantize`
+gives it q6_K, falling back to q8_0 where rows are not a multiple of 256 (SmolLM2's 576, Qwen2.5's
+896), and gguf-py cannot write q6_K.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ FILE_TYPES = {
     "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
     "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+    "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, gguf.GGMLQuantizationType.Q4_0),
 }
 T = gguf.MODEL_TENSOR
 
@@ -148,8 +152,11 @@ def gguf_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
         yield _name(T.OUTPUT), model.lm_head.weight
 
 
-def _encode(name: str, t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, Any]:
+def _encode(name: str, t: torch.Tensor, qtype: gguf.GGMLQuantizationType, output: bool = False
+            ) -> tuple[np.ndarray, Any]:
     data = t.detach().to(torch.float32).cpu().contiguous().numpy()
+    if output and qtype == gguf.GGMLQuantizationType.Q4_0:
+        qtype = gguf.GGMLQuantizationType.Q8_0  # the output matrix keeps more bits (module docstring)
     keep_f32 = data.ndim <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name
     if keep_f32 or qtype == gguf.GGMLQuantizationType.F32:
         return data, gguf.GGMLQuantizationType.F32
@@ -224,8 +231,9 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, dtype: str = "f16", n
         _add_hparams(writer, cfg)
         add_tokenizer(writer, tokenizer, cfg.vocab_size)
         with torch.no_grad():
+            output = _name(T.OUTPUT) if model.lm_head is not None else _name(T.TOKEN_EMBD)
             for tensor_name, t in gguf_tensors(model):
-                data, raw = _encode(tensor_name, t, qtype)
+                data, raw = _encode(tensor_name, t, qtype, output=tensor_name == output)
                 writer.add_tensor(tensor_name, data, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -47,6 +47,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.num_kv_heads * hd, bias=qkv_bias)
         self.v_proj = nn.Linear(D, self.num_kv_heads * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * hd, D, bias=o_bias)
+        # q, k and v as one matmul, set by `quantize.quantize_model` (one kernel call and one
+        # activation cast instead of three; the separate projections are then dropped).
+        self.qkv_proj: nn.Module | None = None
         self.scale = hd**-0.5
 
     def cache_dims(self) -> tuple[tuple[int, ...], ...]:
@@ -55,9 +58,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, hd)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hk, hd)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        H, Hk, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split((H * hd, Hk * hd, Hk * hd), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, H, hd)  # (B, T, H, hd)
+        k = k.view(B, T, Hk, hd)  # (B, T, Hk, hd)
+        v = v.view(B, T, Hk, hd)
         q = apply_rope(q, cos, sin, interleaved=False)
         k = apply_rope(k, cos, sin, interleaved=False)
         if cache is not None:

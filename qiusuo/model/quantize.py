@@ -20,10 +20,17 @@ the decoder layers run on PyTorch's packed low-bit CPU kernels instead of fp32 G
 Where a kernel cannot take a shape (K not a multiple of 16 for int8pack, which crashes on K=8, 24,
 100; K not a multiple of the group size), the weight is dequantized on the fly.
 
-What is quantized: every `nn.Linear` inside the decoder layers (and MTP layers) and the stacked
-routed experts. Left in floating point: embeddings and the output head (`Transformer.logits` reads
-the weight directly), routers (fp32 by design), norms, and MLA's `kv_b_proj`, whose weight the
-absorbed decode path reads as a tensor.
+What is quantized: every `nn.Linear` inside the decoder layers (and MTP layers), the stacked
+routed experts, and the token embedding and output head in int8 per row (one table when tied, as
+llama.cpp's q8_0 files store `token_embd` once; with int4 layers the head stays int8, as llama.cpp's
+quantizer keeps a tied output at q6_K, or q8_0 where rows are not a multiple of 256). The head
+matters at real sizes: SmolLM2-135M's 49,152 x 576 head is a fifth of its weights, and in fp32 it
+took a third of an int8 decode step (profiled, one thread). Left in floating point: routers (fp32
+by design), norms, and MLA's `kv_b_proj`, whose weight the absorbed decode path reads as a tensor.
+
+A decoder layer's q/k/v projections and its MLP's gate/up projections are fused into one
+quantized matrix each (`Attention.qkv_proj`, `MLP.gate_up_proj`): at batch 1 each call costs a
+kernel launch and two activation casts, so 7 calls per layer become 4.
 """
 
 from __future__ import annotations
@@ -182,13 +189,23 @@ def make_weight(w: torch.Tensor, mode: str, group_size: int = DEFAULT_INT4_GROUP
 
 # ---------------------------------------------------------------------- modules
 class QuantizedLinear(nn.Module):
-    """An `nn.Linear` with int8 or int4 weights; the bias stays in floating point."""
+    """An `nn.Linear` (or several sharing an input, fused along N) with int8 or int4 weights; biases stay in floating point."""
 
-    def __init__(self, linear: nn.Linear, mode: str = "int8", group_size: int = DEFAULT_INT4_GROUP_SIZE):
+    def __init__(self, linear: nn.Linear | list[nn.Linear], mode: str = "int8",
+                 group_size: int = DEFAULT_INT4_GROUP_SIZE):
         super().__init__()
-        self.in_features, self.out_features, self.mode = linear.in_features, linear.out_features, mode
-        self.weight_q = make_weight(linear.weight, mode, group_size)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        parts = linear if isinstance(linear, list) else [linear]
+        self.in_features, self.mode = parts[0].in_features, mode
+        self.out_features = sum(p.out_features for p in parts)
+        weight = torch.cat([p.weight.detach() for p in parts]) if len(parts) > 1 else parts[0].weight
+        self.weight_q = make_weight(weight, mode, group_size)
+        biases = [p.bias for p in parts]
+        if all(b is None for b in biases):
+            self.bias = None
+        else:
+            full = [b.detach() if b is not None else torch.zeros(p.out_features, dtype=p.weight.dtype)
+                    for p, b in zip(parts, biases)]
+            self.bias = nn.Parameter(torch.cat(full).clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.weight_q(x)
@@ -196,6 +213,23 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """The token embedding as an int8 table with one scale per row; `table` doubles as the output head when tied."""
+
+    def __init__(self, embedding: nn.Embedding, kernel: str = "int8pack"):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        self.dtype = embedding.weight.dtype
+        self.table = Int8Weight(*quantize_per_channel(embedding.weight), kernel=kernel)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        q, scale = self.table.qweight[input_ids], self.table.scale[input_ids]  # (..., D), (...)
+        return (q.to(torch.float32) * scale[..., None]).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
 
 
 class QuantizedExperts(Experts):
@@ -226,6 +260,7 @@ def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = DEFAU
     layers = list(model.model.layers) + list(getattr(model, "mtp", []))
     for layer in layers:
         for parent in list(layer.modules()):
+            _fuse(parent, mode, group_size)
             for child_name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear) and child_name not in _SKIP:
                     gs = group_size if child.in_features % group_size == 0 else INT4_GROUP_SIZES[0]
@@ -234,8 +269,46 @@ def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = DEFAU
                     setattr(parent, child_name, QuantizedLinear(child, mode, gs))
                 elif isinstance(child, Experts) and not isinstance(child, QuantizedExperts):
                     setattr(parent, child_name, QuantizedExperts(child, mode, group_size))
+    _quantize_embedding_and_head(model, mode)
     return model.eval()
 
 
-__all__ = ["quantize_model", "QuantizedLinear", "QuantizedExperts", "Int8Weight", "Int4Weight",
+def _fuse(parent: nn.Module, mode: str, group_size: int) -> None:
+    """q/k/v of a GQA `Attention` and gate/up of an `MLP` -> one QuantizedLinear each (the parts are dropped)."""
+    from .attention import Attention
+    from .layers import MLP
+
+    groups = {Attention: ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+              MLP: ("gate_up_proj", ("gate_proj", "up_proj"))}
+    for cls, (fused_name, names) in groups.items():
+        if type(parent) is not cls or getattr(parent, fused_name) is not None:
+            continue
+        parts = [getattr(parent, n) for n in names]
+        if not all(type(p) is nn.Linear for p in parts):
+            continue
+        K = parts[0].in_features
+        gs = group_size if K % group_size == 0 else INT4_GROUP_SIZES[0]
+        if mode == "int4" and K % gs:
+            continue  # stays in floating point, unfused, as quantize_model leaves such a matrix
+        setattr(parent, fused_name, QuantizedLinear(parts, mode, gs))
+        for n in names:
+            setattr(parent, n, None)
+
+
+def _quantize_embedding_and_head(model: nn.Module, mode: str) -> None:
+    """int8 embedding table and output head (the same table when tied), on the mode's int8 kernel."""
+    emb = model.model.embed_tokens
+    if not isinstance(emb, nn.Embedding) or emb.weight.shape[-1] % _INT8PACK_K_MULTIPLE:
+        return  # a hidden size int8pack cannot take: the head would dequantize per call, slower than fp32
+    kernel = int8_kernel(mode) if mode != "int4" else "int8pack"
+    if model.lm_head is None:  # tied
+        model.model.embed_tokens = QuantizedEmbedding(emb, kernel)
+        model.output_head = model.model.embed_tokens.table
+    else:
+        model.model.embed_tokens = QuantizedEmbedding(emb, kernel)
+        model.output_head = Int8Weight(*quantize_per_channel(model.lm_head.weight), kernel=kernel)
+        model.lm_head = None  # the fp32 copy is not read any more (`Transformer.logits` uses output_head)
+
+
+__all__ = ["quantize_model", "QuantizedLinear", "QuantizedExperts", "QuantizedEmbedding", "Int8Weight", "Int4Weight",
            "quantize_per_channel", "quantize_int4_groupwise", "cpu_has_native_bf16", "int8_kernel", "MODES"]

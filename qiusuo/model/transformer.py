@@ -95,6 +95,8 @@ class Transformer(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         n_mtp = config.num_nextn_predict_layers if config.is_deepseek else 0
         self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + k) for k in range(n_mtp))
+        # A low-bit output head, set by `quantize.quantize_model` (tied: the quantized embedding's table).
+        self.output_head: nn.Module | None = None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ setup
@@ -149,11 +151,12 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        # The final norm, not the embedding: a quantized model's embedding table is int8.
+        return self.model.norm.weight.dtype
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -177,6 +180,8 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.output_head is not None:
+            return self.output_head(h)  # (..., V)
         return F.linear(h, self.output_weight)  # (..., V)
 
     def forward(self, input_ids, positions=None, cache=None) -> torch.Tensor:
