@@ -139,7 +139,8 @@ def test_the_python_api_gives_the_same_error(tmp_path, capsys, monkeypatch):
         messages.append(str(e.value))
     monkeypatch.setenv("QIUSUO_HOME", str(tmp_path))
     assert main(["generate", "--model", "m", "x", "--dtype", "float16"]) == 2
-    assert capsys.readouterr().err.strip() == f"qiusuo generate: error: {messages[0]}"
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("qiusuo: the machine")]
+    assert err == [f"qiusuo generate: error: {messages[0]}"]  # the busy-machine note depends on the load
     assert len(set(messages)) == 1
 
 
