@@ -32,7 +32,7 @@ def ckpt(make_checkpoint):
     (dict(batch_size=10, grad_accum=3), "not divisible by --grad-accum"),
     (dict(warmup_steps=10, steps=5), "--warmup-steps"),
     (dict(lr=0.0), "--lr must be positive"),
-    (dict(schedule="linear"), "cosine, constant"),
+    (dict(schedule="linear"), "'cosine', 'constant'"),  # the allowed values, named
     (dict(dtype="fp8"), "--dtype"),
     (dict(p_direct=1.5), "--p-direct"),
     (dict(difficulty="2;3"), "comma-separated integers"),
