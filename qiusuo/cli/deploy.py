@@ -99,7 +99,7 @@ def deploy(args) -> int:
     from qiusuo.deploy.manager import deploy as run_deploy
 
     path = resolve_model(verb := args.words[0])  # unknown names fail here, listing the known ones
-    server = {k: v for k, v in dict(api_key=api_key(args), max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
+    server = {k: v for k, v in dict(max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
                                     max_output_budget=args.max_output_budget,
                                     default_thinking_budget=args.thinking_budget,
                                     max_body_bytes=args.max_body_bytes).items() if v is not None}
@@ -117,7 +117,7 @@ def deploy(args) -> int:
     print(f"deploying {verb} ({path}) as application {config.app_name} ...", flush=True)
     try:
         info = run_deploy(config, port=args.port, address=args.address, num_cpus=args.ray_num_cpus,
-                          object_store_mb=args.object_store_mb)
+                          object_store_mb=args.object_store_mb, api_key=api_key(args))
     except ModelLoadError as e:  # exit 1 with the load error, as `qiusuo serve`
         print(f"qiusuo deploy: error: {e}", file=sys.stderr, flush=True)
         return 1
