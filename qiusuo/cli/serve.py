@@ -79,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body in bytes; over it, 413 before parsing (default: 64 KiB + 32 bytes "
                         "per context token)")
+    p.add_argument("--stream-send-timeout", type=float, default=_default(ServerConfig, "stream_send_timeout_s"),
+                   help="seconds a streaming client may read nothing before it is disconnected and its request "
+                        "aborted")
     # --- end issue 16 block ---
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -116,7 +119,8 @@ def run(args) -> int:
     app = create_app(load, served_model_name=args.served_model_name or args.model,
                      engine_process=args.engine_process, api_key=key, max_queue=args.max_queue,
                      max_tokens_cap=args.max_tokens_cap, max_output_budget=args.max_output_budget,
-                     default_thinking_budget=args.thinking_budget, max_body_bytes=args.max_body_bytes)
+                     default_thinking_budget=args.thinking_budget, max_body_bytes=args.max_body_bytes,
+                     stream_send_timeout_s=args.stream_send_timeout)
     print(f"serving {args.model} ({path}) on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if key else ''}", flush=True)
     error = run_server(app, host=args.host, port=args.port, log_level=args.log_level)

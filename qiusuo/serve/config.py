@@ -18,6 +18,9 @@ engine sees the request, each refusal a 4xx in OpenAI's error shape):
   with every non-ASCII character escaped as `\\uXXXX` (about 12 bytes per token) or as a token-id
   array (at most 8 bytes per id): 128 KiB for a 2k context, 4.06 MiB for 128k. Larger batches
   of prompts in one body need an explicit limit.
+- `stream_send_timeout_s`: a streaming client that accepts no bytes for this long is disconnected
+  and its request aborted (streaming.py), so a reader that never reads holds an engine slot for
+  at most that long, not until max_tokens.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class ServerConfig:
     max_output_budget: int = 1 << 17  # n x max_tokens x (1 + top_logprobs) per request; over it, 400
     default_thinking_budget: int | None = None  # requests that set no thinking_budget get this
     retry_after_s: int = 1  # the Retry-After header of a 429
+    stream_send_timeout_s: float | None = 60.0  # a stream whose client reads nothing this long is closed, aborted
 
     def __post_init__(self):
         if not isinstance(self.served_model_name, str) or not self.served_model_name:
@@ -61,5 +65,7 @@ class ServerConfig:
             raise ValueError(f"max_output_budget={self.max_output_budget}: must be >= 1")
         if self.default_thinking_budget is not None and self.default_thinking_budget < 0:
             raise ValueError(f"default_thinking_budget={self.default_thinking_budget}: must be >= 0 (or None)")
+        if self.stream_send_timeout_s is not None and not self.stream_send_timeout_s > 0:
+            raise ValueError(f"stream_send_timeout_s={self.stream_send_timeout_s}: must be > 0 (or None: wait forever)")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s={self.retry_after_s}: must be >= 0")
