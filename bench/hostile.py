@@ -9,8 +9,12 @@ hostile request (each attack bounded in attempts and seconds):
 - logprobs:   n=64, top_logprobs=20, max_tokens=400 in 152 bytes (31 MiB out, +450 MB RSS before);
 - batch:      64 prompts x n=64 completions (admitted as 64 queue places before, not 4096);
 - stalled:    streaming requests for the whole context whose client never reads (output held as
-              cumulative copies before: O(tokens^2) memory);
-- long:       a 1 MiB chat message (tokenized on the event loop before it is refused as too long).
+              cumulative copies before: O(tokens^2) memory). n=3 x top_logprobs=20 makes the reply
+              ~10 MB: loopback's autotuned kernel buffers swallow a 1 MB reply whole, so with
+              fewer the server's sends never stall at all;
+- long:       a 1 MiB chat message (tokenized on the event loop before it is refused as too long);
+- readers:    the control for `stalled`: the same streaming requests, read by honest clients (what
+              two long concurrent generations cost a small request anyway).
 
 Then `--kills` times: kill -9 the engine process under load; counted as survived when a new request
 succeeds within --recovery-s (180 s). Per attack: attempts, status codes, bytes received, the victim's p50/p99
@@ -87,7 +91,7 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "qiusuo", "serve", "--model", str(ckpt), "--port",
                                       str(port), "--served-model-name", NAME, "--threads", str(threads),
                                       "--log-level", "warning"], stdout=self.log, stderr=subprocess.STDOUT)
-        self.wait_healthy(180)
+        self.wait_healthy(600)  # a busy shared machine: the engine child imports torch for minutes
 
     def wait_healthy(self, timeout: float) -> float:
         t0 = time.monotonic()
@@ -165,12 +169,24 @@ def attack(url: str, path: str, body: bytes, stop: threading.Event, deadline: fl
                 records.append({"status": type(e).__name__, "bytes": 0, "s": time.monotonic() - t0})
 
 
+def stream_body(max_tokens: int) -> bytes:
+    return json.dumps({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+                       "ignore_eos": True, "stream": True, "n": 3, "logprobs": True, "top_logprobs": 20}).encode()
+
+
+def honest_reader(url: str, max_tokens: int, records: list) -> None:
+    t0 = time.monotonic()
+    with httpx.Client(timeout=300) as c, c.stream("POST", url + "/v1/chat/completions", content=stream_body(
+            max_tokens), headers={"content-type": "application/json"}) as r:
+        n = sum(len(chunk) for chunk in r.iter_bytes())
+    records.append({"status": r.status_code, "bytes": n, "s": time.monotonic() - t0})
+
+
 def stalled_readers(url: str, count: int, max_tokens: int) -> list[socket.socket]:
     """Streaming requests whose clients never read (tiny receive buffers: the server's sends stall)."""
     host, port = url.removeprefix("http://").split(":")
     socks = []
-    body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
-                       "ignore_eos": True, "stream": True, "logprobs": True, "top_logprobs": 5}).encode()
+    body = stream_body(max_tokens)
     for _ in range(count):
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -188,6 +204,11 @@ def run_attack(srv: Server, name: str, args) -> dict:
     threads = []
     if name == "stalled":
         socks = stalled_readers(srv.url, args.attackers, args.stalled_tokens)
+    elif name == "readers":
+        threads = [threading.Thread(target=honest_reader, args=(srv.url, args.stalled_tokens, records), daemon=True)
+                   for _ in range(args.attackers)]
+        for t in threads:
+            t.start()
     else:
         path, make = ATTACKS[name]
         body = make()
@@ -201,13 +222,14 @@ def run_attack(srv: Server, name: str, args) -> dict:
     rss_during = srv.rss()
     stop.set()
     for t in threads:
-        t.join(150)
+        t.join(150 if name != "readers" else 300)
     for s in socks:
         s.close()
     statuses: dict[str, int] = {}
     for r in records:
         statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
-    return {"attack": name, "attempts": len(records) if name != "stalled" else len(socks), "statuses": statuses,
+    return {"attack": name, "attempts": len(socks) if name == "stalled" else len(threads) if name == "readers"
+            else len(records), "statuses": statuses,
             "max_response_bytes": max((r["bytes"] for r in records), default=0),
             "attack_s_median": median([r["s"] for r in records]), "victim_s": lat,
             "p50": median(lat), "p99": pct(lat, 0.99), "rss_before": rss_before, "rss_during": rss_during}

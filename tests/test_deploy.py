@@ -133,6 +133,24 @@ def test_stop_and_status_with_nothing_deployed_are_harmless(home):
     assert r.returncode == 2 and "unexpected arguments" in r.stderr
 
 
+
+def test_the_api_key_goes_to_a_private_file_never_into_the_config(tmp_path):
+    """The deployment's config is what Ray pickles into its GCS and shows: it may hold the key's
+    path, never the key (the end-to-end check on a live cluster is in test_deploy_ray.py)."""
+    from qiusuo.deploy.manager import key_path, store_api_key
+
+    with pytest.raises(ValueError, match="server_options may not hold api_key"):
+        DeployConfig(model="tiny", model_path="/x", server_options={"api_key": "sk-1"})
+    path = store_api_key("tiny", "sk-secret", tmp_path)
+    assert path == key_path("tiny", tmp_path) == tmp_path / "deploy" / "keys" / "tiny.key"
+    assert path.read_text() == "sk-secret\n" and path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    store_api_key("tiny", "sk-other", tmp_path)  # replaced, still private
+    assert path.read_text() == "sk-other\n" and path.stat().st_mode & 0o777 == 0o600
+    config = DeployConfig(model="tiny", model_path="/x", api_key_file=str(path))
+    assert "sk-other" not in repr(config.to_dict())
+
+
 # ---------------------------------------------------------------------------- Ray stays optional
 RAY_PACKAGES = ("qiusuo/deploy/", "qiusuo/train/distributed/", "qiusuo/local_ray.py")  # deploy, GRPO --ray
 

@@ -203,6 +203,84 @@ def test_two_models_side_by_side(cluster):
     cluster.wait_for("/other to go away", lambda: httpx.get(f"{cluster.base}/other/v1/models").status_code == 404, 30)
 
 
+
+RAY_DUMP = """
+import json, os, sys
+from pathlib import Path
+from qiusuo.deploy.manager import connect, read_state
+connect(read_state())
+import ray
+from ray import serve
+from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+needle_key, needle_path = sys.argv[1].encode(), sys.argv[2].encode()
+found = {"key": [], "path": []}
+def look(where, data):
+    data = data if isinstance(data, bytes) else repr(data).encode()
+    for name, needle in (("key", needle_key), ("path", needle_path)):
+        if needle in data:
+            found[name].append(where)
+look("serve.status()", serve.status())
+look("actor table", ray._private.state.actors())
+look("nodes", ray.nodes())
+kv = 0
+for ns in (None, "serve", "session", "cluster", "job", "dashboard", "runtime_env", "fun", "actor", "internal"):
+    for k in _internal_kv_list(b"", namespace=ns):
+        kv += 1
+        look(f"gcs kv {ns}:{k[:60]!r}", (_internal_kv_get(k, namespace=ns) or b"") + k)
+session = Path(ray._private.worker._global_node.get_session_dir_path())
+files = 0
+for f in session.rglob("*"):
+    if f.is_file() and not f.is_symlink():
+        files += 1
+        try:
+            look(f"file {f.relative_to(session)}", f.read_bytes())
+        except OSError:
+            pass
+print(json.dumps({"found": found, "kv_entries": kv, "session_files": files}))
+"""
+
+
+def test_the_api_key_never_enters_rays_state(cluster, tmp_path):
+    """Under Ray Serve the key used to travel in the application's config (the replica's init
+    arguments): Ray keeps those pickled in its GCS, where the dashboard, the `serve` CLI and anyone
+    connected read them; runtime_env env_vars would be listed by the state API as well. Now the
+    config holds only the path of a 0600 file; auth still works through the deployment. The dump
+    reads every GCS KV entry of Ray's namespaces, the actor table and every file of the session
+    directory (logs included): the key file's PATH is found there (so a key in the config would be),
+    the key is not."""
+    import secrets
+
+    key = "sk-" + secrets.token_hex(16)
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    r = run_cli("deploy", "tiny", "--name", "keyed", "--route-prefix", "/keyed", "--min-replicas", "1",
+                "--max-replicas", "1", "--api-key-file", str(key_file), home=cluster.home)
+    assert r.returncode == 0, r.stderr
+    try:
+        stored = cluster.home / "deploy" / "keys" / "keyed.key"
+        assert stored.read_text().strip() == key and stored.stat().st_mode & 0o777 == 0o600
+        assert stored.parent.stat().st_mode & 0o777 == 0o700
+        base = f"{cluster.base}/keyed/v1"
+        assert httpx.get(f"{base}/models", timeout=30).status_code == 401
+        assert httpx.get(f"{base}/models", headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+        ok = httpx.post(f"{base}/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                        json={"model": "tiny", "prompt": "a", "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+        env = {"QIUSUO_HOME": str(cluster.home), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+        dump = subprocess.run([sys.executable, "-c", RAY_DUMP, key, str(stored)], capture_output=True, text=True,
+                              env=env, timeout=300, cwd=ROOT)
+        assert dump.returncode == 0, dump.stderr[-3000:]
+        report = json.loads(dump.stdout.strip().splitlines()[-1])
+        print(f"\nRay state read: {report['kv_entries']} GCS KV entries, {report['session_files']} session files; "
+              f"the key file's path found in {report['found']['path']}")
+        assert report["found"]["key"] == [], f"the API key is readable in Ray's state: {report['found']['key']}"
+        assert report["found"]["path"], "the dump did not reach the application's config: it proves nothing"
+    finally:
+        assert run_cli("deploy", "stop", "keyed", home=cluster.home).stdout.strip() == "stopped keyed"
+    assert not (cluster.home / "deploy" / "keys" / "keyed.key").exists()
+
+
 def test_autoscaling_up_under_load_and_back_down(cluster):
     running = lambda: cluster.app("tiny").get("replica_states", {})  # noqa: E731
     assert running() == {"RUNNING": 1}

@@ -183,6 +183,53 @@ def test_stalled_reader_holds_one_merged_delta():
     assert grown < 1 << 20, f"{grown} bytes held for 1000 tokens"
 
 
+def test_a_reader_that_reads_nothing_is_disconnected_and_its_request_aborted():
+    """A streaming client that never reads (a 4 KiB receive buffer, no recv): once the kernel's
+    buffers are full (loopback's autotuned send buffer holds megabytes: the response here is ~10 MB,
+    3 samples x 1900 tokens x 20 logprobs) the sends stall, but before `stream_send_timeout_s`
+    existed the engine generated all of max_tokens for it (an engine slot and its compute, paid
+    for by an open socket). Now the connection is closed after the timeout and the request
+    aborted: the engine stops long before max_tokens."""
+    engine = make_engine()
+    with ServerThread(create_app(engine, served_model_name=NAME, stream_send_timeout_s=1.0)) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        body = json.dumps({"model": NAME, "messages": MSG, "max_tokens": 1900, "ignore_eos": True, "stream": True,
+                           "n": 3, "logprobs": True, "top_logprobs": 20}).encode()
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((host, int(port)))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        try:
+            deadline = time.monotonic() + 600
+            while metric_value(srv, "qiusuo:request_success_total", 'finished_reason="abort"') < 1:
+                assert time.monotonic() < deadline, "the stalled stream was never aborted"
+                assert metric_value(srv, "qiusuo:request_success_total", 'finished_reason="length"') == 0, \
+                    "the engine generated all of max_tokens for a reader that read nothing"
+                time.sleep(0.2)
+            wait = time.monotonic() + 30
+            while engine.has_unfinished_requests():
+                assert time.monotonic() < wait
+                time.sleep(0.05)
+            s.settimeout(30)  # the server closed the connection: what it had sent, then EOF
+            received = b""
+            while chunk := s.recv(65536):
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 200") and b"data: " in received
+            assert b"[DONE]" not in received
+        finally:
+            s.close()
+        # the server goes on serving
+        assert post(srv, "/v1/chat/completions", {"model": NAME, "messages": MSG, "max_tokens": 2}).status_code == 200
+
+
+def metric_value(srv, name: str, label: str) -> float:
+    for line in httpx.get(srv.url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + "{") and label in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 # ---------------------------------------------------------------------- a prompt too long to tokenize
 def test_overlong_text_is_refused_before_tokenizing(server, monkeypatch):
     """768k characters: tokenizing them held the GIL for 6 s (every other request waited) only to

@@ -21,7 +21,7 @@ from .serve import SERVER_SKIP, add_api_key_flags, api_key
 
 # DeployConfig fields without a flag: NAME is the positional word, its path is resolved from it, and
 # the server and engine options have flags of their own (ServerConfig's and EngineConfig's)
-DEPLOY_SKIP = ("model", "model_path", "server_options", "engine_options")
+DEPLOY_SKIP = ("model", "model_path", "server_options", "engine_options", "api_key_file")
 # EngineConfig fields a replica does not take: it runs on the CPUs Ray reserves (--num-cpus), with
 # DeployConfig's --threads (default 1: replicas share the cores)
 ENGINE_SKIP = ("device", "num_threads")
@@ -76,15 +76,17 @@ def deploy(args) -> int:
 
     verb = args.words[0]
     engine = engine_options(args, skip=ENGINE_SKIP)  # a bad engine or server flag fails first (exit 2)
-    server = dict(config_kwargs(ServerConfig, args, skip=SERVER_SKIP), api_key=api_key(args))
-    ServerConfig(served_model_name=args.served_model_name or verb, **server)
+    # the key travels to the replicas in a 0600 file (deploy()), never in the config Ray keeps
+    server = config_kwargs(ServerConfig, args, skip=SERVER_SKIP)
+    key = api_key(args)
+    ServerConfig(served_model_name=args.served_model_name or verb, api_key=key, **server)
     path = resolve_model(verb)  # unknown names fail here, listing the known ones
     config = DeployConfig(model=verb, model_path=str(path), **config_kwargs(DeployConfig, args, skip=DEPLOY_SKIP),
                           server_options=server, engine_options=engine)
     print(f"deploying {verb} ({path}) as application {config.app_name} ...", flush=True)
     try:
         info = run_deploy(config, port=args.port, address=args.address, num_cpus=args.ray_num_cpus,
-                          object_store_mb=args.object_store_mb)
+                          object_store_mb=args.object_store_mb, api_key=key)
     except ModelLoadError as e:  # exit 1 with the load error, as `qiusuo serve`
         print(f"qiusuo deploy: error: {e}", file=sys.stderr, flush=True)
         return 1

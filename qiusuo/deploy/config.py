@@ -61,12 +61,19 @@ class DeployConfig:
     engine_options: dict[str, Any] = option({}, "EngineConfig fields (dtype, quantization, max_model_len, ...)")
     report_interval_s: float = option(1.0, "seconds between each replica's metric reports to the dashboard",
                                       flag="--report-interval")
+    # the Bearer key's FILE (0600): the replicas read the key from it. The key itself never enters
+    # this config, which Ray keeps in its GCS and shows in `serve status`-like dumps (see manager.py);
+    # `deploy()` sets it (no flag: the user's key comes with --api-key / --api-key-file / QIUSUO_API_KEY)
+    api_key_file: str = ""
 
     def __post_init__(self):
         check_choices(self)
         if not self.model or not self.model_path:
             raise ValueError("model and model_path must be non-empty (a registry name and its checkpoint directory)")
         self.app_name = self.app_name or app_name_for(self.model)
+        if "api_key" in self.server_options:
+            raise ValueError("server_options may not hold api_key: the config is visible to anyone who can read "
+                             "Ray's state; `deploy()` stores the key in a 0600 file and sets api_key_file")
         if not _APP_NAME.fullmatch(self.app_name) or self.app_name == DASHBOARD_APP:
             raise ValueError(f"app name {self.app_name!r}: use letters, digits and . _ - (starting with a letter "
                              f"or digit), and not {DASHBOARD_APP!r}; set it with --name")

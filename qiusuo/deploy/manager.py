@@ -6,6 +6,14 @@ acts, and disconnects, leaving the applications to Serve's detached controller. 
 `$QIUSUO_HOME/deploy/head.json` says where the head is (GCS address, HTTP port, daemon pid).
 `stop NAME` deletes one application; `stop` alone deletes every qiusuo application and, when
 the head is ours, stops the daemon (which shuts Ray down). Both are harmless when nothing runs.
+
+The API key never travels in the application's config: Ray pickles a deployment's init
+arguments into its GCS (the Serve controller's checkpoint, the replica actors' creation specs)
+and the dashboard, `serve` CLI and state API show deployment configs; a runtime_env's env_vars
+are shown by the state API and the dashboard too. So `deploy(config, api_key=KEY)` writes the key
+to `$QIUSUO_HOME/deploy/keys/APP.key` (0600, in a 0700 directory) and the config carries only
+that path; each replica reads it when it starts (the replicas run on this machine as this user;
+on a multi-node cluster the file must exist at the same path on every node). `stop` removes it.
 This module and its siblings import ray only inside functions (as does qiusuo.train.distributed).
 """
 
@@ -168,9 +176,31 @@ def ensure_head(port: int | None, *, address: str | None = None, home=None, **he
     return state
 
 
+def key_path(app_name: str, home=None) -> Path:
+    return state_path(home).with_name("keys") / f"{app_name}.key"
+
+
+def store_api_key(app_name: str, key: str, home=None) -> Path:
+    """Write `key` to a file only this user can read (created 0600, replaced atomically)."""
+    path = key_path(app_name, home)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def deploy(config: DeployConfig, *, port: int | None = None, address: str | None = None, home=None,
-           **head_options) -> dict[str, Any]:
-    """Run `config` as the Serve application `config.app_name`; returns where it answers."""
+           api_key: str | None = None, **head_options) -> dict[str, Any]:
+    """Run `config` as the Serve application `config.app_name`; returns where it answers. `api_key`:
+    the Bearer key the application requires, passed to its replicas in a 0600 file (module docstring)."""
+    if api_key is not None:
+        if not api_key:
+            raise DeployError("the API key is empty; give a key or none")
+        config.api_key_file = str(store_api_key(config.app_name, api_key, home))
     state = ensure_head(port, address=address, home=home, **head_options)
     connect(state)
     from ray import serve
@@ -226,9 +256,11 @@ def stop(name: str | None = None, *, home=None, timeout: float = 60.0) -> str:
         if name not in apps:
             return f"{name} is not deployed (deployed: {', '.join(apps) or 'none'})"
         serve.delete(name)
+        key_path(name, home).unlink(missing_ok=True)
         return f"stopped {name}"
     for a in apps:
         serve.delete(a)
+        key_path(a, home).unlink(missing_ok=True)
     if not state.get("owned"):
         serve.delete(DASHBOARD_APP)
         state_path(home).unlink(missing_ok=True)

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -38,6 +39,18 @@ def load_engine(config: DeployConfig):
     return LLM(config.model_path, num_threads=config.threads, **config.engine_options).llm_engine
 
 
+def read_api_key(path: str) -> str:
+    """The key `deploy` stored (manager.store_api_key); the config holds only this path."""
+    try:
+        key = Path(path).read_text().strip()
+    except OSError as e:
+        raise RuntimeError(f"cannot read the API key file {path}: {e}; on a multi-node cluster the file must "
+                           "exist at this path on every node") from None
+    if not key:
+        raise RuntimeError(f"the API key file {path} is empty")
+    return key
+
+
 @serve.deployment
 @serve.ingress()
 class ModelServer:
@@ -51,9 +64,10 @@ class ModelServer:
         # of the model under it is refused, naming this deployment
         self._lease = lease_materialized(self.config.model, self.config.model_path,
                                          f"deployment {self.config.app_name} (Ray Serve replica)")
+        api_key = read_api_key(self.config.api_key_file) if self.config.api_key_file else None
         engine = await asyncio.to_thread(load_engine, self.config)
-        self.server_app = create_app(engine, served_model_name=self.config.served_model_name,
-                              **self.config.server_options)
+        self.server_app = create_app(engine, served_model_name=self.config.served_model_name, api_key=api_key,
+                                     **self.config.server_options)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.started = time.time()
         self._reporter = asyncio.get_running_loop().create_task(self._report_loop())

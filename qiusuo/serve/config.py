@@ -21,6 +21,9 @@ engine sees the request, each refusal a 4xx in OpenAI's error shape):
 - `answer_reserve_tokens`: a chat whose think block is still open when only
   min(answer_reserve_tokens, max_tokens // 4) tokens are left gets `</think>` forced, so the answer
   still has those tokens (usage `reasoning_truncated` says so).
+- `stream_send_timeout_s`: a streaming client that accepts no bytes for this long is disconnected
+  and its request aborted (streaming.py), so a reader that never reads holds an engine slot for
+  at most that long, not until max_tokens.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ class ServerConfig:
                                              "tokens left (0: never)")
     tool_call_parser: ToolCallParser | None = option(None, "tool-call format of the model's answers (vLLM's "
                                                            "names; default: from the chat template)")
+    stream_send_timeout_s: float | None = option(60.0, "seconds a streaming client may read nothing before it is "
+                                                       "disconnected and its request aborted",
+                                                 flag="--stream-send-timeout")
 
     def __post_init__(self):
         check_choices(self)
@@ -84,5 +90,7 @@ class ServerConfig:
         if self.answer_reserve_tokens < 0:
             raise ValueError(f"answer_reserve_tokens={self.answer_reserve_tokens}: must be >= 0 (0: never close "
                              "the think block early)")
+        if self.stream_send_timeout_s is not None and not self.stream_send_timeout_s > 0:
+            raise ValueError(f"stream_send_timeout_s={self.stream_send_timeout_s}: must be > 0 (or None: wait forever)")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s={self.retry_after_s}: must be >= 0")
