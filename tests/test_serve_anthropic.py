@@ -213,6 +213,6 @@ def test_deploy_replica_serves_the_same_app():
     from qiusuo.serve import create_app
 
     assert "create_app(engine" in (Path(qiusuo.deploy.__file__).parent / "replica.py").read_text()
-    paths = {r.path for r in create_app(lambda: None, served_model_name="m").routes}
+    paths = set(create_app(lambda: None, served_model_name="m").openapi()["paths"])
     assert {"/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version", "/v1/messages",
             "/v1/messages/count_tokens", "/v1/chat/completions"} <= paths
