@@ -57,6 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--num-cpus", type=float, default=_default("num_cpus"), help="Ray CPUs reserved per replica")
     g.add_argument("--threads", type=int, default=_default("threads"), help="torch threads per replica")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    # --- quantization (DeployConfig.quantization) ---
+    g.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
+                   help="low-bit weights in every replica (qiusuo/model/quantize.py)")
+    # --- end quantization ---
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--kv-cache-bytes", type=int, default=None)
@@ -107,7 +111,7 @@ def deploy(args) -> int:
         upscale_delay_s=args.upscale_delay, downscale_delay_s=args.downscale_delay,
         look_back_period_s=args.look_back_period, metrics_interval_s=args.metrics_interval,
         health_check_period_s=args.health_check_period, num_cpus=args.num_cpus, threads=args.threads,
-        dtype=args.dtype, server_options=server, engine_options=engine,
+        dtype=args.dtype, quantization=args.quantize, server_options=server, engine_options=engine,
     )  # fmt: skip
     print(f"deploying {verb} ({path}) as application {config.app_name} ...", flush=True)
     try:

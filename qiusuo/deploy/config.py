@@ -52,11 +52,14 @@ class DeployConfig:
     server_options: dict[str, Any] = field(default_factory=dict)
     engine_options: dict[str, Any] = field(default_factory=dict)
     dtype: str = "auto"
+    quantization: str | None = None  # low-bit weights per replica: "int8", "int8-dynamic" or "int4" (qiusuo.model.quantize)
     report_interval_s: float = 1.0  # how often each replica reports its metrics to the dashboard
 
     def __post_init__(self):
         if not self.model or not self.model_path:
             raise ValueError("model and model_path must be non-empty (a registry name and its checkpoint directory)")
+        if self.quantization not in (None, "int8", "int8-dynamic", "int4"):
+            raise ValueError(f"quantization={self.quantization!r}: use None, 'int8', 'int8-dynamic' or 'int4'")
         self.app_name = self.app_name or app_name_for(self.model)
         if not _APP_NAME.fullmatch(self.app_name) or self.app_name == DASHBOARD_APP:
             raise ValueError(f"app name {self.app_name!r}: use letters, digits and . _ - (starting with a letter "

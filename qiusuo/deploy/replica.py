@@ -36,7 +36,7 @@ def load_engine(config: DeployConfig):
 
     torch.set_num_threads(config.threads)  # several replicas share the cores: one thread each by default
     return LLM(config.model_path, dtype=config.dtype, num_threads=config.threads,
-               **config.engine_options).llm_engine
+               quantization=config.quantization, **config.engine_options).llm_engine
 
 
 @serve.deployment
