@@ -1,215 +1,277 @@
-"""Edge benchmark: one checkpoint in qiusuo's engine (fp32, bf16, int8; eager and compiled) and in llama.cpp (GGUF).
+"""Edge benchmark: qiusuo's engine in fp32, int8, int8-dynamic and int4 against llama.cpp measured with its own tools.
 
-    .venv/bin/python bench/edge.py [--preset tiny-moe | --model DIR] [--tokens 128] [--batch 16]
+    python bench/edge.py [--shapes smollm2-135m qwen2.5-0.5b] [--repeats 1] [--threads 1] [--new-tokens 32]
 
-Measures, on this machine:
-- single-stream decode tokens/s (one greedy request, short prompt, `--tokens` new tokens);
-- batch throughput: `--batch` parallel greedy sequences, generated tokens / wall time.
-  qiusuo: `LLM.generate` on all prompts (continuous batching). llama.cpp: llama-cpp-python's
-  high-level `Llama` is single-sequence, so the batch run uses its low-level API
-  (`llama_batch` with one sequence id per request, `n_seq_max = batch`, one `llama_decode` per step
-  for all sequences): the same scheme as llama.cpp's `batched` example;
-- file sizes: safetensors (fp32) and GGUF f32 / f16 / q8_0.
-qiusuo's `+compile` and `+max-autotune` variants run the decode step under torch.compile
-(`EngineConfig.compile`, the latter also autotuning the matmul kernels); the
-engine compiles when it starts, which the rates exclude and `startup_s` reports (the inductor
-cache on disk makes the second engine's start shorter).
-Each configuration runs with 1 and 2 threads (the machine has 2 shared cores), `--repeats` timed
-runs each, and reports the best, on both sides; llama.cpp runs both before and after qiusuo's
-variants (which take minutes to compile), so a busy neighbour during one side's runs does not
-decide the ratio. Prints a table and, last, one JSON line with every figure and the ratios the issue sets
-(qiusuo batch >= llama.cpp batch; qiusuo single >= half of llama.cpp single).
+Model shapes are the config.json values of SmolLM2-135M and Qwen2.5-0.5B (bench/engine.py's
+REAL_SHAPES) with random weights, saved by qiusuo and exported to GGUF by qiusuo's exporter
+(f32, q8_0, q4_0; bf16/f16 only where the CPU has native bf16 - not on AVX2 machines).
+
+llama.cpp is measured as its users measure it, by its own tools built from the source that the
+installed llama-cpp-python vendors (same version, so the GGUF files are read by the same loader):
+`llama-bench` (prefill `-p`, single-stream decode `-n`) and `llama-batched-bench` (`-npl 1,8,16,32`
+parallel sequences, 16-token prompts, `--new-tokens` each), with flash attention off and on. The
+tools are built on first use into `--llama-build` (default ~/.cache/qiusuo-bench/llama.cpp) with
+cmake, from `--llama-sdist` (default: the sdist that `pip download` fetches for the installed
+version); the build's path is printed. No prefix cache on either side: llama-batched-bench's
+prompts are not shared (no `-pps`) and qiusuo runs with `enable_prefix_caching=False`.
+
+qiusuo is measured by bench/engine.py's real-shape worker, one process per side and repeat: load
+time, prefill tokens/s (one 128-token prompt), single-stream decode tokens/s (prefill subtracted),
+batch-B tokens/s = B x new tokens / wall time of `LLM.generate` (prefill of the 16-token prompts
+included), peak RSS. The llama.cpp figures in the same columns are llama-bench's pp and tg rates and
+llama-batched-bench's pl x tg / t (its t includes the prompts' prefill too); peak RSS is the tool
+process's (`wait4`); load time is llama-cpp-python's `Llama()` on the same file (mmap, as the tools).
+
+Correctness: qiusuo fp32's first 16 greedy tokens equal llama.cpp f32's (llama-cpp-python, same
+prompt ids), asserted. Results: bench/results/edge-*.json via results.Run; `python bench/tables.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import importlib.metadata
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-PROMPT = "Q: what is 12+34? think step by step.\nA:"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import REAL_SHAPES, RESULT  # noqa: E402
+from results import Run, alternating, median  # noqa: E402
+
+from qiusuo.export import export_gguf  # noqa: E402
+from qiusuo.model import ModelConfig, Transformer, save_model  # noqa: E402
+from qiusuo.model.quantize import cpu_has_native_bf16  # noqa: E402
+from qiusuo.tokenizer import Tokenizer  # noqa: E402
+
+CHECKED = 16
+BATCHES = (8, 16, 32)
+QIUSUO = ("fp32", "int8", "int8-dynamic", "int4")
+GGUF = ("f32", "q8_0", "q4_0")
+PAIRS = (("fp32", "f32"), ("int8", "q8_0"), ("int8-dynamic", "q8_0"), ("int4", "q4_0"))  # matched precision
+TOOLS = ("llama-bench", "llama-batched-bench")
+ENGINE = Path(__file__).resolve().parent / "engine.py"
+
+
+# ---------------------------------------------------------------------- llama.cpp's tools
+def build_llama_cpp(build: Path, sdist: Path | None) -> Path:
+    """The bin directory holding llama-bench and llama-batched-bench, built with cmake on first use."""
+    bin_dir = build / "build" / "bin"
+    if all((bin_dir / t).exists() for t in TOOLS):
+        return bin_dir
+    version = importlib.metadata.version("llama_cpp_python")
+    build.mkdir(parents=True, exist_ok=True)
+    if sdist is None:  # the source of the installed wheel: same llama.cpp, same GGUF loader
+        subprocess.run([sys.executable, "-m", "pip", "download", f"llama_cpp_python=={version}", "--no-binary",
+                        ":all:", "--no-deps", "-d", str(build)], check=True)
+        sdist = next(build.glob(f"llama_cpp_python-{version}.tar.gz"))
+    src = build / "src"
+    if not src.exists():
+        with tarfile.open(sdist) as tar:
+            tar.extractall(src, filter="data")
+    source = next(src.glob("*/vendor/llama.cpp"))
+    print(f"building llama.cpp's {', '.join(TOOLS)} from {source} into {bin_dir} (minutes)", flush=True)
+    nice = ["nice", "-n", "19"] if shutil.which("nice") else []
+    subprocess.run([*nice, "cmake", "-S", str(source), "-B", str(build / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                    "-DBUILD_SHARED_LIBS=OFF"], check=True)
+    subprocess.run([*nice, "cmake", "--build", str(build / "build"), "-j", str(min(2, os.cpu_count() or 1)),
+                    "--target", *TOOLS], check=True)
+    return bin_dir
+
+
+def run_tool(cmd: list[str], timeout: float) -> tuple[str, float]:
+    """(stdout, peak RSS MiB of the tool's process)."""
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise TimeoutError(f"{Path(cmd[0]).name} ran over {timeout:.0f} s")
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err = proc.stderr.read()
+        out.seek(0)
+        text = out.read().decode()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-2000:]}")
+    return text, usage.ru_maxrss / 1024
+
+
+def llama_side(bin_dir: Path, gguf: Path, threads: int, prefill_len: int, new_tokens: int, fa: int,
+               timeout: float) -> dict:
+    """llama-bench's pp/tg rates and llama-batched-bench's batch rates for one file, flash attention fa."""
+    text, rss1 = run_tool([str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", str(prefill_len), "-n", str(new_tokens),
+                           "-t", str(threads), "-fa", str(fa), "-r", "1", "-ngl", "0", "-o", "json"], timeout)
+    rows = json.loads(text)
+    out = {"prefill_tok_s": next(r["avg_ts"] for r in rows if r["n_prompt"] and not r["n_gen"]),
+           "decode_tok_s": next(r["avg_ts"] for r in rows if r["n_gen"] and not r["n_prompt"])}
+    ctx = max(BATCHES) * (16 + new_tokens) + 64
+    text, rss2 = run_tool([str(bin_dir / "llama-batched-bench"), "-m", str(gguf), "-c", str(ctx), "-b", "2048",
+                           "-ub", "512", "-npp", "16", "-ntg", str(new_tokens), "-npl", ",".join(map(str, BATCHES)),
+                           "-t", str(threads), "-tb", str(threads), "-fa", "on" if fa else "off", "-ngl", "0",
+                           "--output-format", "jsonl"], timeout)
+    for line in text.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            out[f"batch{r['pl']}_tok_s"] = r["pl"] * r["tg"] / r["t"]  # generated tokens over prefill + decode
+            out[f"batch{r['pl']}_decode_only_tok_s"] = r["speed_tg"]
+    out["peak_rss_mb"] = max(rss1, rss2)
+    return out
+
+
+def llama_load_and_greedy(gguf: Path, prompt: list[int], threads: int) -> tuple[float, list[int]]:
+    """(seconds to load the file in llama-cpp-python, its first CHECKED greedy tokens for `prompt`)."""
+    code = ("import json, sys, time, llama_cpp\n"
+            "t = time.perf_counter()\n"
+            f"llm = llama_cpp.Llama({str(gguf)!r}, n_ctx=256, n_threads={threads}, verbose=False)\n"
+            "load = time.perf_counter() - t\n"
+            "toks = []\n"
+            f"for tok in llm.generate({prompt!r}, temp=0.0, top_k=1, reset=True):\n"
+            "    toks.append(tok)\n"
+            f"    if len(toks) == {CHECKED}: break\n"
+            "print(json.dumps([load, toks]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        raise RuntimeError(f"llama-cpp-python on {gguf} failed: {proc.stderr[-2000:]}")
+    load, toks = json.loads(proc.stdout.strip().splitlines()[-1])
+    return load, toks
 
 
 # ---------------------------------------------------------------------- qiusuo
-def qiusuo_run(ckpt: Path, tok, variant: str, one: list[list[int]], many: list[list[int]], n: int,
-               threads: int, repeats: int) -> tuple[float, float, float]:
-    """(single-stream tok/s, batch tok/s, engine start seconds) of one engine: variant is fp32, bf16, int8, int8-dynamic, int4, or
-    fp32/bf16 + "+compile" or "+max-autotune" (EngineConfig.compile: the decode step under torch.compile)."""
-    from qiusuo.engine import LLM, SamplingParams
-
-    name, _, mode = variant.partition("+")
-    start = time.perf_counter()
-    llm = LLM(str(ckpt), dtype="bfloat16" if name == "bf16" else "float32",
-              quantization=name if name in ("int8", "int8-dynamic", "int4") else None,
-              compile={"": False, "compile": True}.get(mode, mode), num_threads=threads, kv_cache_bytes=256 << 20)
-    startup = time.perf_counter() - start
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
-    rates = []
-    for prompts in (one, many):
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-        best_rate = 0.0
-        for _ in range(repeats):
-            t = time.perf_counter()
-            outs = llm.generate(prompts, params)
-            best_rate = max(best_rate, sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t))
-        rates.append(best_rate)
-    return rates[0], rates[1], startup
+def qiusuo_side(shape: str, variant: str, ckpt: Path, args) -> dict:
+    cmd = [sys.executable, str(ENGINE), "--_real", shape, f"qiusuo {variant}", str(ckpt), "--threads",
+           str(args.threads), "--new-tokens", str(args.new_tokens), "--prefill-len", str(args.prefill_len),
+           "--batches", *map(str, BATCHES), "--seed", str(args.seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.side_timeout)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT)]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"qiusuo {variant} on {shape} failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT):])
 
 
-# ---------------------------------------------------------------------- llama.cpp
-def llama_single(path: Path, prompt: list[int], n: int, threads: int) -> float:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                          verbose=False)
-    for _, _ in zip(range(4), llm.generate(prompt, temp=0.0, top_k=1, reset=True)):  # warm-up
-        pass
-    t = time.perf_counter()
-    count = 0
-    for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-        count += 1
-        if count == n:
-            break
-    return count / (time.perf_counter() - t)
-
-
-def llama_batch(path: Path, prompts: list[list[int]], n: int, threads: int) -> float:
-    """Greedy decode of len(prompts) sequences in one llama_batch per step (low-level API)."""
-    import llama_cpp as lc
-
-    llm = lc.Llama(str(path), n_ctx=64, verbose=False)  # only to load the model
-    B = len(prompts)
-    cp = lc.llama_context_default_params()
-    cp.n_ctx = B * (max(map(len, prompts)) + n + 8)  # a multiple of n_seq_max: each sequence gets n_ctx / B
-    cp.n_batch = cp.n_ubatch = max(cp.n_ctx, 512)
-    cp.n_seq_max = B
-    cp.n_threads = cp.n_threads_batch = threads
-    ctx = lc.llama_init_from_model(llm._model.model, cp)
-    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(llm._model.model))
-    batch = lc.llama_batch_init(cp.n_batch, 0, B)
-
-    def decode(items):  # items: (token, pos, seq, want_logits)
-        batch.n_tokens = len(items)
-        for i, (tok, pos, seq, want) in enumerate(items):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
-            batch.seq_id[i][0], batch.logits[i] = seq, want
-        assert lc.llama_decode(ctx, batch) == 0
-
-    def argmax(i):
-        ptr = lc.llama_get_logits_ith(ctx, i)
-        return int(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (n_vocab,)).argmax())
-
-    try:
-        t = time.perf_counter()
-        items, last_rows = [], []
-        for s, p in enumerate(prompts):
-            items += [(tok, pos, s, pos == len(p) - 1) for pos, tok in enumerate(p)]
-            last_rows.append(len(items) - 1)
-        decode(items)
-        nxt = [argmax(r) for r in last_rows]
-        pos = [len(p) for p in prompts]
-        generated = B
-        for _ in range(n - 1):
-            decode([(nxt[s], pos[s], s, True) for s in range(B)])
-            nxt = [argmax(s) for s in range(B)]
-            pos = [q + 1 for q in pos]
-            generated += B
-        return generated / (time.perf_counter() - t)
-    finally:
-        lc.llama_batch_free(batch)
-        lc.llama_free(ctx)
-
-
-def best(fn, *args, repeats: int) -> tuple[float, int]:
-    """(best rate, its thread count) over 1 and 2 threads, `repeats` runs each."""
-    return max((fn(*args, threads), threads) for threads in (1, 2) for _ in range(repeats))
-
-
-def llama_all(ggufs: dict[str, Path], one: list[list[int]], many: list[list[int]], n: int,
-              repeats: int) -> dict[str, dict]:
-    """Each GGUF's best (tok/s, threads), single stream and batch."""
-    return {f"llama.cpp_{dt}": {"single": best(llama_single, path, one[0], n, repeats=repeats),
-                                "batch": best(llama_batch, path, many, n, repeats=repeats)}
-            for dt, path in ggufs.items()}
+def build_shape(shape: str, directory: Path, seed: int) -> tuple[Path, dict[str, Path], int]:
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**REAL_SHAPES[shape])).eval()
+    model.reset_parameters(seed=seed)
+    tok = Tokenizer.builtin()  # GGUF carries a tokenizer; the bench feeds token ids, so any fits
+    ckpt = save_model(model, tok, directory / shape)
+    ggufs = {dt: export_gguf(model, tok, directory / f"{shape}-{dt}.gguf", dtype=dt) for dt in GGUF}
+    return ckpt, ggufs, model.num_parameters()
 
 
 # ---------------------------------------------------------------------- main
+KEYS = ["load_s", "prefill_tok_s", "decode_tok_s"] + [f"batch{b}_tok_s" for b in BATCHES] + ["peak_rss_mb"]
+
+
+def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        ckpt, ggufs, params = build_shape(shape, Path(tmp), args.seed)
+        print(f"{shape}: {params / 1e6:.1f} M parameters; GGUF sizes "
+              + ", ".join(f"{dt} {p.stat().st_size / 2**20:.0f} MiB" for dt, p in ggufs.items()), flush=True)
+        sides = [f"qiusuo {v}" for v in args.variants]
+        if bin_dir is not None:
+            sides += [f"llama.cpp {dt} fa{fa}" for dt in GGUF for fa in (0, 1)]
+        got: dict[str, list[dict]] = {s: [] for s in sides}
+        loads: dict[str, float] = {}
+        reference = None
+        for r, side in alternating(sides, args.repeats):
+            engine, name = side.split(" ", 1)
+            try:
+                if engine == "qiusuo":
+                    res = qiusuo_side(shape, name, ckpt, args)
+                    tokens = res.pop("tokens")
+                    prompt = res.pop("single_prompt")
+                    if name == "fp32" and reference is None:
+                        reference = (prompt, tokens["single"][:CHECKED])
+                else:
+                    dt, fa = name.split(" fa")
+                    res = llama_side(bin_dir, ggufs[dt], args.threads, args.prefill_len, args.new_tokens, int(fa),
+                                     args.side_timeout)
+                    if dt not in loads:
+                        loads[dt] = llama_load_and_greedy(ggufs[dt], [1], args.threads)[0]
+                    res["load_s"] = loads[dt]
+            except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as e:  # recorded; the other sides still run
+                print(f"{shape} repeat {r}: {side} failed: {str(e)[-300:]}", flush=True)
+                run.add(shape=shape, side=side, repeat=r, error=str(e)[-1000:])
+                continue
+            got[side].append(res)
+            run.add(shape=shape, side=side, repeat=r, load_avg=os.getloadavg()[0], **res)
+            print(f"{shape} repeat {r}: {side:<24} " + ", ".join(f"{k} {res.get(k, float('nan')):.1f}" for k in KEYS),
+                  flush=True)
+        agree = None
+        if reference is not None and bin_dir is not None:  # qiusuo fp32 vs llama.cpp f32, same prompt ids, greedy
+            _, theirs = llama_load_and_greedy(ggufs["f32"], reference[0], args.threads)
+            agree = theirs == reference[1]
+            run.add(shape=shape, check="greedy f32", qiusuo=reference[1], llama_cpp=theirs, equal=agree)
+            assert agree, f"{shape}: llama.cpp f32 greedy tokens {theirs} != qiusuo fp32 {reference[1]}"
+        med = {s: {k: median([x[k] for x in got[s] if k in x]) for k in KEYS} for s in sides if got[s]}
+        cols = ["side", "load s", "prefill tok/s", "decode tok/s B=1"] + [f"B={b} tok/s" for b in BATCHES] \
+            + ["peak RSS MiB"]
+        rows = [[s] + [round(med[s][k], 2 if k == "load_s" else 1) for k in KEYS] if s in med
+                else [f"{s} (failed)"] + [None] * len(KEYS) for s in sides]
+        run.table(f"edge {shape}: {params / 1e6:.0f} M parameters, random weights, {args.threads} thread(s) "
+                  f"(medians of {args.repeats})", cols, rows,
+                  note=f"prefill: one {args.prefill_len}-token prompt; B=1 decode: {args.new_tokens} tokens, prefill "
+                       f"excluded (llama-bench tg{args.new_tokens}); B=8/16/32: 16-token prompts + {args.new_tokens} new "
+                       "tokens each, generated tokens / wall time with prefill included (llama-batched-bench pl*tg/t); "
+                       "no prefix cache on either side; faN = llama.cpp flash attention off/on. "
+                       f"Greedy tokens qiusuo fp32 == llama.cpp f32 for the first {CHECKED}: {agree}.")
+        ratio_rows = []
+        for q, g in PAIRS + (("best", "best"),):
+            qs = [f"qiusuo {q}"] if q != "best" else [f"qiusuo {v}" for v in args.variants]
+            ls = [f"llama.cpp {g} fa{fa}" for fa in (0, 1)] if g != "best" else \
+                [f"llama.cpp {d} fa{fa}" for d in GGUF for fa in (0, 1)]
+            qs, ls = [s for s in qs if s in med], [s for s in ls if s in med]
+            if not qs or not ls:
+                continue
+            row = [f"{q} / {g}"]
+            for k in ("decode_tok_s", "batch16_tok_s"):
+                row.append(round(max(med[s][k] for s in qs) / max(med[s][k] for s in ls), 2))
+            ratio_rows.append(row)
+        run.table(f"edge {shape}: qiusuo / llama.cpp (best flash-attention setting), higher is better",
+                  ["pair", "B=1 decode ratio", "B=16 ratio"], ratio_rows,
+                  note="issue 15's targets: int8 / q8_0 >= 1.0, int4 / q4_0 >= 0.8 at B=1 and B=16.")
+        run.save()  # after every shape: a later shape that runs out of time keeps the earlier ones
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="tiny-moe")
-    ap.add_argument("--model", default=None, help="checkpoint directory (overrides --preset)")
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="timed runs per configuration and thread count; the best is kept, on both sides "
-                         "(a shared machine only ever makes a run slower)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b"],
+                    choices=["smollm2-135m", "qwen2.5-0.5b"])
+    ap.add_argument("--variants", nargs="+", default=list(QIUSUO), choices=list(QIUSUO))
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="threads on both sides")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prefill-len", type=int, default=128)
+    ap.add_argument("--side-timeout", type=float, default=1200, help="seconds one side's process may take")
+    ap.add_argument("--llama-build", type=Path, default=Path.home() / ".cache" / "qiusuo-bench" / "llama.cpp",
+                    help="where llama.cpp's tools are built (and found on later runs)")
+    ap.add_argument("--llama-sdist", type=Path, default=None,
+                    help="llama_cpp_python sdist of the installed version (default: pip download it)")
+    ap.add_argument("--tmp", default=None, help="where to write checkpoints and GGUF files")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--llama", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the llama.cpp sides (--no-llama: qiusuo's only, e.g. while the tools build)")
     args = ap.parse_args()
-
-    from qiusuo.export import export_gguf
-    from qiusuo.model import build_model, load_model, save_model
-
-    model, tok = load_model(args.model) if args.model else build_model(args.preset, seed=0)
-    model.eval()
-    tmp = Path(tempfile.mkdtemp(prefix="qiusuo-edge-"))
-    save_model(model, tok, tmp / "ckpt")
-    sizes = {"safetensors_fp32": (tmp / "ckpt" / "model.safetensors").stat().st_size}
-    ggufs = {}
-    for dt in ("f32", "f16", "q8_0"):
-        ggufs[dt] = export_gguf(model, tok, tmp / f"m-{dt}.gguf", dtype=dt)
-        sizes[f"gguf_{dt}"] = ggufs[dt].stat().st_size
-
-    one = [tok.encode(PROMPT, add_special_tokens=True)]
-    many = [tok.encode(f"{PROMPT} ({i})", add_special_tokens=True) for i in range(args.batch)]
-    # llama.cpp runs before and after qiusuo's variants (minutes of compiling) and keeps its best:
-    # a neighbour busy during one side's runs must not hand the other side the win.
-    llama_before = llama_all(ggufs, one, many, args.tokens, args.repeats)
-    results: dict[str, dict] = {}
-    for variant in ("fp32", "bf16", "int8", "int8-dynamic", "int4", "fp32+compile", "fp32+max-autotune", "bf16+max-autotune"):
-        runs = {threads: qiusuo_run(tmp / "ckpt", tok, variant, one, many, args.tokens, threads, args.repeats)
-                for threads in (1, 2)}
-        t1 = max(runs, key=lambda t: runs[t][0])
-        t2 = max(runs, key=lambda t: runs[t][1])
-        results[f"qiusuo_{variant}"] = {"single_tok_s": runs[t1][0], "single_threads": t1,
-                                        "batch_tok_s": runs[t2][1], "batch_threads": t2,
-                                        "startup_s": max(r[2] for r in runs.values())}
-
-    llama_after = llama_all(ggufs, one, many, args.tokens, args.repeats)
-    for k, before in llama_before.items():
-        after = llama_after[k]
-        single, batch = (max(before[m], after[m]) for m in ("single", "batch"))
-        results[k] = {"single_tok_s": single[0], "single_threads": single[1], "batch_tok_s": batch[0],
-                      "batch_threads": batch[1], "single_tok_s_before_after": [before["single"][0], after["single"][0]],
-                      "batch_tok_s_before_after": [before["batch"][0], after["batch"][0]]}
-
-    print(f"{'engine':<22}{'single tok/s':>14}{'batch tok/s':>14}   (threads)")
-    for k, v in results.items():
-        print(f"{k:<22}{v['single_tok_s']:>14.1f}{v['batch_tok_s']:>14.1f}   ({v['single_threads']}, {v['batch_threads']})")
-    print("file sizes (bytes):", sizes)
-    best_q = max(results[k]["batch_tok_s"] for k in results if k.startswith("qiusuo"))
-    best_l = max(results[k]["batch_tok_s"] for k in results if k.startswith("llama"))
-    best_q1 = max(results[k]["single_tok_s"] for k in results if k.startswith("qiusuo"))
-    best_l1 = max(results[k]["single_tok_s"] for k in results if k.startswith("llama"))
-    ratios = {"batch_qiusuo_over_llama": best_q / best_l, "single_qiusuo_over_llama": best_q1 / best_l1}
-    summary = {"bench": "edge", "preset": args.model or args.preset, "tokens": args.tokens, "batch": args.batch,
-               "repeats": args.repeats,
-               "torch": torch.__version__, "results": results, "sizes": sizes, "ratios": ratios}
-    print(json.dumps(_rounded(summary)))
-
-
-def _rounded(x):
-    if isinstance(x, float):
-        return round(x, 2)
-    if isinstance(x, dict):
-        return {k: _rounded(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_rounded(v) for v in x]
-    return x
+    bin_dir = build_llama_cpp(args.llama_build, args.llama_sdist) if args.llama else None
+    print(f"llama.cpp tools: {bin_dir}; native bf16: {cpu_has_native_bf16()} (bf16 pairs run only where it is)",
+          flush=True)
+    run = Run("edge", threads=args.threads, args={**vars(args), "llama_build": str(args.llama_build)})
+    for shape in args.shapes:
+        bench_shape(shape, args, run, bin_dir)
 
 
 if __name__ == "__main__":

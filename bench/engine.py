@@ -316,8 +316,9 @@ def real_worker(shape: str, side: str, ckpt: str, threads: int, new_tokens: int,
     t0 = time.perf_counter()
     if side.startswith("qiusuo"):
         dtype = "bfloat16" if side.endswith("bf16") else "float32"
+        quant = side.split()[-1] if side.split()[-1] in ("int8", "int8-dynamic", "int4") else None  # bench/edge.py's sides
         llm = LLM(ckpt, dtype=dtype, num_threads=threads, max_num_seqs=max(batches), enable_prefix_caching=False,
-                  max_model_len=max(prefill_len, 16 + new_tokens) + 1, kv_cache_bytes=None)
+                  max_model_len=max(prefill_len, 16 + new_tokens) + 1, kv_cache_bytes=None, quantization=quant)
         out["load_s"] = time.perf_counter() - t0
 
         def gen(prompts, n):
@@ -346,6 +347,7 @@ def real_worker(shape: str, side: str, ckpt: str, threads: int, new_tokens: int,
     tn, single = timed([short[0]], new_tokens + 1)
     out["decode_tok_s"] = new_tokens / max(tn - t1, 1e-9)  # the prefill and the first token subtracted
     out["tokens"] = {"single": single}
+    out["single_prompt"] = short[0]  # bench/edge.py replays it on llama.cpp
     for b in batches:
         dt, tokens = timed(short[:b], new_tokens)
         out[f"batch{b}_tok_s"] = b * new_tokens / dt
@@ -391,6 +393,7 @@ def bench_real(args, run: Run) -> None:
                     raise SystemExit(f"{shape} {side} failed (exit {proc.returncode}); its output is above")
                 res = json.loads(lines[-1][len(RESULT):])
                 tokens = res.pop("tokens")
+                res.pop("single_prompt", None)
                 got[side].append(res)
                 run.add(kind="real", repeat=r, load_before=os.getloadavg()[0], first_tokens=tokens["single"][:CHECKED],
                         **res)
@@ -437,12 +440,13 @@ def main() -> None:
     ap.add_argument("--side-timeout", type=float, default=900, help="real: seconds one side's process may take")
     ap.add_argument("--tmp", default=None, help="real: where to write the checkpoints (default: the system's tmp)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32], help="real worker: batch sizes")
     ap.add_argument("--_real", nargs=3, metavar=("SHAPE", "SIDE", "CKPT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args._real:
         shape, side, ckpt = args._real
-        res = real_worker(shape, side, ckpt, args.threads, args.new_tokens, args.prefill_len, [8, 16, 32], args.seed)
+        res = real_worker(shape, side, ckpt, args.threads, args.new_tokens, args.prefill_len, args.batches, args.seed)
         print(RESULT + json.dumps(res), flush=True)
         return
     run = Run("engine" if args.workload == "tiny" else "engine_real", threads=args.threads, args=vars(args))
