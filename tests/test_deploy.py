@@ -51,7 +51,7 @@ def test_config_defaults_and_names():
     ({"app_name": "qiusuo-dashboard"}, "app name"),
     ({"upscale_delay_s": -1}, "upscale_delay_s"),
     ({"num_cpus": 0}, "num_cpus"),
-    ({"quantization": "int3"}, "quantization"),
+    ({"engine_options": {"quantization": "int3"}}, "quantization"),
 ])  # fmt: skip
 def test_config_rejects_with_the_rule(kwargs, rule):
     with pytest.raises(ValueError, match=rule):
@@ -65,7 +65,7 @@ def test_replica_engine_takes_the_quantization(tmp_path):
 
     model, tok = build_model("tiny-dense", seed=0)
     path = save_model(model, tok, tmp_path / "m")
-    engine = load_engine(DeployConfig(model="m", model_path=str(path), quantization="int4"))
+    engine = load_engine(DeployConfig(model="m", model_path=str(path), engine_options={"quantization": "int4"}))
     assert any(isinstance(m, QuantizedLinear) and m.mode == "int4" for m in engine.model.modules())
 
 
