@@ -259,6 +259,9 @@ def test_sampling_follows_the_target_distribution(temperature, top_k):
     assert _chi_square_p(counts, expected) > 1e-3
     st = llm.llm_engine.stats()["spec_decode"]
     assert 0.02 * st["num_draft_tokens"] < st["num_accepted_tokens"] < 0.9 * st["num_draft_tokens"]  # both paths ran
+    # max_tokens=3 leaves room for one draft per sample (after the prefill's token), never two: the
+    # counters once also counted rows verified without drafts (a stale loop variable).
+    assert st["num_drafts"] == st["num_draft_tokens"] <= len(out.outputs)
 
 
 def test_chi_square_catches_a_biased_sampler(monkeypatch):
