@@ -12,7 +12,7 @@ every speculative run's tokens equal the plain run's (greedy is exact).
 Figures: output tokens per second (wall and CPU `process_time`), the ratio to plain decoding in
 the same repeat, the acceptance rate (accepted / draft tokens), accepted per draft position, and
 the mean tokens a step yields per row (1 + accepted / drafts). A trained model's prompts are its
-task's held-out prompts (what it was trained to continue); a random model's are random ids.
+task's held-out prompts with the think block opened (it writes its scratchpad); a random model's are random ids.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ def requests_for(llm, model, n: int, seed: int, task: str | None) -> list[list[i
         from qiusuo.eval.evaluate import encode_prompt
 
         t = tasks.get(task, template="compact")
+        # The prompt opens the think block, so the model writes its scratchpad (~40 tokens), not a blurt.
+        opened = [tok.think_start_id] if getattr(tok, "think_start_id", None) is not None else []
         try:
-            return [encode_prompt(tok, t, p) for p in t.generate(n, seed=seed, split="test")]
+            return [encode_prompt(tok, t, p) + opened for p in t.generate(n, seed=seed, split="test")]
         finally:
             t.close()
     g = torch.Generator().manual_seed(seed)

@@ -268,7 +268,7 @@ class RejectionSampler:
         want = [s.params.logprobs for s in seqs]
         rows = []
         if all(w is None for w in want):
-            for toks, a in zip(out_tokens, num_accepted):
+            for toks, a, k in zip(out_tokens, num_accepted, ks):
                 rows.append(VerifiedRow(toks, [None] * len(toks), [None] * len(toks), a, k))
             return rows
         idx = [i for ix in out_index for i in ix]
