@@ -34,7 +34,8 @@ from qiusuo.engine import LLM, SamplingParams, StructuredOutputsParams
 from qiusuo.model import build_model
 from qiusuo.tokenizer import Tokenizer
 
-SCHEMA = {"type": "array", "items": {"type": "string"}}  # never complete within a few hundred tokens
+# at least 200 strings: never complete within the measured steps, so both sides run the same steps
+SCHEMA = {"type": "array", "items": {"type": "string"}, "minItems": 200}
 MID_SHAPE = dict(model_type="qwen2", hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
 
@@ -63,7 +64,7 @@ def build(name: str, vocab: int):
     return build_model("tiny-dense", tokenizer=tok, seed=0, **MID_SHAPE)
 
 
-def timed(llm: LLM, prompts: list[str], tokens: int, guided: bool) -> tuple[float, float, int]:
+def timed(llm: LLM, prompts: list[str], tokens: int, guided: bool, check: bool = True) -> tuple[float, float, int]:
     """(wall seconds, grammar seconds, grammar tokens) of one batch."""
     stats0 = llm.llm_engine.stats()
     params = [SamplingParams(temperature=1.0, seed=i, max_tokens=tokens, ignore_eos=not guided,
@@ -73,7 +74,7 @@ def timed(llm: LLM, prompts: list[str], tokens: int, guided: bool) -> tuple[floa
     outs = llm.generate(prompts, params)
     wall = time.perf_counter() - t
     n = [len(o.outputs[0].token_ids) for o in outs]
-    assert all(k == tokens for k in n), f"every request must run {tokens} steps, got {n}"
+    assert not check or all(k == tokens for k in n), f"every request must run {tokens} steps, got {n}"
     stats = llm.llm_engine.stats()
     return wall, stats["grammar_seconds"] - stats0["grammar_seconds"], stats["grammar_tokens"] - stats0["grammar_tokens"]
 
@@ -94,8 +95,8 @@ def main() -> None:
         model, tok = build(name, args.vocab)
         llm = LLM(model, tok, num_threads=args.threads, max_num_seqs=args.batch)
         prompts = [f"Request {i}: answer in JSON." for i in range(args.batch)]
-        timed(llm, prompts, 4, True)  # compile the grammar, import xgrammar, warm the caches
-        timed(llm, prompts, 4, False)
+        timed(llm, prompts, 4, True, check=False)  # compile the grammar, import xgrammar, warm the caches
+        timed(llm, prompts, 4, False, check=False)
         plain, guided, per_step = [], [], []
         for r in range(args.repeats):
             for side in (("plain", "guided") if r % 2 == 0 else ("guided", "plain")):
