@@ -56,7 +56,7 @@ MSG = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def server():
-    model, tok = build_model("tiny-dense", seed=5, num_hidden_layers=1)
+    model, tok = build_model("tiny-dense", seed=5, num_hidden_layers=1, max_position_embeddings=2048)  # room for the tools prompt
     tok.chat_template = HERMES_TEMPLATE
     engine = LLMEngine(model.eval(), tok, EngineConfig(kv_cache_bytes=32 << 20, num_threads=1, max_num_seqs=32))
     with ServerThread(create_app(engine, served_model_name=NAME)) as srv:
