@@ -183,7 +183,7 @@ def test_bad_constraints_are_400(client, body, param):
 # ---------------------------------------------------------------------- tools
 def test_tool_choice_required(client):
     r = client.chat.completions.create(model=NAME, messages=MSG, tools=[WEATHER, ADD], tool_choice="required",
-                                       seed=7, n=4, max_tokens=400)
+                                       seed=7, n=4, max_tokens=1000, parallel_tool_calls=False)
     for c in r.choices:
         assert c.finish_reason == "tool_calls" and c.message.tool_calls, c.message
         for tc in c.message.tool_calls:

@@ -207,6 +207,11 @@ def bounded_strings(schema: Any) -> Any:
     for k in _SUBSCHEMA_MAPS:
         if isinstance(out.get(k), dict):
             out[k] = {name: bounded_strings(s) for name, s in out[k].items()}
+    if out.get("format") == "ipv4" and "pattern" not in out:
+        # xgrammar 0.2.9's ipv4 allows leading zeros ("10.077.0.1"), which RFC 3986 / jsonschema refuse
+        octet = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+        out.pop("format")
+        out["pattern"] = f"^({octet}\\.){{3}}{octet}$"
     types = out.get("type")
     types = [types] if isinstance(types, str) else types
     if (isinstance(types, list) and "string" in types and ("minLength" in out or "maxLength" in out)
