@@ -9,12 +9,12 @@ Two measurements in the same run, same model, same 16 prompts, same seeds:
 2. Direct: the engine's own grammar counters (time filling each row's xgrammar bitmask and applying
    it to the logits) per decode step, as a fraction of the plain run's median step time.
 
-Models: the tiny preset (a decode step of a few ms: the worst case for a fixed per-row cost) and a
-Qwen2.5-0.5B-shaped model with random weights and a byte-level BPE vocabulary trained here on
-JSON-like text (`--vocab`, default 32000 tokens: the mask scales with the vocabulary; nothing is
-downloaded). Results: bench/results/grammar-*.json; the target is < 10% of a decode step.
+Models: the tiny preset (266-token vocabulary, a decode step of a few ms: the worst case for a
+fixed per-row cost) and `mid-32k`, a ~40 M dense model (hidden 512, 8 layers, random weights) with a
+byte-level BPE vocabulary trained here on JSON-like text (`--vocab`, default 32000 tokens: the mask
+scales with the vocabulary; nothing is downloaded). Results: bench/results/grammar-*.json; the target is < 10% of a decode step.
 
-    python bench/grammar.py [--tokens 64] [--repeats 3] [--threads 1] [--models tiny qwen0.5b-shape]
+    python bench/grammar.py [--tokens 64] [--repeats 3] [--threads 1] [--models tiny mid-32k]
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ from qiusuo.engine import LLM, SamplingParams, StructuredOutputsParams
 from qiusuo.model import build_model
 from qiusuo.tokenizer import Tokenizer
 
-SCHEMA = {"type": "array", "items": {"type": "string"}}  # never complete within a few hundred tokens
-QWEN05_SHAPE = dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
+# at least 200 strings: never complete within the measured steps, so both sides run the same steps
+SCHEMA = {"type": "array", "items": {"type": "string"}, "minItems": 200}
+MID_SHAPE = dict(model_type="qwen2", hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
 
 
 def trained_tokenizer(vocab: int) -> Tokenizer:
@@ -60,10 +61,10 @@ def build(name: str, vocab: int):
     if name == "tiny":
         return build_model("tiny-dense", seed=0)
     tok = trained_tokenizer(vocab)
-    return build_model("tiny-dense", tokenizer=tok, seed=0, **QWEN05_SHAPE)
+    return build_model("tiny-dense", tokenizer=tok, seed=0, **MID_SHAPE)
 
 
-def timed(llm: LLM, prompts: list[str], tokens: int, guided: bool) -> tuple[float, float, int]:
+def timed(llm: LLM, prompts: list[str], tokens: int, guided: bool, check: bool = True) -> tuple[float, float, int]:
     """(wall seconds, grammar seconds, grammar tokens) of one batch."""
     stats0 = llm.llm_engine.stats()
     params = [SamplingParams(temperature=1.0, seed=i, max_tokens=tokens, ignore_eos=not guided,
@@ -73,7 +74,7 @@ def timed(llm: LLM, prompts: list[str], tokens: int, guided: bool) -> tuple[floa
     outs = llm.generate(prompts, params)
     wall = time.perf_counter() - t
     n = [len(o.outputs[0].token_ids) for o in outs]
-    assert all(k == tokens for k in n), f"every request must run {tokens} steps, got {n}"
+    assert not check or all(k == tokens for k in n), f"every request must run {tokens} steps, got {n}"
     stats = llm.llm_engine.stats()
     return wall, stats["grammar_seconds"] - stats0["grammar_seconds"], stats["grammar_tokens"] - stats0["grammar_tokens"]
 
@@ -85,7 +86,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--models", nargs="+", default=["tiny", "qwen0.5b-shape"])
+    ap.add_argument("--models", nargs="+", default=["tiny", "mid-32k"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     run = Run("grammar", threads=args.threads, args=vars(args))
@@ -94,8 +95,8 @@ def main() -> None:
         model, tok = build(name, args.vocab)
         llm = LLM(model, tok, num_threads=args.threads, max_num_seqs=args.batch)
         prompts = [f"Request {i}: answer in JSON." for i in range(args.batch)]
-        timed(llm, prompts, 4, True)  # compile the grammar, import xgrammar, warm the caches
-        timed(llm, prompts, 4, False)
+        timed(llm, prompts, 4, True, check=False)  # compile the grammar, import xgrammar, warm the caches
+        timed(llm, prompts, 4, False, check=False)
         plain, guided, per_step = [], [], []
         for r in range(args.repeats):
             for side in (("plain", "guided") if r % 2 == 0 else ("guided", "plain")):

@@ -207,12 +207,23 @@ def bounded_strings(schema: Any) -> Any:
     for k in _SUBSCHEMA_MAPS:
         if isinstance(out.get(k), dict):
             out[k] = {name: bounded_strings(s) for name, s in out[k].items()}
+    if out.get("format") == "ipv4" and "pattern" not in out:
+        # xgrammar 0.2.9's ipv4 allows leading zeros ("10.077.0.1"), which RFC 3986 / jsonschema refuse
+        octet = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+        out.pop("format")
+        out["pattern"] = f"^({octet}\\.){{3}}{octet}$"
     types = out.get("type")
-    is_string = types == "string" or (isinstance(types, list) and types == ["string"])
-    if (is_string and ("minLength" in out or "maxLength" in out) and "pattern" not in out and "format" not in out
-            and "enum" not in out and "const" not in out):
+    types = [types] if isinstance(types, str) else types
+    if (isinstance(types, list) and "string" in types and ("minLength" in out or "maxLength" in out)
+            and not {"pattern", "format", "enum", "const"} & out.keys()):
         lo, hi = int(out.pop("minLength", 0)), out.pop("maxLength", None)
-        out["pattern"] = f"^[^\\uD800-\\uDFFF]{{{lo},{'' if hi is None else int(hi)}}}$"
+        pattern = f"^[^\\uD800-\\uDFFF]{{{lo},{'' if hi is None else int(hi)}}}$"
+        others = [t for t in types if t != "string"]
+        if not others:
+            out["pattern"] = pattern
+        elif "anyOf" not in out:  # ["string", "null"]: the string branch carries the pattern
+            out.pop("type")
+            out["anyOf"] = [{"type": "string", "pattern": pattern}, {"type": others[0] if len(others) == 1 else others}]
     return out
 
 
