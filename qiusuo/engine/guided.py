@@ -103,8 +103,8 @@ class StructuredOutputsParams:
 def _xgr():
     try:
         import xgrammar
-    except ImportError as e:  # a runtime dependency; a broken install should say so plainly
-        raise ValueError(f"structured outputs need xgrammar (pip install xgrammar): {e}") from None
+    except ImportError as e:  # the `structured` extra (pyproject.toml); without it, one clear error
+        raise ValueError(f"structured outputs need xgrammar: pip install 'qiusuo[structured]' ({e})") from None
     return xgrammar
 
 
