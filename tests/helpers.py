@@ -46,3 +46,24 @@ class ScriptedModel(Transformer):
         for row, prev in enumerate(self._prev):
             out[row, self.table.get(prev, self.eos)] = 20.0
         return out
+
+
+# The chat the API-translation tests serve (test_serve_ollama.py, test_serve_anthropic.py): after the
+# assistant marker `<think>`, then "r" until the think block is closed for it, then THINK_SCRIPT_ANSWER
+# spelled in bytes (plain text, not the think tag), then eos.
+THINK_SCRIPT_ANSWER = "Ab<think>"
+
+
+def think_script(tok) -> dict[int, int]:
+    """The ScriptedModel table of that chat for tokenizer `tok` (the built-in byte tokenizer)."""
+    def b(ch: str) -> int:
+        (tid,) = tok.encode(ch)
+        return tid
+
+    table = {tok.token_to_id("<|assistant|>"): tok.think_start_id, tok.think_start_id: b("r"), b("r"): b("r"),
+             tok.think_end_id: b(THINK_SCRIPT_ANSWER[0])}
+    for a, c in zip(THINK_SCRIPT_ANSWER, THINK_SCRIPT_ANSWER[1:]):
+        table[b(a)] = b(c)
+    table[b(THINK_SCRIPT_ANSWER[-1])] = tok.eos_token_id
+    return table
+

@@ -26,20 +26,9 @@ import helpers
 torch.set_num_threads(1)
 
 TOK = Tokenizer.builtin()
-THINK, END_THINK, EOS = TOK.think_start_id, TOK.think_end_id, TOK.eos_token_id
-ASSISTANT = TOK.token_to_id("<|assistant|>")
-ANSWER = "Ab<think>"
+SCRIPT = helpers.think_script(TOK)
+ANSWER = helpers.THINK_SCRIPT_ANSWER
 KEY = "sk-test"
-
-
-def b(ch: str) -> int:
-    (tid,) = TOK.encode(ch)
-    return tid
-
-
-SCRIPT = {ASSISTANT: THINK, THINK: b("r"), b("r"): b("r"), END_THINK: b("A"), b("A"): b("b"), b("b"): b("<"),
-          b("<"): b("t"), b("t"): b("h"), b("h"): b("i"), b("i"): b("n"), b("n"): b("k"), b("k"): b(">"),
-          b(">"): EOS}  # fmt: skip
 MSG = [{"role": "user", "content": "hi"}]
 THINKING = {"type": "enabled", "budget_tokens": 5}
 

@@ -24,19 +24,8 @@ import helpers
 torch.set_num_threads(1)
 
 TOK = Tokenizer.builtin()
-THINK, END_THINK, EOS = TOK.think_start_id, TOK.think_end_id, TOK.eos_token_id
-ASSISTANT = TOK.token_to_id("<|assistant|>")
-ANSWER = "Ab<think>"
-
-
-def b(ch: str) -> int:
-    (tid,) = TOK.encode(ch)
-    return tid
-
-
-SCRIPT = {ASSISTANT: THINK, THINK: b("r"), b("r"): b("r"), END_THINK: b("A"), b("A"): b("b"), b("b"): b("<"),
-          b("<"): b("t"), b("t"): b("h"), b("h"): b("i"), b("i"): b("n"), b("n"): b("k"), b("k"): b(">"),
-          b(">"): EOS}  # fmt: skip
+SCRIPT = helpers.think_script(TOK)
+ANSWER = helpers.THINK_SCRIPT_ANSWER
 MSG = [{"role": "user", "content": "hi"}]
 
 

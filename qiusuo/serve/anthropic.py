@@ -34,10 +34,11 @@ from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
-from .chat import ChatRun, chat_response, chat_stream, finish_chat, render_prompt, start_chat
+from .chat import (ChatRun, chat_response, chat_stream, finish_chat, render_prompt, start_chat,
+                   translated_request)
 from .protocol import MAX_STOP_STRINGS, ChatCompletionRequest, OpenAIError
 from .serving import ServerState
 from .streaming import AbortingStreamingResponse
@@ -204,12 +205,7 @@ def _openai_body(served: str, req: MessagesRequest) -> dict[str, Any]:
 
 
 def _chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
-    try:
-        return ChatCompletionRequest.model_validate(body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err.get("loc", ()))
-        raise AnthropicError(400, f"{_PARAM_NAMES.get(where, where)}: {err.get('msg')}") from None
+    return translated_request(body, AnthropicError, _PARAM_NAMES)
 
 
 def signature(thinking: str) -> str:

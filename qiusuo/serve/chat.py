@@ -30,9 +30,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.requests import Request
 
 from qiusuo.engine import StructuredOutputsParams
@@ -75,6 +76,19 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
         raise OpenAIError(400, f"The messages could not be rendered: {e}", param="messages") from None
     check_text_fits(state, text, "messages")
     return state.tokenizer.encode(text, add_special_tokens=False)  # the template has the bos
+
+
+def translated_request(body: dict[str, Any], error: Callable[[int, str], Exception],
+                       names: dict[str, str]) -> ChatCompletionRequest:
+    """Another API's request, translated to the chat route's body, as a `ChatCompletionRequest`. A field
+    the chat route refuses is a 400 from `error` (that API's error type), named as that API names it
+    (`names`: chat field path -> its own, e.g. max_tokens -> options.num_predict)."""
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        raise error(400, f"{names.get(where, where)}: {err.get('msg')}") from None
 
 
 @dataclass

@@ -45,7 +45,7 @@ from starlette.requests import Request
 
 from qiusuo.engine.reasoning import think_ids
 
-from .chat import ChatRun, chat_response, chat_stream, finish_chat, start_chat
+from .chat import ChatRun, chat_response, chat_stream, finish_chat, start_chat, translated_request
 from .protocol import ChatCompletionRequest, OpenAIError
 from .serving import ServerState, check_text_fits
 from .streaming import AbortingStreamingResponse
@@ -296,12 +296,7 @@ def _openai_body(state: ServerState, req: _Common, messages: list[dict[str, Any]
 
 
 def _chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
-    try:
-        return ChatCompletionRequest.model_validate(body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err.get("loc", ()))
-        raise OllamaError(400, f"{_PARAM_NAMES.get(where, where)}: {err.get('msg')}") from None
+    return translated_request(body, OllamaError, _PARAM_NAMES)
 
 
 def _messages(req: ChatRequest) -> list[dict[str, Any]]:
