@@ -30,9 +30,10 @@ def _app():
 APP = _app()
 SCHEMA = schemathesis.openapi.from_dict(APP.openapi())
 OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]
-# Invalid data needs something to break: only the POST routes take a body.
+# Invalid data needs something to break: only routes that declare a body (Ollama's catch-all
+# /api/{rest}, which answers 404 for endpoints qiusuo lacks, declares none).
 CASES = [(op, mode) for op in OPERATIONS for mode in GenerationMode
-         if mode is GenerationMode.POSITIVE or op.method.upper() == "POST"]
+         if mode is GenerationMode.POSITIVE or (op.method.upper() == "POST" and op.body)]
 
 
 def check_error_shape(path: str, body: dict) -> None:
