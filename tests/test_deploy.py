@@ -59,14 +59,26 @@ def test_config_rejects_with_the_rule(kwargs, rule):
 
 
 def test_replica_engine_takes_the_quantization(tmp_path):
-    from qiusuo.deploy.replica import load_engine
+    """In a child process: importing qiusuo.deploy.replica imports Ray, which reads its auth settings
+    once per process, and the Ray tests later in this process start token-authenticated heads."""
+    import os
+    import subprocess
+    import sys
+
     from qiusuo.model import build_model, save_model
-    from qiusuo.model.quantize import QuantizedLinear
 
     model, tok = build_model("tiny-dense", seed=0)
     path = save_model(model, tok, tmp_path / "m")
-    engine = load_engine(DeployConfig(model="m", model_path=str(path), engine_options={"quantization": "int4"}))
-    assert any(isinstance(m, QuantizedLinear) and m.mode == "int4" for m in engine.model.modules())
+    code = ("import sys\n"
+            "from qiusuo.deploy.config import DeployConfig\n"
+            "from qiusuo.deploy.replica import load_engine\n"
+            "from qiusuo.model.quantize import QuantizedLinear\n"
+            "engine = load_engine(DeployConfig(model='m', model_path=sys.argv[1], engine_options={'quantization': 'int4'}))\n"
+            "assert any(isinstance(m, QuantizedLinear) and m.mode == 'int4' for m in engine.model.modules())\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------- stats
