@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from qiusuo.engine import LLM, EngineConfig, LLMEngine, SamplingParams, StructuredOutputsParams
-from qiusuo.engine.guided import bounded_strings
+from qiusuo.engine.guided import GrammarBackend
 from qiusuo.tokenizer import Tokenizer
 
 torch.set_num_threads(1)
@@ -112,14 +112,57 @@ def test_bad_specs_are_refused(llm, spec, fragment):
     assert not llm.llm_engine.has_unfinished_requests()
 
 
-def test_bounded_strings_rewrite_keeps_validity():
-    """xgrammar 0.2.9 lets raw control characters into length-bounded strings; we compile them as patterns."""
-    s = bounded_strings({"type": "object", "properties": {"a": {"type": "string", "minLength": 2, "maxLength": 5},
-                                                           "b": {"type": "array", "items": {"type": "string", "maxLength": 3}}}})
-    assert s["properties"]["a"] == {"type": "string", "pattern": "^[^\\uD800-\\uDFFF]{2,5}$"}
-    assert s["properties"]["b"]["items"] == {"type": "string", "pattern": "^[^\\uD800-\\uDFFF]{0,3}$"}
-    assert bounded_strings({"type": ["string", "null"], "maxLength": 2}) == {
-        "anyOf": [{"type": "string", "pattern": "^[^\\uD800-\\uDFFF]{0,2}$"}, {"type": "null"}]}
+def _byte_sequences():
+    """Every 1- and 2-byte sequence, and 3- and 4-byte ones over every lead and second byte: the valid
+    UTF-8 characters of each length and every kind of invalid one (stray continuation, overlong,
+    surrogate, above U+10FFFF, bad lead)."""
+    yield from (bytes([a]) for a in range(256))
+    yield from (bytes([a, b]) for a in range(0xC0, 0x100) for b in range(0x80, 0xC0))
+    yield from (bytes([a, b, c]) for a in range(0xE0, 0x100) for b in range(0x80, 0xC0) for c in (0x80, 0xBF))
+    yield from (bytes([a, b, 0x80, 0x80]) for a in range(0xF0, 0x100) for b in range(0x80, 0xC0))
+
+
+def _one_json_char(seq: bytes) -> bool:
+    try:
+        text = seq.decode("utf-8")  # strict: overlongs and surrogates are errors
+    except UnicodeDecodeError:
+        return False
+    return len(text) == 1 and text >= " " and text not in '"\\'
+
+
+def _whole(compiled, data: bytes) -> bool:
+    """The grammar takes `data` as its whole output (not only a prefix)."""
+    import xgrammar as xgr
+
+    m = xgr.GrammarMatcher(compiled)
+    return m.accept_string(data) and m.accept_token(TOK.eos_token_id)
+
+
+@pytest.mark.parametrize("schema", [{"type": "string", "maxLength": 1}, {"type": "string", "minLength": 1, "maxLength": 1},
+                                    {"type": ["string", "null"], "maxLength": 1}])
+def test_length_bounded_string_takes_exactly_one_character(schema):
+    """A string of maxLength 1 takes exactly the byte sequences that decode to one JSON character.
+    xgrammar 0.2.9 took raw control characters, UTF-8-encoded surrogates (ED A0 80) and, when the
+    bound went through a pattern, overlong forms (E0 80 80, F0 80 80 80): one character to the
+    grammar, several U+FFFD once decoded, so maxLength 12 gave a 14-character tool argument."""
+    backend = GrammarBackend(TOK, TOK.vocab_size, [TOK.eos_token_id])
+    compiled = backend.compile(StructuredOutputsParams(json=schema))
+    wrong = [seq.hex() for seq in _byte_sequences()
+             if _whole(compiled, b'"' + seq + b'"') != _one_json_char(seq)]
+    assert not wrong, wrong[:20]
+    for escape in (b'"\\n"', b'"\\""', b'"\\\\"'):  # JSON's short escapes count as one character
+        assert _whole(compiled, escape), escape
+    assert not _whole(compiled, b'"ab"')
+    assert _whole(compiled, b'""') == ("minLength" not in schema)
+
+
+def test_unbounded_string_takes_only_valid_utf8():
+    """An unbounded string's characters: no surrogate encodings (three U+FFFD once decoded)."""
+    backend = GrammarBackend(TOK, TOK.vocab_size, [TOK.eos_token_id])
+    compiled = backend.compile(StructuredOutputsParams(json={"type": "object", "properties": {"s": {"type": "string"}}}))
+    wrong = [seq.hex() for seq in _byte_sequences()
+             if _whole(compiled, b'{"s": "' + seq + b'"}') != _one_json_char(seq)]
+    assert not wrong, wrong[:20]
 
 
 # --- reasoning stays free: a scripted model writes its think block, then the grammar takes over -----------

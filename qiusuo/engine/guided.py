@@ -152,9 +152,9 @@ class GrammarBackend:
         try:
             with self._lock:
                 if spec.kind == "json":
-                    return self.compiler.compile_json_schema(bounded_strings(spec.json), **ws)
+                    return self.compiler.compile_grammar(json_schema_grammar(xgr, spec.json, **ws))
                 if spec.kind == "json_object":
-                    return self.compiler.compile_json_schema({"type": "object"}, **ws)
+                    return self.compiler.compile_grammar(json_schema_grammar(xgr, {"type": "object"}, **ws))
                 if spec.kind == "regex":
                     return self.compiler.compile_regex(spec.regex)
                 if spec.kind == "choice":
@@ -170,7 +170,7 @@ class GrammarBackend:
     def _structures(self, spec: StructuredOutputsParams, ws: dict):
         G = self.xgr.Grammar
         one = [G.concat(*[g for g in (G.from_regex(_regex_literal(s["begin"])) if s["begin"] else None,
-                                      G.from_json_schema(bounded_strings(s["schema"]), **ws),
+                                      json_schema_grammar(self.xgr, s["schema"], **ws),
                                       G.from_regex(_regex_literal(s["end"])) if s["end"] else None) if g is not None])
                for s in spec.structures]
         call = G.union(*one) if len(one) > 1 else one[0]
@@ -182,48 +182,59 @@ _SUBSCHEMA_KEYS = ("items", "additionalProperties", "not", "if", "then", "else",
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
+# One JSON string character, exactly: a printable code point other than `"` and `\` (raw controls
+# are invalid JSON), in ranges that each stay within one UTF-8 length and skip the surrogates.
+JSON_CHAR = r'[ !#-\[\]-\u007f\u0080-\u07ff\u0800-\ud7ff\ue000-\uffff\U00010000-\U0010ffff]'
+# The classes xgrammar 0.2.9 prints for them: an unbounded string's character, and a length-bounded
+# string's (`<rule>_characters`, which has no escapes).
+_XGR_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+_XGR_BOUNDED_CHAR = r'[^\"\\\r\n]'
 
-def bounded_strings(schema: Any) -> Any:
-    """A copy of `schema` whose strings with minLength/maxLength (and no pattern or format) carry the
-    equivalent pattern `^[^\uD800-\uDFFF]{min,max}$` instead.
 
-    xgrammar 0.2.9 compiles a length-bounded string to a character class that lets raw control
-    characters (U+0000-U+001F) through, which is invalid JSON; its pattern strings exclude them.
-    Its `.` also takes UTF-8-encoded surrogates (ED A0..BF xx), one "character" to the grammar but
-    three U+FFFD once decoded, which breaks maxLength: the class excludes them. Escapes are then not
-    generated inside such strings (plain characters only), which is valid JSON.
+def json_schema_grammar(xgr, schema: Any, **ws):
+    """xgrammar's grammar for a JSON schema, with its string characters made exact (xgrammar 0.2.9).
+
+    xgrammar writes a JSON string's character as a negated class. Its length-bounded strings
+    (minLength/maxLength) use `[^"\\\r\n]`, which lets raw control characters through (invalid
+    JSON). Both negated classes also take UTF-8-encoded surrogates (ED A0..BF xx): one character to
+    the grammar, but three U+FFFD once decoded, which breaks maxLength (and puts garbage into any
+    string). A positive class whose ranges each stay within one UTF-8 length is exact, so the
+    grammar's text is rewritten to use `JSON_CHAR`; bounded strings also get JSON's short escapes
+    (each decodes to one character, so lengths still count right).
+
+    (A `pattern` instead is no way out: xgrammar compiles patterns with a regex automaton whose
+    ranges that span UTF-8 lengths take overlong forms, E0 80..9F xx and F0 80..8F xx xx, each
+    again several U+FFFD once decoded; and its size grows with the repeat count, so maxLength 2000
+    took 10 s to compile where the grammar's own repetition takes milliseconds.)
     """
+    text = str(xgr.Grammar.from_json_schema(schema_workarounds(schema), **ws))
+    text = text.replace(_XGR_STRING_CHAR, JSON_CHAR)
+    text = text.replace(_XGR_BOUNDED_CHAR, f'({JSON_CHAR} | "\\\\" [\\"\\\\/bfnrt])')
+    return xgr.Grammar.from_ebnf(text)
+
+
+def schema_workarounds(schema: Any) -> Any:
+    """A copy of `schema` with the keywords xgrammar 0.2.9 gets wrong rewritten to equivalents:
+    `format: ipv4` allows leading zeros ("10.077.0.1"), which RFC 3986 and jsonschema refuse, so it
+    becomes the exact pattern."""
     if isinstance(schema, list):
-        return [bounded_strings(s) for s in schema]
+        return [schema_workarounds(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     for k in _SUBSCHEMA_KEYS:
         if isinstance(out.get(k), (dict, list)):
-            out[k] = bounded_strings(out[k])
+            out[k] = schema_workarounds(out[k])
     for k in _SUBSCHEMA_LISTS:
         if isinstance(out.get(k), list):
-            out[k] = [bounded_strings(s) for s in out[k]]
+            out[k] = [schema_workarounds(s) for s in out[k]]
     for k in _SUBSCHEMA_MAPS:
         if isinstance(out.get(k), dict):
-            out[k] = {name: bounded_strings(s) for name, s in out[k].items()}
+            out[k] = {name: schema_workarounds(s) for name, s in out[k].items()}
     if out.get("format") == "ipv4" and "pattern" not in out:
-        # xgrammar 0.2.9's ipv4 allows leading zeros ("10.077.0.1"), which RFC 3986 / jsonschema refuse
         octet = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
         out.pop("format")
         out["pattern"] = f"^({octet}\\.){{3}}{octet}$"
-    types = out.get("type")
-    types = [types] if isinstance(types, str) else types
-    if (isinstance(types, list) and "string" in types and ("minLength" in out or "maxLength" in out)
-            and not {"pattern", "format", "enum", "const"} & out.keys()):
-        lo, hi = int(out.pop("minLength", 0)), out.pop("maxLength", None)
-        pattern = f"^[^\\uD800-\\uDFFF]{{{lo},{'' if hi is None else int(hi)}}}$"
-        others = [t for t in types if t != "string"]
-        if not others:
-            out["pattern"] = pattern
-        elif "anyOf" not in out:  # ["string", "null"]: the string branch carries the pattern
-            out.pop("type")
-            out["anyOf"] = [{"type": "string", "pattern": pattern}, {"type": others[0] if len(others) == 1 else others}]
     return out
 
 
