@@ -67,3 +67,23 @@ def think_script(tok) -> dict[int, int]:
     table[b(THINK_SCRIPT_ANSWER[-1])] = tok.eos_token_id
     return table
 
+
+
+# A chat template with a tool format: Qwen2.5's shape (tools in the system turn, `<tool_call>` JSON
+# calls, `<tool_response>` results) on the built-in tokenizer's role markers, so the server picks the
+# hermes parser from it (test_serve_guided.py, test_serve_anthropic_tools.py).
+HERMES_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}<|system|># Tools\n<tools>\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}</tools>\n"
+    "For each call return <tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"
+    "{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'system' %}<|system|>{{ m.content }}"
+    "{% elif m.role == 'user' %}<|user|>{{ m.content }}"
+    "{% elif m.role == 'assistant' %}<|assistant|>{{ m.content or '' }}"
+    "{% for tc in m.tool_calls or [] %}<tool_call>\n{\"name\": \"{{ tc.function.name }}\", \"arguments\": "
+    "{{ tc.function.arguments | tojson }}}\n</tool_call>{% endfor %}{{ eos_token }}"
+    "{% elif m.role == 'tool' %}<|user|><tool_response>\n{{ m.content }}\n</tool_response>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)

@@ -20,6 +20,8 @@ from qiusuo.model import build_model
 from qiusuo.serve import create_app
 from qiusuo.serve.server import ServerThread
 
+import helpers
+
 torch.set_num_threads(1)
 
 SCHEMAS = {k: v for k, v in json.loads((Path(__file__).parent / "data" / "json_schemas.json").read_text()).items()
@@ -27,22 +29,7 @@ SCHEMAS = {k: v for k, v in json.loads((Path(__file__).parent / "data" / "json_s
 CHECKER = jsonschema.Draft202012Validator.FORMAT_CHECKER
 NAME = "tiny"
 
-# Qwen2.5's template shape, on the built-in tokenizer's role markers.
-HERMES_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% if tools %}<|system|># Tools\n<tools>\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}</tools>\n"
-    "For each call return <tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"
-    "{% endif %}"
-    "{% for m in messages %}"
-    "{% if m.role == 'system' %}<|system|>{{ m.content }}"
-    "{% elif m.role == 'user' %}<|user|>{{ m.content }}"
-    "{% elif m.role == 'assistant' %}<|assistant|>{{ m.content or '' }}"
-    "{% for tc in m.tool_calls or [] %}<tool_call>\n{\"name\": \"{{ tc.function.name }}\", \"arguments\": "
-    "{{ tc.function.arguments | tojson }}}\n</tool_call>{% endfor %}{{ eos_token }}"
-    "{% elif m.role == 'tool' %}<|user|><tool_response>\n{{ m.content }}\n</tool_response>"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+HERMES_TEMPLATE = helpers.HERMES_TEMPLATE
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
                                             "parameters": SCHEMAS["weather_tool_args"]}}

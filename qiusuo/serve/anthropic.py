@@ -5,10 +5,11 @@ takes and runs through `chat.start_chat`; the answer is read back from that rout
 events and rewritten as Anthropic's content blocks and stream events (message_start,
 content_block_start/delta/stop, message_delta, message_stop; field names from
 docs.anthropic.com, "Messages" and "Streaming Messages"). `tools`/`tool_choice` and
-`tool_use`/`tool_result` blocks are translated to OpenAI's tools, tool_calls and `tool` messages,
-and tool calls coming back to `tool_use` blocks (`input_json_delta` when streamed); until the chat
-route supports tools it refuses them, so today a request with `tools` is a 400 in Anthropic's
-error shape.
+`tool_use`/`tool_result` blocks are translated to OpenAI's tools, tool_calls and `tool` messages
+(tool_choice `auto`, `none`, `any` -> "required", `tool` -> a named function, the last two forced
+by the grammar; `disable_parallel_tool_use` -> `parallel_tool_calls: false`), and tool calls coming
+back to `tool_use` blocks with `toolu_` ids (`input_json_delta` when streamed), `stop_reason:
+"tool_use"`.
 
 Thinking: `thinking: {"type": "enabled", "budget_tokens": N}` is a thinking budget of N reasoning
 tokens (Anthropic requires N >= 1024; a local model with a short context may take fewer, so only
@@ -176,6 +177,8 @@ def _tools(req: MessagesRequest) -> dict[str, Any]:
         body["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
     elif kind in ("auto", "none"):
         body["tool_choice"] = kind
+    if choice.get("disable_parallel_tool_use"):
+        body["parallel_tool_calls"] = False
     return body
 
 
@@ -206,6 +209,11 @@ def _openai_body(served: str, req: MessagesRequest) -> dict[str, Any]:
 
 def _chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
     return translated_request(body, AnthropicError, _PARAM_NAMES)
+
+
+def tool_use_id(call_id: str | None) -> str | None:
+    """The chat route's `call_<hex>` as Anthropic spells a tool_use id, `toolu_<hex>`."""
+    return "toolu_" + call_id[len("call_"):] if call_id and call_id.startswith("call_") else call_id
 
 
 def signature(thinking: str) -> str:
@@ -251,7 +259,7 @@ def message_body(response: dict[str, Any], model: str, message_id: str, display:
     if m.get("content"):
         content.append({"type": "text", "text": m["content"]})
     for call in m.get("tool_calls") or []:
-        content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
+        content.append({"type": "tool_use", "id": tool_use_id(call["id"]), "name": call["function"]["name"],
                         "input": json.loads(call["function"]["arguments"] or "{}")})
     reason, sequence = _stop(choice["finish_reason"], choice.get("stop_reason"))
     return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
@@ -321,7 +329,7 @@ class StreamTranslator:
                 key = f"tool_use:{call.get('index', 0)}"
                 fn = call.get("function") or {}
                 if self.open != key:
-                    events += self._open(key, {"type": "tool_use", "id": call.get("id"), "name": fn.get("name"),
+                    events += self._open(key, {"type": "tool_use", "id": tool_use_id(call.get("id")), "name": fn.get("name"),
                                                "input": {}})
                 if fn.get("arguments"):
                     events.append(_event("content_block_delta", {"index": self.index, "delta": {
