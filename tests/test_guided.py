@@ -138,7 +138,8 @@ def _whole(compiled, data: bytes) -> bool:
     return m.accept_string(data) and m.accept_token(TOK.eos_token_id)
 
 
-@pytest.mark.parametrize("schema", [{"type": "string", "maxLength": 1}, {"type": "string", "minLength": 1, "maxLength": 1},
+@pytest.mark.parametrize("schema", [{"type": "string", "maxLength": 1},
+                                    {"type": "string", "minLength": 1, "maxLength": 1},
                                     {"type": ["string", "null"], "maxLength": 1}])
 def test_length_bounded_string_takes_exactly_one_character(schema):
     """A string of maxLength 1 takes exactly the byte sequences that decode to one JSON character.
@@ -159,7 +160,8 @@ def test_length_bounded_string_takes_exactly_one_character(schema):
 def test_unbounded_string_takes_only_valid_utf8():
     """An unbounded string's characters: no surrogate encodings (three U+FFFD once decoded)."""
     backend = GrammarBackend(TOK, TOK.vocab_size, [TOK.eos_token_id])
-    compiled = backend.compile(StructuredOutputsParams(json={"type": "object", "properties": {"s": {"type": "string"}}}))
+    schema = {"type": "object", "properties": {"s": {"type": "string"}}}
+    compiled = backend.compile(StructuredOutputsParams(json=schema))
     wrong = [seq.hex() for seq in _byte_sequences()
              if _whole(compiled, b'{"s": "' + seq + b'"}') != _one_json_char(seq)]
     assert not wrong, wrong[:20]

@@ -17,7 +17,7 @@ import torch
 
 from qiusuo.engine import EngineConfig, LLMEngine
 from qiusuo.serve import create_app
-from qiusuo.serve.anthropic import StreamTranslator
+from qiusuo.serve.anthropic_response import StreamTranslator
 from qiusuo.serve.server import ServerThread
 from qiusuo.tokenizer import Tokenizer
 

@@ -77,7 +77,7 @@ def check_call(call, tool: dict) -> None:
 
 
 def test_forced_tool_use_not_streamed(client):
-    m = client.messages.create(model=NAME, max_tokens=300, messages=ASK, tools=TOOLS, tool_choice=FORCED)
+    m = client.messages.create(model=NAME, max_tokens=600, messages=ASK, tools=TOOLS, tool_choice=FORCED)
     check_call(only_tool_use(m), WEATHER)
     assert m.stop_reason == "tool_use" and m.stop_sequence is None and m.usage.output_tokens > 0
 
@@ -85,7 +85,7 @@ def test_forced_tool_use_not_streamed(client):
 def test_forced_tool_use_streamed_equals_whole(client):
     """Greedy, so the streamed message is the whole one; the input arrives as many input_json_delta pieces.
     (anthropic 2.x has no `temperature` argument any more; older clients send it, so the server takes it.)"""
-    kw = dict(model=NAME, max_tokens=300, messages=ASK, tools=TOOLS, tool_choice=FORCED,
+    kw = dict(model=NAME, max_tokens=600, messages=ASK, tools=TOOLS, tool_choice=FORCED,
               extra_body={"temperature": 0})
     whole = client.messages.create(**kw)
     with client.messages.stream(**kw) as s:
@@ -107,7 +107,7 @@ def test_forced_tool_use_streamed_sampled(client):
     """Sampled (the server's default temperature, 1): every call validates (the grammar, not the
     weights, makes it well formed)."""
     for other in (WEATHER, ADD):
-        with client.messages.stream(model=NAME, max_tokens=300, messages=ASK, tools=TOOLS,
+        with client.messages.stream(model=NAME, max_tokens=600, messages=ASK, tools=TOOLS,
                                     tool_choice={"type": "tool", "name": other["name"]}) as s:
             final = s.get_final_message()
         check_call(only_tool_use(final), other)
@@ -123,11 +123,12 @@ def test_any_tool_choice_calls_the_tools(client):
         ask = [{"role": "user", "content": f"Question {seed_turn}: weather, or a sum?"}]
         m = client.messages.create(model=NAME, max_tokens=1500, messages=ask, tools=TOOLS, tool_choice={"type": "any"})
         calls = [b for b in m.content if b.type == "tool_use"]
-        assert calls and {b.type for b in m.content} <= {"thinking", "tool_use"} and m.stop_reason == "tool_use", (m.stop_reason, m.content)
+        assert calls and {b.type for b in m.content} <= {"thinking", "tool_use"}, m.content
+        assert m.stop_reason == "tool_use"
         for call in calls:
             check_call(call, by_name[call.name])
         assert len({c.id for c in calls}) == len(calls)
-        one = client.messages.create(model=NAME, max_tokens=400, messages=ask, tools=TOOLS,
+        one = client.messages.create(model=NAME, max_tokens=600, messages=ask, tools=TOOLS,
                                      tool_choice={"type": "any", "disable_parallel_tool_use": True})
         call = only_tool_use(one)
         check_call(call, by_name[call.name])
@@ -137,7 +138,7 @@ def test_any_tool_choice_calls_the_tools(client):
 def test_tool_result_goes_back_and_the_answer_is_text(server, client, stream):
     """The call and its result go back; the template renders them (`<tool_call>`, `<tool_response>`)
     exactly as the OpenAI messages they translate to; the answer is a text message."""
-    m = client.messages.create(model=NAME, max_tokens=300, messages=ASK, tools=TOOLS, tool_choice=FORCED)
+    m = client.messages.create(model=NAME, max_tokens=600, messages=ASK, tools=TOOLS, tool_choice=FORCED)
     call = only_tool_use(m)
     turns = ASK + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
@@ -164,3 +165,19 @@ def test_tool_result_goes_back_and_the_answer_is_text(server, client, stream):
     expected = r["usage"]["prompt_tokens"]
     assert answer.usage.input_tokens + answer.usage.cache_read_input_tokens == expected
     assert client.messages.count_tokens(model=NAME, messages=turns, tools=TOOLS).input_tokens == expected
+
+
+def test_tool_choice_translation():
+    """Anthropic's tool_choice -> the chat route's: `any` is "required", `tool` a named function, and
+    `disable_parallel_tool_use` turns parallel calls off."""
+    from qiusuo.serve.anthropic import _tools
+    from qiusuo.serve.anthropic_protocol import MessagesRequest
+
+    def body(choice):
+        return _tools(MessagesRequest(model=NAME, max_tokens=1, messages=ASK, tools=TOOLS, tool_choice=choice))
+
+    assert body({"type": "any"})["tool_choice"] == "required" and "parallel_tool_calls" not in body({"type": "any"})
+    assert body({"type": "any", "disable_parallel_tool_use": True})["parallel_tool_calls"] is False
+    assert body({"type": "tool", "name": "add"})["tool_choice"] == {"type": "function", "function": {"name": "add"}}
+    assert body({"type": "none"})["tool_choice"] == "none" and body(None).get("tool_choice") is None
+    assert [t["function"]["parameters"] for t in body(None)["tools"]] == [t["input_schema"] for t in TOOLS]

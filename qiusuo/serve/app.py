@@ -7,8 +7,8 @@ the model loads or the engine restarts, 200 when it serves; public, as llama.cpp
 translations onto the chat route. Every other route, /metrics and the OpenAPI pages included, needs
 the key when one is set (vLLM protects only /v1/*, its #18892), as `Authorization: Bearer KEY` or
 `x-api-key: KEY` (the anthropic client's header). Every error a client can cause comes back with a
-4xx in the shape of the API it called: OpenAI's `{"error": {"message", "type", "param", "code"}}`,
-Ollama's `{"error": "..."}` under /api/, Anthropic's `{"type": "error", "error": {"type",
+4xx in the shape of the API it called (errors.py): OpenAI's `{"error": {"message", "type", "param",
+"code"}}`, Ollama's `{"error": "..."}` under /api/, Anthropic's `{"type": "error", "error": {"type",
 "message"}}` under /v1/messages; a body over the size limit
 (`max_body_bytes`, by default sized from the model's context: config.py) is refused with 413
 before it is parsed: on its Content-Length before any of it is read, or, chunked, as soon as the
@@ -44,8 +44,9 @@ from .completions import create_completion
 from .config import BODY_BYTES_WHILE_LOADING, ServerConfig, body_limit_for_context
 from .core import check_loader, is_engine
 from .core_client import EngineCoreClient
+from .errors import shaped_error
 from .outputs import EngineLoadError
-from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
+from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from .serving import ServerState
 
 log = logging.getLogger("qiusuo.serve")
@@ -128,26 +129,6 @@ async def _lifespan(app: FastAPI, *, state: ServerState, source: Any, multiproce
     finally:
         waiter.cancel()
         await asyncio.to_thread(client.close)
-
-
-def surface(path: str) -> str:
-    """Which API a path belongs to, for the shape of its errors: openai, ollama or anthropic."""
-    if path == "/api" or path.startswith("/api/"):
-        return "ollama"
-    if path == "/v1/messages" or path.startswith("/v1/messages/"):
-        return "anthropic"
-    return "openai"
-
-
-def shaped_error(path: str, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
-    """An error body in the shape of the API `path` belongs to."""
-    kind = surface(path)
-    if kind == "ollama":
-        return {"error": message}
-    if kind == "anthropic":
-        return anthropic.error_body(status, message)
-    return error_body(message, type, param, code)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

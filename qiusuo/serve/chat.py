@@ -41,9 +41,9 @@ from qiusuo.engine.reasoning import REASONING, REASONING_EFFORT_BUDGETS, Reasoni
 
 from . import tools as tool_calls
 from .protocol import ChatCompletionRequest, OpenAIError
-from .serving import (EngineRequest, ServerState, chat_logprobs, check_text_fits, is_reasoning_model, new_id,
-                      resolve_max_tokens, sampling_params, sse, start_all, structured_outputs, unless_disconnected,
-                      usage)
+from .logprobs import chat_logprobs
+from .params import check_text_fits, is_reasoning_model, resolve_max_tokens, sampling_params, structured_outputs
+from .serving import EngineRequest, ServerState, new_id, sse, start_all, unless_disconnected, usage
 from .streaming import AbortingStreamingResponse
 
 _RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tokenize", "chat_template"}

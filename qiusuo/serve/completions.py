@@ -16,9 +16,9 @@ from starlette.requests import Request
 from qiusuo.engine.reasoning import count_reasoning
 
 from .protocol import CompletionRequest, OpenAIError
-from .serving import (EngineRequest, ServerState, check_prompt_ids, check_text_fits, completion_logprobs, merge,
-                      new_id, resolve_max_tokens, sampling_params, sse, start_all, structured_outputs,
-                      unless_disconnected, usage)
+from .logprobs import completion_logprobs
+from .params import check_prompt_ids, check_text_fits, resolve_max_tokens, sampling_params, structured_outputs
+from .serving import EngineRequest, ServerState, merge, new_id, sse, start_all, unless_disconnected, usage
 from .streaming import AbortingStreamingResponse
 
 

@@ -1,18 +1,19 @@
 """Ollama's API on the same server: /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version.
 
-A thin translation (field names from Ollama's docs/api.md and its Python client's types): each
-request becomes the `ChatCompletionRequest` the OpenAI route takes and runs through
-`chat.start_chat`, and the answer is read back from the OpenAI route's own body or SSE events. So
-there is one path to the engine, and whatever the chat route learns (structured outputs, tool
-calls) reaches these routes by the fields they already map: `format` ("json" or a JSON schema) is
-sent as `response_format`, `tools` as `tools` (until the server supports those, they are refused
-with a 400 naming the Ollama field).
+A thin translation (field names from Ollama's docs/api.md and its Python client's types; the
+bodies in ollama_protocol.py, names and model facts for /api/tags, /api/show, /api/ps in
+ollama_models.py): each request becomes the `ChatCompletionRequest` the OpenAI route takes and
+runs through `chat.start_chat`, and the answer is read back from the OpenAI route's own body or SSE
+events. So there is one path to the engine, and whatever the chat route learns (structured
+outputs, tool calls) reaches these routes by the fields they already map: `format` ("json" or a
+JSON schema) is sent as `response_format`, `tools` as `tools`, and tool calls come back as
+`message.tool_calls` (arguments as an object).
 
 Ollama's rules kept: `stream` defaults to true (NDJSON lines, `application/x-ndjson`); reasoning
 goes to `message.thinking` (`thinking` in /api/generate); errors are `{"error": "..."}` with the
-HTTP status, also as a last NDJSON line when the engine fails mid-stream; names are `NAME[:TAG]`
-with `latest` by default, so `adder` and `adder:latest` are the same model. Durations are in
-nanoseconds.
+HTTP status (errors.py), also as a last NDJSON line when the engine fails mid-stream; names are
+`NAME[:TAG]` with `latest` by default, so `adder` and `adder:latest` are the same model. Durations
+are in nanoseconds.
 
 Where we differ, on purpose:
 - A prompt longer than the context is a 400 (`context_length_exceeded` in the message), never
@@ -31,27 +32,28 @@ Where we differ, on purpose:
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import time
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 
 from qiusuo.engine.reasoning import think_ids
 
-from .chat import ChatRun, chat_response, chat_stream, finish_chat, start_chat, translated_request
-from .protocol import ChatCompletionRequest, OpenAIError
-from .serving import ServerState, check_text_fits
+from . import ollama_models as models
+from .chat import ChatRun, chat_response, chat_stream, finish_chat, render_prompt, start_chat, translated_request
+from .errors import translating_errors
+from .ollama_models import canonical, resolve_name
+from .ollama_protocol import (BaseGenerateRequest, ChatRequest, GenerateRequest, OllamaError, Options, ShowRequest,
+                              Think)
+from .params import check_text_fits
+from .protocol import ChatCompletionRequest
+from .serving import ServerState
 from .streaming import AbortingStreamingResponse
 
-# The Ollama release whose API these routes follow; clients gate features (thinking: >= 0.9) on it.
-OLLAMA_API_VERSION = "0.12.0"
 NDJSON = "application/x-ndjson"
 
 # The Ollama field each OpenAI field came from, for error messages.
@@ -59,173 +61,6 @@ _PARAM_NAMES = {"max_tokens": "options.num_predict", "response_format": "format"
                 "top_p": "options.top_p", "top_k": "options.top_k", "seed": "options.seed", "stop": "options.stop",
                 "presence_penalty": "options.presence_penalty", "frequency_penalty": "options.frequency_penalty",
                 "reasoning_effort": "think", "thinking_budget": "think"}
-# Options the engine cannot honour, with the value that means "off" (any other is refused).
-_NEUTRAL = {"repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "mirostat": 0,
-            "tfs_z": 1.0, "typical_p": 1.0, "min_p": 0.0}
-
-
-class OllamaError(Exception):
-    """A client error rendered as Ollama's `{"error": "..."}`."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-def ollama_error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-def _from_openai(e: OpenAIError) -> OllamaError:
-    message = e.message
-    if e.param in _PARAM_NAMES:
-        message = message.replace(e.param, _PARAM_NAMES[e.param])
-    return OllamaError(e.status, message)
-
-
-# ---------------------------------------------------------------------- request bodies
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class Options(_Body):
-    model_config = ConfigDict(extra="allow")  # load-time options are ignored; see _NEUTRAL for the refused ones
-
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    num_predict: int | None = Field(None, ge=-2)
-    num_ctx: int | None = Field(None, ge=1)
-    seed: int | None = None
-    stop: list[str] | str | None = None
-
-    def refused(self) -> list[str]:
-        extra = self.model_extra or {}
-        return [f"options.{k}" for k, neutral in _NEUTRAL.items()
-                if extra.get(k) is not None and extra[k] != neutral]
-
-
-class Message(_Body):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | None = ""
-    thinking: str | None = None
-    images: list[Any] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_name: str | None = None
-
-
-Think = bool | Literal["low", "medium", "high"] | None
-
-
-class _Common(_Body):
-    model: str = Field(min_length=1)
-    stream: bool = True  # Ollama's default
-    format: str | dict[str, Any] | None = None
-    options: Options | None = None
-    think: Think = None
-    keep_alive: float | str | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-class ChatRequest(_Common):
-    messages: list[Message] = Field(default_factory=list)
-    tools: list[Any] | None = None
-
-
-class GenerateRequest(_Common):
-    prompt: str | None = None
-    system: str | None = None
-    suffix: str | None = None
-    template: str | None = None
-    context: list[int] | None = None
-    raw: bool = False
-    images: list[Any] | None = None
-
-
-class ShowRequest(_Body):
-    model: str | None = None
-    name: str | None = None  # the older field name
-    verbose: bool = False
-
-
-# ---------------------------------------------------------------------- names and model facts
-def canonical(name: str) -> str:
-    """`adder` -> `adder:latest`; a name that is not NAME[:TAG] (a path) stays as it is."""
-    from qiusuo.registry.registry import RegistryError, parse_name
-
-    try:
-        base, tag = parse_name(name)
-    except RegistryError:
-        return name
-    return f"{base}:{tag}"
-
-
-def resolve_name(state: ServerState, name: str) -> str:
-    """The served model's name (what `start_chat` checks) for an Ollama-style `name`, or a 404."""
-    served = state.config.served_model_name
-    if name == served or canonical(name) == canonical(served):
-        return served
-    raise OllamaError(404, f"model '{name}' not found; this server serves '{canonical(served)}'")
-
-
-@functools.lru_cache(maxsize=8)
-def _registry_info(ref: str):
-    """The registry's entry for `ref` (size, digest, parameters, time), or None when it has none."""
-    from qiusuo.registry import Registry
-    from qiusuo.registry.registry import RegistryError
-
-    try:
-        return Registry().show(ref)
-    except (RegistryError, OSError, ValueError):
-        return None
-
-
-def _parameter_size(n: int | None) -> str:
-    if not n:
-        return ""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
-
-
-def model_entry(state: ServerState) -> dict[str, Any]:
-    """The model as /api/tags, /api/ps and /api/show describe it."""
-    name = canonical(state.config.served_model_name)
-    info = _registry_info(name)
-    files = sorted(f.digest for f in info.files) if info is not None else [name]
-    digest = hashlib.sha256("\n".join(files).encode()).hexdigest()
-    modified = datetime.fromtimestamp(info.created if info is not None else state.started, timezone.utc)
-    family = (info.model_type if info is not None else None) or "qiusuo"
-    details = {"parent_model": "", "format": "safetensors", "family": family, "families": [family],
-               "parameter_size": _parameter_size(info.parameters if info is not None else None),
-               "quantization_level": str((info.metadata or {}).get("quantization", "")) if info is not None else ""}
-    return {"name": name, "model": name, "modified_at": modified.isoformat().replace("+00:00", "Z"),
-            "size": info.size if info is not None else 0, "digest": digest, "details": details,
-            "_parameters": info.parameters if info is not None else None,
-            "_architecture": (info.architecture if info is not None else None) or family}
-
-
-def tools_supported() -> bool:
-    """True once the chat route takes `tools` (the tool-calling work plugs in there)."""
-    probe = {"model": "m", "messages": [{"role": "user", "content": "x"}],
-             "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
-    try:
-        return "tools" not in ChatCompletionRequest.model_validate(probe).unsupported()
-    except ValidationError:
-        return False
-
-
-def capabilities(state: ServerState) -> list[str]:
-    caps = ["completion"]
-    start, end = think_ids(state.tokenizer)
-    if start is not None and end is not None:
-        caps.append("thinking")
-    template = getattr(state.tokenizer, "chat_template", None) or ""
-    if "tools" in template and tools_supported():
-        caps.append("tools")
-    return caps
 
 
 # ---------------------------------------------------------------------- translation to the chat route
@@ -263,8 +98,8 @@ def _context_limit(state: ServerState, options: Options) -> int:
     return min(options.num_ctx, ctx) if options.num_ctx is not None else ctx
 
 
-def _openai_body(state: ServerState, req: _Common, messages: list[dict[str, Any]], num_prompt_tokens: int,
-                 stream: bool) -> dict[str, Any]:
+def _openai_body(state: ServerState, req: BaseGenerateRequest, messages: list[dict[str, Any]],
+                 num_prompt_tokens: int, stream: bool) -> dict[str, Any]:
     """The chat-completions body for an Ollama request whose prompt has `num_prompt_tokens` tokens."""
     options = req.options or Options()
     refused = options.refused()
@@ -418,111 +253,102 @@ async def _respond(state: ServerState, openai_req: ChatCompletionRequest, raw: R
 
 
 def _prompt_tokens(state: ServerState, messages: list[dict[str, Any]], openai_probe: dict[str, Any]) -> list[int]:
-    from .chat import render_prompt
-
     return render_prompt(state, _chat_request({**openai_probe, "messages": messages}))
 
 
 # ---------------------------------------------------------------------- routes
+def _start(state: ServerState, model: str) -> tuple[float, str]:
+    """What /api/chat and /api/generate do first: note the arrival, check that the engine serves,
+    resolve the Ollama-style name. (arrival time, served model name)"""
+    arrival = time.monotonic()
+    state.ready()
+    return arrival, resolve_name(state, model)
+
+
+def _loaded(model: str, chat: bool) -> JSONResponse:
+    """The answer to Ollama's "load the model" call (no messages, or no prompt)."""
+    body = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+    return JSONResponse({"model": model, "created_at": _now(), **body, "done": True, "done_reason": "load"})
+
+
+async def chat(state: ServerState, req: ChatRequest, raw: Request) -> Response:
+    """POST /api/chat."""
+    arrival, served = _start(state, req.model)
+    if not req.messages:
+        return _loaded(req.model, chat=True)
+    messages = _messages(req)
+    prompt_ids = _prompt_tokens(state, messages, {"model": served, "messages": messages})
+    body = _openai_body(state, req, messages, len(prompt_ids), req.stream)
+    if req.tools:
+        body["tools"] = req.tools
+    return await _respond(state, _chat_request(body), raw, True, req.think, req.model, arrival, prompt_ids)
+
+
+async def generate(state: ServerState, req: GenerateRequest, raw: Request) -> Response:
+    """POST /api/generate: a templated prompt (with `system`), or `raw`; `context` continues a
+    previous answer (its token ids)."""
+    arrival, served = _start(state, req.model)
+    for field in ("suffix", "template", "images"):
+        if getattr(req, field):
+            raise OllamaError(400, f"{field} is not supported by this server; leave it unset")
+    if not req.prompt and not req.context:
+        return _loaded(req.model, chat=False)
+    if req.raw:
+        if req.system:
+            raise OllamaError(400, "system is not used with raw=true; put it in the prompt")
+        check_text_fits(state, req.prompt or "", "prompt")
+        text_ids = state.tokenizer.encode(req.prompt or "", add_special_tokens=not req.context)
+        messages = [{"role": "user", "content": req.prompt or ""}]  # not rendered: the ids are the prompt
+    else:
+        messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
+                   [{"role": "user", "content": req.prompt or ""}]
+        text_ids = _prompt_tokens(state, messages, {"model": served})
+    prompt_ids = [*(req.context or []), *text_ids]
+    vocab = state.engine.vocab_size
+    if req.context and (min(req.context) < 0 or max(req.context) >= vocab):
+        raise OllamaError(400, f"context: token ids must be in [0, {vocab})")
+    body = _openai_body(state, req, messages, len(prompt_ids), req.stream)
+    return await _respond(state, _chat_request(body), raw, False, req.think, req.model, arrival, prompt_ids)
+
+
 def ollama_router(state: ServerState) -> APIRouter:
     router = APIRouter()
-
-    def guard(fn):
-        @functools.wraps(fn)
-        async def wrapped(*args, **kwargs):
-            try:
-                return await fn(*args, **kwargs)
-            except OllamaError as e:
-                return ollama_error(e.status, e.message)
-            except OpenAIError as e:
-                err = _from_openai(e)
-                return JSONResponse({"error": err.message}, status_code=err.status, headers=e.headers)
-        return wrapped
+    errors = translating_errors("ollama", _PARAM_NAMES)
 
     @router.post("/api/chat")
-    @guard
-    async def chat(req: ChatRequest, raw: Request):
-        arrival = time.monotonic()
-        state.ready()
-        served = resolve_name(state, req.model)
-        if not req.messages:  # Ollama's "load the model" call
-            return JSONResponse({"model": req.model, "created_at": _now(), "message": {"role": "assistant",
-                                 "content": ""}, "done": True, "done_reason": "load"})
-        messages = _messages(req)
-        probe = {"model": served, "messages": messages}
-        prompt_ids = _prompt_tokens(state, messages, probe)
-        body = _openai_body(state, req, messages, len(prompt_ids), req.stream)
-        if req.tools:  # passed on: the chat route refuses them (400) until it supports tools
-            body["tools"] = req.tools
-        return await _respond(state, _chat_request(body), raw, True, req.think, req.model, arrival, prompt_ids)
+    @errors
+    async def chat_route(req: ChatRequest, raw: Request):
+        return await chat(state, req, raw)
 
     @router.post("/api/generate")
-    @guard
-    async def generate(req: GenerateRequest, raw: Request):
-        arrival = time.monotonic()
-        state.ready()
-        served = resolve_name(state, req.model)
-        for field in ("suffix", "template", "images"):
-            if getattr(req, field):
-                raise OllamaError(400, f"{field} is not supported by this server; leave it unset")
-        if not req.prompt and not req.context:  # Ollama's "load the model" call
-            return JSONResponse({"model": req.model, "created_at": _now(), "response": "", "done": True,
-                                 "done_reason": "load"})
-        if req.raw:
-            if req.system:
-                raise OllamaError(400, "system is not used with raw=true; put it in the prompt")
-            check_text_fits(state, req.prompt or "", "prompt")
-            text_ids = state.tokenizer.encode(req.prompt or "", add_special_tokens=not req.context)
-            messages = [{"role": "user", "content": req.prompt or ""}]  # not rendered: the ids are the prompt
-        else:
-            messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
-                       [{"role": "user", "content": req.prompt or ""}]
-            text_ids = _prompt_tokens(state, messages, {"model": served})
-        prompt_ids = [*(req.context or []), *text_ids]
-        vocab = state.engine.vocab_size
-        if req.context and (min(req.context) < 0 or max(req.context) >= vocab):
-            raise OllamaError(400, f"context: token ids must be in [0, {vocab})")
-        body = _openai_body(state, req, messages, len(prompt_ids), req.stream)
-        return await _respond(state, _chat_request(body), raw, False, req.think, req.model, arrival, prompt_ids)
+    @errors
+    async def generate_route(req: GenerateRequest, raw: Request):
+        return await generate(state, req, raw)
 
     @router.get("/api/tags")
-    async def tags():
-        entry = {k: v for k, v in model_entry(state).items() if not k.startswith("_")}
-        return {"models": [entry]}
+    async def tags_route():
+        return models.tags(state)
 
     @router.post("/api/show")
-    @guard
-    async def show(req: ShowRequest):
-        state.ready()
-        resolve_name(state, req.model or req.name or "")
-        entry = model_entry(state)
-        arch = entry["_architecture"]
-        info = {"general.architecture": arch, "general.parameter_count": entry["_parameters"],
-                f"{arch}.context_length": state.max_model_len}
-        return {"modelfile": f"FROM {entry['name']}\n", "parameters": "", "license": "",
-                "template": getattr(state.tokenizer, "chat_template", None) or "", "details": entry["details"],
-                "model_info": info, "capabilities": capabilities(state), "modified_at": entry["modified_at"]}
+    @errors
+    async def show_route(req: ShowRequest):
+        return models.show(state, req)
 
     @router.get("/api/ps")
-    async def ps():
-        if state.engine is None:
-            return {"models": []}
-        entry = {k: v for k, v in model_entry(state).items() if not k.startswith("_")}
-        entry.update(expires_at="9999-12-31T23:59:59Z", size_vram=0, context_length=state.max_model_len)
-        return {"models": [entry]}
+    async def ps_route():
+        return models.ps(state)
 
     @router.get("/api/version")
-    async def version():
-        from qiusuo import __version__
-
-        return {"version": OLLAMA_API_VERSION, "qiusuo_version": __version__}
+    async def version_route():
+        return models.version()
 
     @router.get("/api/{rest:path}")
     @router.post("/api/{rest:path}")
     @router.delete("/api/{rest:path}")
+    @errors
     async def other(rest: str):
-        return ollama_error(404, f"/api/{rest} is not served here: this server answers /api/chat, /api/generate, "
-                                 "/api/tags, /api/show, /api/ps and /api/version (models are managed with "
-                                 "`qiusuo models`)")
+        raise OllamaError(404, f"/api/{rest} is not served here: this server answers /api/chat, /api/generate, "
+                               "/api/tags, /api/show, /api/ps and /api/version (models are managed with "
+                               "`qiusuo models`)")
 
     return router
