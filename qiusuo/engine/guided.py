@@ -3,7 +3,9 @@
 The grammar engine is xgrammar (https://github.com/mlc-ai/xgrammar), what vLLM and SGLang use; it
 runs on CPU. The request carries a `StructuredOutputsParams` (vLLM's name and fields) on its
 `SamplingParams.structured_outputs`; the engine compiles it once per request (`GrammarBackend`,
-with xgrammar's compile cache) and gives each sample its own `GuidedState` (a `GrammarMatcher`).
+which keeps the last `COMPILED_CACHE_SIZE` compiled grammars; the server compiles on a worker thread
+first, serve/core.py, so a slow grammar never stalls the decode loop) and gives each sample its
+own `GuidedState` (a `GrammarMatcher`).
 Per step the sampler asks every guided row for its token bitmask and masks the logits in place
 (before temperature, top-k/top-p and the Gumbel draw, so sampling stays exact over the allowed set);
 `Sequence.append_token` then advances the row's matcher with the sampled token.
@@ -31,12 +33,14 @@ from __future__ import annotations
 import json as _json
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 MAX_WHITESPACE = 16  # per run: room for indentation 4 at depth 3 plus the newline
+COMPILED_CACHE_SIZE = 64  # compiled grammars kept per engine (a tool set or schema repeats across requests)
 MAX_STRUCTURES = 8  # tool calls in one `structures` output (a parallel-call cap, and grammar size)
 
 
@@ -96,8 +100,9 @@ class StructuredOutputsParams:
             raise ValueError(f"structured outputs: max_structures={self.max_structures!r} must be in [1, {MAX_STRUCTURES}]")
 
     def cache_key(self) -> str:
-        return _json.dumps([self.kind, getattr(self, self.kind), self.max_structures, self.disable_any_whitespace],
-                           sort_keys=True)
+        """What the compiled grammar depends on. Keys keep their order: a schema's property order is
+        the order the grammar writes them in."""
+        return _json.dumps([self.kind, getattr(self, self.kind), self.max_structures, self.disable_any_whitespace])
 
 
 def _xgr():
@@ -143,9 +148,26 @@ class GrammarBackend:
         self.info = xgr.TokenizerInfo(encoded, vocab_type, vocab_size=vocab_size,
                                       stop_token_ids=sorted(stop_token_ids) or None, add_prefix_space=prefix_space)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one compile at a time
+        self._cache: OrderedDict[str, Any] = OrderedDict()  # cache_key -> compiled grammar, least recent first
+        self._cache_lock = threading.Lock()  # never held while compiling: a lookup does not wait for a compile
 
     def compile(self, spec: StructuredOutputsParams):
+        """The spec's compiled grammar, from the cache when it was compiled before (the serving core
+        compiles on a worker thread, then the engine's add_request finds it here)."""
+        key = spec.cache_key()
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        compiled = self._compile(spec)
+        with self._cache_lock:
+            self._cache[key] = compiled
+            while len(self._cache) > COMPILED_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def _compile(self, spec: StructuredOutputsParams):
         xgr = self.xgr
         ws = dict(any_whitespace=not spec.disable_any_whitespace,
                   max_whitespace_cnt=None if spec.disable_any_whitespace else MAX_WHITESPACE)

@@ -9,6 +9,12 @@ ids and logprobs; the client rebuilds the cumulative output, see outputs.Request
 engine stats when they changed. The whole run is inside the engine's inference context (eval
 mode, inference mode, its threads): entered once, not switched on every step.
 
+A request with structured outputs has its grammar compiled on a worker thread first (xgrammar
+releases the GIL; a big JSON schema can take seconds), so the loop keeps stepping the others
+meanwhile: the request waits, unacknowledged, and is added when `GrammarCompiled` comes back
+through the same command queue (the engine's compile is then a cache hit, see
+engine/guided.py). An abort while it compiles drops it; the compiled grammar stays cached.
+
 The loop does not know its transport. `core_client.InprocClient` runs it on a thread of the API
 process and emits with `loop.call_soon_threadsafe`; `core_client.MPClient` runs it in a child
 process (`engine_core_main` below) and emits over a pipe, pickled. Every message is a small
@@ -22,6 +28,7 @@ import pickle
 import queue
 import signal
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Callable
@@ -44,6 +51,14 @@ class AddRequest:
 @dataclass
 class AbortRequest:
     request_id: str
+
+
+@dataclass
+class GrammarCompiled:
+    """From the core's own grammar worker: `request_id`'s grammar is compiled (or failed: `error`)."""
+
+    request_id: str
+    error: BaseException | None = None
 
 
 @dataclass
@@ -132,33 +147,71 @@ class EngineCore:
         self.acks: list[str] = []
         self.errors: list[tuple[str, str]] = []
         self.last_stats: dict[str, Any] | None = None
+        self.compiling: dict[str, AddRequest] = {}  # requests whose grammar the worker is compiling
+        # One worker: compiles run one at a time (GrammarBackend serialises them anyway), in arrival order.
+        self._grammar_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qiusuo-grammar")
 
     def run(self) -> None:
         engine = self.engine
-        with engine.inference_context():
-            while True:
-                for cmd in take_commands(self.cmds, block=not engine.has_unfinished_requests()):
-                    if isinstance(cmd, Shutdown):
-                        return
-                    self._apply(cmd)
-                outputs = engine.step() if engine.has_unfinished_requests() else []
-                stats = engine.stats()
-                changed = stats != self.last_stats
-                if outputs or self.acks or self.errors or changed:
-                    self.emit(StepOutput(self.acks, self.errors, [RequestDelta.of(o) for o in outputs],
-                                         stats if changed else None))
-                    self.acks, self.errors, self.last_stats = [], [], stats
+        try:
+            with engine.inference_context():
+                while True:
+                    for cmd in take_commands(self.cmds, block=not engine.has_unfinished_requests()):
+                        if isinstance(cmd, Shutdown):
+                            return
+                        self._apply(cmd)
+                    outputs = engine.step() if engine.has_unfinished_requests() else []
+                    stats = engine.stats()
+                    changed = stats != self.last_stats
+                    if outputs or self.acks or self.errors or changed:
+                        self.emit(StepOutput(self.acks, self.errors, [RequestDelta.of(o) for o in outputs],
+                                             stats if changed else None))
+                        self.acks, self.errors, self.last_stats = [], [], stats
+        finally:
+            self._grammar_worker.shutdown(wait=False, cancel_futures=True)
 
-    def _apply(self, cmd: AddRequest | AbortRequest) -> None:
+    def _apply(self, cmd: AddRequest | AbortRequest | GrammarCompiled) -> None:
         if isinstance(cmd, AddRequest):
-            try:
-                self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, add_special_tokens=False)
-            except ValueError as e:
-                self.errors.append((cmd.request_id, str(e)))
-                return
-            self.acks.append(cmd.request_id)
+            if cmd.params.structured_outputs is not None:
+                self._compile(cmd)
+            else:
+                self._add(cmd)
+        elif isinstance(cmd, GrammarCompiled):
+            add = self.compiling.pop(cmd.request_id, None)
+            if add is None:
+                return  # aborted while it compiled
+            if cmd.error is None:
+                self._add(add)
+            elif isinstance(cmd.error, ValueError):  # an invalid grammar: the request's 400
+                self.errors.append((cmd.request_id, str(cmd.error)))
+            else:
+                raise cmd.error  # a bug: the loop fails as if add_request had raised it
         elif isinstance(cmd, AbortRequest):
-            self.engine.abort_request(cmd.request_id)
+            if self.compiling.pop(cmd.request_id, None) is None:
+                self.engine.abort_request(cmd.request_id)
+
+    def _add(self, cmd: AddRequest) -> None:
+        try:
+            self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, add_special_tokens=False)
+        except ValueError as e:
+            self.errors.append((cmd.request_id, str(e)))
+            return
+        self.acks.append(cmd.request_id)
+
+    def _compile(self, cmd: AddRequest) -> None:
+        """Compile `cmd`'s grammar on the worker; `GrammarCompiled` comes back through the command queue."""
+        if cmd.request_id in self.compiling:  # the engine would refuse the duplicate id: so do we, now
+            self.errors.append((cmd.request_id, f"request_id {cmd.request_id!r} is already in use; pick a unique id"))
+            return
+        self.compiling[cmd.request_id] = cmd
+        # The engine's own compile, so the grammar lands in the cache its add_request reads.
+        compile_grammar = self.engine._compile_grammar
+
+        def done(f: Future) -> None:
+            error = None if f.cancelled() else f.exception()
+            self.cmds.put(GrammarCompiled(cmd.request_id, error))
+
+        self._grammar_worker.submit(compile_grammar, cmd.params).add_done_callback(done)
 
 
 def run_engine_core(source: Any, cmds: queue.SimpleQueue, emit: Callable[[Any], None]) -> None:
