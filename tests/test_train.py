@@ -398,24 +398,20 @@ def test_the_length_grouped_step_computes_the_one_padded_batch_loss_and_gradient
 
 
 def test_blurt_rows_are_importance_weighted_to_keep_the_objectives_mix(tmp_path):
-    """--blurt-rows 0.25 draws a quarter of the rows as blurts and weights the choice to blurt (a blurt's
-    target tokens up to its `</think>`) by (0.6/0.4)/(0.25/0.75) = 4.5, so the weighted share of blurts
-    is --p-direct's 0.6; the blurted answer (a guess) and scratchpad rows keep weight 1, prompts 0.
-    Without it every weight is 0 or 1."""
+    """--blurt-rows 0.25 draws a quarter of the rows as blurts and weights each of their target tokens by
+    (0.6/0.4)/(0.25/0.75) = 4.5, so the weighted share of blurt rows is --p-direct's 0.6; scratchpad
+    rows keep weight 1, prompts 0. Without it every weight is 0 or 1 and the rows are the corpus's."""
     cfg = tiny_pretrain(tmp_path, batch_size=400, blurt_rows=0.25)
     assert cfg.blurt_weight() == pytest.approx(4.5)
     pre = Pretrain(cfg)
     rows = pre.batch_rows(0)
-    n_blurt = 0
-    for ids, m in rows:
-        targets = [(pre.tokenizer.decode([t]), w) for t, w in zip(ids, m) if w > 0]
-        text = "".join(t for t, _ in targets)
-        if text.startswith("<think></think>"):
-            n_blurt += 1
-            assert [w for _, w in targets[:2]] == [4.5, 4.5], targets  # <think></think>: the choice
-            assert all(w == 1 for _, w in targets[2:]), targets  # <answer>...</answer><eos>: the guess
-        else:
-            assert all(w == 1 for _, w in targets), targets
+    weights = [max(m) for _, m in rows]
+    assert set(weights) == {1.0, 4.5}
+    for ids, m in rows:  # a blurt row: an empty think block; its weight on every target token
+        text = pre.tokenizer.decode([t for t, w in zip(ids, m) if w > 0])
+        assert (max(m) == 4.5) == text.startswith("<think></think>"), text
+        assert set(m) <= {0, max(m)}
+    n_blurt = sum(w == 4.5 for w in weights)
     assert 0.18 < n_blurt / len(rows) < 0.32  # drawn at 25%
     weighted_share = 4.5 * n_blurt / (4.5 * n_blurt + len(rows) - n_blurt)
     assert 0.5 < weighted_share < 0.7  # the objective's 60%

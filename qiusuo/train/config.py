@@ -113,10 +113,9 @@ class PretrainConfig(TrainConfig):
     p_direct: float = option(0.6, "share of blurted traces (<think></think> then an answer, no steps)")
     p_slip: float = option(0.3, "share of scratchpad traces with one propagated arithmetic slip")
     blurt_rows: float | None = option(
-        None, "share of a batch's rows drawn as blurts; the choice to blurt (a blurt's tokens up to </think>) "
-        "is importance-weighted so that the model still learns to blurt --p-direct of the time (a blurted "
-        "answer is a guess that teaches nothing, so fewer blurt rows make a cheaper step); default: "
-        "--p-direct, unweighted")
+        None, "share of a batch's rows drawn as blurts, their loss importance-weighted so that the objective "
+        "keeps --p-direct's mix (a blurt teaches only how often to blurt, so fewer, heavier blurt rows make a "
+        "cheaper step for the same expected loss); default: --p-direct, unweighted")
     blurt: Blurt = option("guess", "what a blurted trace answers: guess (another random problem's answer, right "
                         "only by chance, so no base learns to blurt right) or direct (the right answer)")
 
@@ -132,9 +131,9 @@ class PretrainConfig(TrainConfig):
         self.difficulty_levels()  # a malformed list fails now, not at step 1
 
     def blurt_weight(self) -> float:
-        """The loss weight of a blurt's choice to blurt when --blurt-rows q draws blurts instead of
-        --p-direct p: the likelihood ratio (p / (1 - p)) / (q / (1 - q)) against a scratchpad row's 1, so
-        the weighted share of blurts at that token is p, as in the unweighted corpus."""
+        """The loss weight of a blurt row when --blurt-rows q draws blurts instead of --p-direct p: the
+        likelihood ratio (p / (1 - p)) / (q / (1 - q)) against a scratchpad row's 1, so the weighted share of
+        blurts is p, as in the unweighted corpus (the same objective in expectation)."""
         p, q = self.p_direct, self.blurt_rows
         return 1.0 if q is None else (p / (1 - p)) / (q / (1 - q))
 

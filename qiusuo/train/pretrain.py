@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from qiusuo.rewards.format import THINK_CLOSE
 from qiusuo.tasks.base import BLURTS
 from qiusuo.tasks.prompts import chat_template
 from qiusuo.tasks.prompts import prompt_ids as task_prompt_ids
@@ -56,18 +55,9 @@ class Pretrain(CompletionLM):
         for p, style, c in examples:
             ids, mask = completion_row(self.tokenizer, task_prompt_ids(self.tokenizer, self.task, p), c)
             if style in BLURTS and self.blurt_weight != 1.0:
-                mask = self.weigh_blurt(ids, mask)
+                mask = [self.blurt_weight * m for m in mask]
             rows.append((ids, mask))
         return rows
-
-    def weigh_blurt(self, ids: list[int], mask: list[int]) -> list[float]:
-        """A blurt row's loss weights: the importance weight on its target tokens up to the think block's
-        close (the choice to blurt, whose share the weight restores), 1 after it (the blurted answer, a
-        guess whose digits carry no signal: weighting them too would only amplify their noise)."""
-        close = self.tokenizer.token_to_id(THINK_CLOSE)
-        first = mask.index(1)
-        end = ids.index(close, first) + 1 if close in ids[first:] else len(ids)
-        return [self.blurt_weight * m if i < end else m for i, m in enumerate(mask)]
 
     def run(self) -> FitResult:
         self.trainer.resume_if_asked()
