@@ -47,11 +47,11 @@ class DemoConfig:
                                                        "steps at 1 and 2 threads and keeps the faster)"})
     preset: str = field(default="tiny-dense", metadata={"help": "model preset of the base"})
     pretrain_steps: int = field(default=500, metadata={"help": "pretraining steps (~0.5 s each at 1 thread)"})
-    pretrain_batch: int = field(default=128, metadata={"help": "pretraining sequences per step"})
-    blurt_rows: float | None = field(default=None, metadata={
+    pretrain_batch: int = field(default=68, metadata={"help": "pretraining sequences per step"})
+    blurt_rows: float | None = field(default=0.25, metadata={
         "help": "share of pretraining rows drawn as blurts, importance-weighted to keep the 60% blurt objective "
-                "(pretrain --blurt-rows)"})
-    grpo_steps: int = field(default=100, metadata={"help": "GRPO steps"})
+                "(pretrain --blurt-rows; 68 rows at 0.25 hold the 51 scratchpads of 128 unweighted rows)"})
+    grpo_steps: int = field(default=70, metadata={"help": "GRPO steps"})
     prompts_per_step: int = field(default=16, metadata={"help": "GRPO prompts per step"})
     group_size: int = field(default=8, metadata={"help": "GRPO samples per prompt"})
     grpo_lr: float = field(default=1e-4, metadata={"help": "GRPO learning rate (5e-4 collapsed in the prototype)"})
