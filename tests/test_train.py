@@ -36,6 +36,8 @@ def ckpt(make_checkpoint):
     (dict(dtype="fp8"), "--dtype"),
     (dict(p_direct=1.5), "--p-direct"),
     (dict(difficulty="2;3"), "comma-separated integers"),
+    (dict(blurt_rows=1.0), "--blurt-rows"),
+    (dict(blurt_rows=0.3, p_direct=0.0), "--blurt-rows"),
 ])
 def test_pretrain_config_errors_name_the_fix(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -393,6 +395,49 @@ def test_the_length_grouped_step_computes_the_one_padded_batch_loss_and_gradient
     assert out["target_tokens"] == ref.num_tokens and out["padded_tokens"] < ids.numel()
     for n, p in pre.model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6)
+
+
+def test_blurt_rows_are_importance_weighted_to_keep_the_objectives_mix(tmp_path):
+    """--blurt-rows 0.25 draws a quarter of the rows as blurts and weights each of their target tokens by
+    (0.6/0.4)/(0.25/0.75) = 4.5, so the weighted share of blurt rows is --p-direct's 0.6; scratchpad
+    rows keep weight 1, prompts 0. Without it every weight is 0 or 1 and the rows are the corpus's."""
+    cfg = tiny_pretrain(tmp_path, batch_size=400, blurt_rows=0.25)
+    assert cfg.blurt_weight() == pytest.approx(4.5)
+    pre = Pretrain(cfg)
+    rows = pre.batch_rows(0)
+    weights = [max(m) for _, m in rows]
+    assert set(weights) == {1.0, 4.5}
+    for ids, m in rows:  # a blurt row: an empty think block; its weight on every target token
+        text = pre.tokenizer.decode([t for t, w in zip(ids, m) if w > 0])
+        assert (max(m) == 4.5) == text.startswith("<think></think>"), text
+        assert set(m) <= {0, max(m)}
+    n_blurt = sum(w == 4.5 for w in weights)
+    assert 0.18 < n_blurt / len(rows) < 0.32  # drawn at 25%
+    weighted_share = 4.5 * n_blurt / (4.5 * n_blurt + len(rows) - n_blurt)
+    assert 0.5 < weighted_share < 0.7  # the objective's 60%
+    plain = Pretrain(tiny_pretrain(tmp_path, "plain", batch_size=400))
+    assert {max(m) for _, m in plain.batch_rows(0)} == {1}
+
+
+def test_a_weighted_loss_mask_is_the_weighted_mean_and_a_0_1_float_mask_the_bool_loss():
+    """compute_loss with a float mask: the weighted mean of per-token cross-entropies, and num_tokens the
+    sum of the weights; 0/1 floats give exactly (bitwise) the bool mask's loss."""
+    model, _ = build_model("tiny-dense", seed=0)
+    ids = torch.randint(5, 60, (3, 9))
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    mask[:, 4:] = True
+    ref = model.compute_loss(ids, mask)
+    same = model.compute_loss(ids, mask.float())
+    assert torch.equal(ref.loss, same.loss) and same.num_tokens == ref.num_tokens == 15
+    w = mask.float()
+    w[1] *= 3.0
+    out = model.compute_loss(ids, w)
+    logits = model.logits(model.hidden_states(ids))[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                           reduction="none").reshape(3, 8)
+    expected = (ce * w[:, 1:]).sum() / w[:, 1:].sum()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    assert out.num_tokens == pytest.approx(25.0)
 
 
 def test_measured_threads_are_logged_per_step_and_summarised(tmp_path, monkeypatch):

@@ -82,7 +82,7 @@ class LossOutput:
     lm_loss: torch.Tensor
     mtp_loss: torch.Tensor | None
     aux_loss: torch.Tensor | None
-    num_tokens: int
+    num_tokens: float  # target tokens, or the sum of their weights under a float loss mask
 
 
 class Transformer(nn.Module):
@@ -191,12 +191,13 @@ class Transformer(nn.Module):
     def compute_loss(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> LossOutput:
         """Next-token loss (+ MTP + balance losses) on right-padded rows.
 
-        loss_mask (B, T) marks the tokens that count as *targets* (e.g. completion tokens only).
+        loss_mask (B, T) marks the tokens that count as *targets* (e.g. completion tokens only); a float
+        mask weights them (the losses are then weighted means, `num_tokens` the sum of the weights).
         """
         B, T = input_ids.shape
         if loss_mask is None:
             loss_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        loss_mask = loss_mask.bool()
+        loss_mask = loss_mask.float() if loss_mask.is_floating_point() else loss_mask.bool()
         h = self.hidden_states(input_ids)  # (B, T, D)
         lm_loss = _masked_ce(self.logits(h[:, :-1]), input_ids[:, 1:], loss_mask[:, 1:])
         loss = lm_loss
@@ -222,7 +223,8 @@ class Transformer(nn.Module):
             m.aux_loss = None
         if aux_loss is not None:
             loss = loss + aux_loss
-        return LossOutput(loss, lm_loss, mtp_loss, aux_loss, int(loss_mask[:, 1:].sum()))
+        target = loss_mask[:, 1:].sum()
+        return LossOutput(loss, lm_loss, mtp_loss, aux_loss, float(target) if loss_mask.is_floating_point() else int(target))
 
     # ------------------------------------------------------------------ MoE balancing
     def moe_layers(self) -> list[MoE]:
@@ -248,7 +250,8 @@ class Transformer(nn.Module):
 
 
 def _masked_ce(logits, targets, mask):
-    """Mean cross-entropy over positions where mask is True; logits (B, T, V), targets/mask (B, T)."""
+    """Mean cross-entropy over positions where mask is True (weighted mean under a float mask);
+    logits (B, T, V), targets/mask (B, T)."""
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     mask = mask.reshape(-1).to(ce.dtype)
     return (ce * mask).sum() / mask.sum().clamp(min=1)

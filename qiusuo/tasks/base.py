@@ -224,6 +224,11 @@ class Task:
     def corpus(self, n: int, seed: int, mix: dict[str, float] | None = None,
                difficulty: int | Sequence[int] | None = None) -> list[tuple[Problem, str]]:
         """`n` train-split problems, each with a worked completion whose style is drawn from `mix`."""
+        return [(p, c) for p, _, c in self.styled_corpus(n, seed, mix, difficulty)]
+
+    def styled_corpus(self, n: int, seed: int, mix: dict[str, float] | None = None,
+                      difficulty: int | Sequence[int] | None = None) -> list[tuple[Problem, str, str]]:
+        """`corpus` with each completion's style: (problem, style, completion) triples."""
         mix = dict(DEFAULT_MIX if mix is None else mix)
         unknown = set(mix) - set(self.corpus_styles)
         if unknown or not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
@@ -235,7 +240,7 @@ class Task:
         out = []
         for p in problems:
             style = rng.choices(styles, weights)[0]
-            out.append((p, self.guess(p, rng) if style == "guess" and "guess" not in self.solution_styles
+            out.append((p, style, self.guess(p, rng) if style == "guess" and "guess" not in self.solution_styles
                         else self.solution(p, rng, style)))
         return out
 

@@ -112,6 +112,10 @@ class PretrainConfig(TrainConfig):
     adam_beta2: float = option(0.95, "AdamW beta2")
     p_direct: float = option(0.6, "share of blurted traces (<think></think> then an answer, no steps)")
     p_slip: float = option(0.3, "share of scratchpad traces with one propagated arithmetic slip")
+    blurt_rows: float | None = option(
+        None, "share of a batch's rows drawn as blurts, their loss importance-weighted so that the objective "
+        "keeps --p-direct's mix (a blurt teaches only how often to blurt, so fewer, heavier blurt rows make a "
+        "cheaper step for the same expected loss); default: --p-direct, unweighted")
     blurt: Blurt = option("guess", "what a blurted trace answers: guess (another random problem's answer, right "
                         "only by chance, so no base learns to blurt right) or direct (the right answer)")
 
@@ -121,7 +125,17 @@ class PretrainConfig(TrainConfig):
         for name in ("p_direct", "p_slip"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
+        if self.blurt_rows is not None and not (0 < self.blurt_rows < 1 and 0 < self.p_direct < 1):
+            raise ValueError(f"--blurt-rows must be in (0, 1) and needs --p-direct in (0, 1), got {self.blurt_rows} "
+                             f"with --p-direct {self.p_direct}")
         self.difficulty_levels()  # a malformed list fails now, not at step 1
+
+    def blurt_weight(self) -> float:
+        """The loss weight of a blurt row when --blurt-rows q draws blurts instead of --p-direct p: the
+        likelihood ratio (p / (1 - p)) / (q / (1 - q)) against a scratchpad row's 1, so the weighted share of
+        blurts is p, as in the unweighted corpus (the same objective in expectation)."""
+        p, q = self.p_direct, self.blurt_rows
+        return 1.0 if q is None else (p / (1 - p)) / (q / (1 - q))
 
     def difficulty_levels(self) -> list[int] | None:
         """--difficulty as the task's `difficulty` argument: None (its default) or a list of levels."""

@@ -47,8 +47,11 @@ class DemoConfig:
                                                        "steps at 1 and 2 threads and keeps the faster)"})
     preset: str = field(default="tiny-dense", metadata={"help": "model preset of the base"})
     pretrain_steps: int = field(default=500, metadata={"help": "pretraining steps (~0.5 s each at 1 thread)"})
-    pretrain_batch: int = field(default=128, metadata={"help": "pretraining sequences per step"})
-    grpo_steps: int = field(default=100, metadata={"help": "GRPO steps"})
+    pretrain_batch: int = field(default=68, metadata={"help": "pretraining sequences per step"})
+    blurt_rows: float | None = field(default=0.25, metadata={
+        "help": "share of pretraining rows drawn as blurts, importance-weighted to keep the 60% blurt objective "
+                "(pretrain --blurt-rows; 68 rows at 0.25 hold the 51 scratchpads of 128 unweighted rows)"})
+    grpo_steps: int = field(default=70, metadata={"help": "GRPO steps"})
     prompts_per_step: int = field(default=16, metadata={"help": "GRPO prompts per step"})
     group_size: int = field(default=8, metadata={"help": "GRPO samples per prompt"})
     grpo_lr: float = field(default=1e-4, metadata={"help": "GRPO learning rate (5e-4 collapsed in the prototype)"})
@@ -86,11 +89,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     common = dict(seed=cfg.seed, device=cfg.device, threads=cfg.threads, progress=cfg.progress)
 
     pre_cfg = PretrainConfig(out=str(out / "pretrain"), preset=cfg.preset, steps=cfg.pretrain_steps,
-                             batch_size=cfg.pretrain_batch,
+                             batch_size=cfg.pretrain_batch, blurt_rows=cfg.blurt_rows,
                              warmup_steps=min(50, max(0, cfg.pretrain_steps // 10)), **common)
     print(f"[1/4] pretraining {cfg.preset} on arithmetic: {cfg.pretrain_steps} steps x {cfg.pretrain_batch} "
           f"({pre_cfg.p_direct:.0%} blurted guesses, right only by chance; {1 - pre_cfg.p_direct:.0%} scratchpads, "
           f"{pre_cfg.p_slip:.0%} of them with a slip)")
+    if pre_cfg.blurt_rows is not None:
+        print(f"      blurts drawn as {pre_cfg.blurt_rows:.0%} of the rows, each weighted {pre_cfg.blurt_weight():.2f} "
+              f"so that the loss keeps the {pre_cfg.p_direct:.0%} mix")
     t = time.perf_counter()
     pretrain = Pretrain(pre_cfg)
     pretrain.run()

@@ -129,7 +129,8 @@ class Trainer:
 
     def completion_step(self, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int) -> dict[str, Any]:
         """One optimizer step of next-token loss on (ids, target mask) rows, the loss the token-weighted
-        mean over every target token of the step (pretraining and SFT).
+        mean over every target token of the step (pretraining and SFT). A mask holds each token's loss
+        weight: 0 or 1, or an importance weight (pretraining's --blurt-rows).
 
         The rows run as length groups (`length_micro_batches`), not as one batch padded to the longest
         row: the demo's corpus mixes 18-token blurts with 42-token scratchpads, so one padded batch is
@@ -137,7 +138,8 @@ class Trainer:
         total = sum(sum(m) for _, m in rows)  # target tokens of the whole step
         loss_sum, lm_sum, padded = 0.0, 0.0, 0
         for idx in length_micro_batches([len(r) for r, _ in rows], self.cfg.grad_accum):
-            ids, mask = pad_rows([rows[i][0] for i in idx], [rows[i][1] for i in idx], pad, self.device)
+            ids, mask = pad_rows([rows[i][0] for i in idx], [rows[i][1] for i in idx], pad, self.device,
+                                 weighted=True)
             padded += ids.numel()
             with self.autocast():
                 out = self.model.compute_loss(ids, mask)

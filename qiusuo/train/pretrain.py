@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qiusuo.tasks.base import BLURTS
 from qiusuo.tasks.prompts import chat_template
 from qiusuo.tasks.prompts import prompt_ids as task_prompt_ids
 
@@ -32,20 +33,31 @@ class Pretrain(CompletionLM):
         if not getattr(self.task, "solution_styles", ()):
             raise ValueError(f"task {self.task.name!r} has no worked solutions to pretrain on; "
                              "pretrain on a built-in generator task (e.g. arithmetic) or use `qiusuo sft`")
-        self.mix = self.task.solution_mix(cfg.p_direct, cfg.p_slip, cfg.blurt)
+        self.mix = self.task.solution_mix(cfg.p_direct, cfg.p_slip, cfg.blurt)  # the objective's mix
+        # the rows drawn: --blurt-rows of them blurts, each weighted so that the objective keeps self.mix
+        self.row_mix = self.mix if cfg.blurt_rows is None else self.task.solution_mix(cfg.blurt_rows, cfg.p_slip,
+                                                                                       cfg.blurt)
+        self.blurt_weight = cfg.blurt_weight()
         self.levels = cfg.difficulty_levels()
-        self.task.corpus(1, seed=0, mix=self.mix, difficulty=self.levels)  # validates mix and levels before step 1
+        self.task.corpus(1, seed=0, mix=self.row_mix, difficulty=self.levels)  # validates mix and levels before step 1
         self.model, self.tokenizer = build_model(cfg.preset, seed=cfg.seed)
         # Every checkpoint renders chat prompts exactly as this stage encodes the task's prompts.
         self.tokenizer.chat_template = chat_template(self.task, self.tokenizer)
         self.model.to(cfg.device)
         self.trainer = Trainer(cfg, self.model, self.tokenizer, "pretrain",
-                               metadata={"preset": cfg.preset, "task": self.task.name, "mix": self.mix})
+                               metadata={"preset": cfg.preset, "task": self.task.name, "mix": self.mix,
+                                         "row_mix": self.row_mix, "blurt_weight": self.blurt_weight})
 
     def batch_rows(self, step: int):
-        pairs = self.task.corpus(self.cfg.batch_size, seed=step_seed(self.cfg.seed, step), mix=self.mix,
-                                 difficulty=self.levels)
-        return [completion_row(self.tokenizer, task_prompt_ids(self.tokenizer, self.task, p), c) for p, c in pairs]
+        examples = self.task.styled_corpus(self.cfg.batch_size, seed=step_seed(self.cfg.seed, step),
+                                           mix=self.row_mix, difficulty=self.levels)
+        rows = []
+        for p, style, c in examples:
+            ids, mask = completion_row(self.tokenizer, task_prompt_ids(self.tokenizer, self.task, p), c)
+            if style in BLURTS and self.blurt_weight != 1.0:
+                mask = [self.blurt_weight * m for m in mask]
+            rows.append((ids, mask))
+        return rows
 
     def run(self) -> FitResult:
         self.trainer.resume_if_asked()
