@@ -156,7 +156,7 @@ def qiusuo_side(shape: str, variant: str, ckpt: Path, args) -> dict:
     cmd = [sys.executable, str(ENGINE), "--_real", shape, f"qiusuo {variant}", str(ckpt), "--threads",
            str(args.threads), "--new-tokens", str(args.new_tokens), "--prefill-len", str(args.prefill_len),
            "--batches", *map(str, args.batches), "--seed", str(args.seed)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.side_timeout, args.batches)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.side_timeout)
     lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT)]
     if proc.returncode or not lines:
         raise RuntimeError(f"qiusuo {variant} on {shape} failed ({proc.returncode}): {proc.stderr[-3000:]}")
