@@ -193,6 +193,7 @@ def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
             try:
                 if engine == "qiusuo":
                     res = qiusuo_side(shape, name, ckpt, args)
+                    res.pop("shape"), res.pop("side")  # the worker echoes them; the record names them below
                     tokens = res.pop("tokens")
                     prompt = res.pop("single_prompt")
                     if name == "fp32" and reference is None:

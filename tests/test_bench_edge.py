@@ -19,7 +19,7 @@ def test_built_tools_are_reused(tmp_path, monkeypatch):
     for tool in edge.TOOLS:
         (bin_dir / tool).write_text("")
     monkeypatch.setattr(edge.subprocess, "run", lambda *a, **k: pytest.fail(f"rebuilt: {a}"))
-    assert edge.build_llama_cpp(tmp_path, None) == bin_dir
+    assert edge.build_llama_cpp(tmp_path / "build", None) == bin_dir  # cmake build dir; its bin/ holds the tools
 
 
 def test_run_tool_returns_stdout_and_the_tools_peak_rss():
