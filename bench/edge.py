@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import REAL_SHAPES, RESULT  # noqa: E402
-from results import Run, alternating, median  # noqa: E402
+from results import Run, alternating, hwm_mb, median  # noqa: E402
 
 from qiusuo.export import export_gguf  # noqa: E402
 from qiusuo.model import ModelConfig, Transformer, save_model  # noqa: E402
@@ -89,11 +89,15 @@ def build_llama_cpp(build: Path, sdist: Path | None) -> Path:
 
 
 def run_tool(cmd: list[str], timeout: float) -> tuple[str, float]:
-    """(stdout, peak RSS MiB of the tool's process)."""
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+    """(stdout, peak RSS MiB of the tool's process). The peak is the tool's VmHWM, sampled until it
+    exits (wait4's ru_maxrss would include this Python process's RSS at the fork: results.hwm_mb)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as errf:  # files: a full pipe cannot stall the tool
+        proc = subprocess.Popen(cmd, stdout=out, stderr=errf)
         deadline = time.monotonic() + timeout
+        peak = None
         while True:
+            hwm = hwm_mb(proc.pid)  # monotonic while the tool runs; the last sample before it exits is its peak
+            peak = hwm if hwm is not None and (peak is None or hwm > peak) else peak
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -101,14 +105,15 @@ def run_tool(cmd: list[str], timeout: float) -> tuple[str, float]:
                 proc.kill()
                 os.wait4(proc.pid, 0)
                 raise TimeoutError(f"{Path(cmd[0]).name} ran over {timeout:.0f} s")
-            time.sleep(0.05)
+            time.sleep(0.01)
         proc.returncode = os.waitstatus_to_exitcode(status)
-        err = proc.stderr.read()
+        errf.seek(0)
+        err = errf.read().decode(errors="replace")
         out.seek(0)
         text = out.read().decode()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-2000:]}")
-    return text, usage.ru_maxrss / 1024
+    return text, peak if peak is not None else usage.ru_maxrss / 1024
 
 
 def llama_side(bin_dir: Path, gguf: Path, threads: int, prefill_len: int, new_tokens: int, fa: int,

@@ -214,17 +214,25 @@ def hf_side(hf, mode):
     return run
 
 
-def best_experts_implementation(path: Path, reqs) -> tuple[str, dict[str, float | str]]:
-    """The fastest of transformers' MoE experts implementations on a short probe (16 requests, static
-    batch), each checked against eager's tokens; those that fail are reported with their error."""
-    probe = [(p, min(o, 24)) for p, o in reqs[:16]]
+def static_sweep(n: int) -> list[int]:
+    """transformers' static batch sizes worth trying for n requests: each of STATIC_BATCHES below n,
+    and the first that holds all n in one batch (larger ones run the same single batch)."""
+    below = [b for b in STATIC_BATCHES if b < n]
+    return list(dict.fromkeys(below + [next((b for b in STATIC_BATCHES if b >= n), STATIC_BATCHES[-1])]))
+
+
+def best_experts_implementation(path: Path, reqs, size: int = 16, max_tokens: int = 24) -> tuple[str, dict[str, float | str]]:
+    """The fastest of transformers' MoE experts implementations on a short probe (`size` requests of
+    at most `max_tokens` outputs, one static batch), each checked against eager's tokens; those that
+    fail are reported with their error."""
+    probe = [(p, min(o, max_tokens)) for p, o in reqs[:size]]
     times: dict[str, float | str] = {}
     reference = None
     for impl in ("eager", "batched_mm", "grouped_mm"):
         try:
             hf = load_hf(path, experts=impl)
-            hf_side(hf, 16)(probe)  # warm-up pass (first-call allocations)
-            dt, _, tokens = hf_static(hf, probe, 16)
+            hf_static(hf, [(p, 2) for p, _ in probe], size)  # warm-up at the probe's batch (first-call allocations)
+            dt, _, tokens = hf_static(hf, probe, size)
             reference = reference or tokens
             check_same(f"transformers experts={impl}", tokens, reference, probe)
             times[impl] = round(dt, 4)
@@ -253,12 +261,12 @@ def bench_tiny(args, run: Run, tok: Tokenizer, peak: float) -> None:
             save_model(model, None if name in REAL_SHAPES else tok, path)
             experts = None
             if model.config.is_deepseek:
-                experts, probe = best_experts_implementation(path, reqs)
+                experts, probe = best_experts_implementation(path, reqs, *((16, 24) if n > 32 else (8, 12)))
                 run.add(preset=name, kind="experts_probe", seconds=probe, chosen=experts)
-                print(f"{name}: transformers experts implementations (16-request probe, s): {probe}; using {experts}")
+                print(f"{name}: transformers experts implementations (short probe, s): {probe}; using {experts}")
             hf = load_hf(path, experts=experts)
             sides = {"qiusuo": qiusuo_side(model, 256), "qiusuo max_num_seqs=32": qiusuo_side(model, 32)}
-            sides.update({f"transformers static {b}": hf_side(hf, b) for b in STATIC_BATCHES if b <= max(n, 32)})
+            sides.update({f"transformers static {b}": hf_side(hf, b) for b in static_sweep(n)})
             if args.continuous_batching:
                 sides["transformers continuous batching"] = hf_side(hf, "cb")
             times: dict[str, list[tuple[float, float]]] = {s: [] for s in sides}

@@ -23,10 +23,24 @@ def test_built_tools_are_reused(tmp_path, monkeypatch):
 
 
 def test_run_tool_returns_stdout_and_the_tools_peak_rss():
-    code = "x = bytearray(64 << 20); print('[{\"ok\": 1}]')"  # touches 64 MiB
+    code = "import time; x = bytearray(64 << 20); time.sleep(0.5); print('[{\"ok\": 1}]')"  # touches 64 MiB
+    held = bytearray(400 << 20)  # this process holds 400 MiB when it starts the tool, as edge.py holds a model
     out, rss = edge.run_tool([sys.executable, "-c", code], timeout=120)
     assert out.strip() == '[{"ok": 1}]'
-    assert rss >= 64  # MiB, the child's own peak (wait4), not this process's
+    assert 64 <= rss < 300, rss  # MiB, the child's own peak; wait4's ru_maxrss reported >= 400 (the parent's)
+    del held
+
+
+def test_a_child_reports_its_own_peak_rss_not_its_parents():
+    import results
+
+    held = bytearray(400 << 20)  # a bench process holding a model spawns a worker
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import results; print(results.peak_rss_mb())"
+    out = edge.subprocess.run([sys.executable, "-c", code, str(Path(edge.__file__).parent)], capture_output=True,
+                              text=True, check=True).stdout
+    assert float(out) < 300, out  # ru_maxrss said >= 400
+    assert results.peak_rss_mb() >= 400
+    del held
 
 
 def test_run_tool_errors_name_the_tool():
