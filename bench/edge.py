@@ -202,7 +202,7 @@ def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
                     tokens = res.pop("tokens")
                     prompt = res.pop("single_prompt")
                     if name == "fp32" and reference is None:
-                        reference = (prompt, tokens["single"][:CHECKED])
+                        reference = (prompt, tokens["single"][0][:CHECKED])  # "single" holds one row: the stream's tokens
                 else:
                     dt, fa = name.split(" fa")
                     res = llama_side(bin_dir, ggufs[dt], args.threads, args.prefill_len, args.new_tokens, int(fa),
