@@ -168,6 +168,14 @@ def qiusuo_side(shape: str, variant: str, ckpt: Path, args) -> dict:
     return json.loads(lines[-1][len(RESULT):])
 
 
+def greedy_reference(res: dict) -> tuple[list[int], list[int]]:
+    """(prompt ids, first CHECKED tokens) of a worker's single stream, popped from its result; the
+    worker's "single" entry holds one row (the stream), as its batch entries hold B rows."""
+    tokens, prompt = res.pop("tokens"), res.pop("single_prompt")
+    (row,) = tokens["single"]
+    return prompt, row[:CHECKED]
+
+
 def build_shape(shape: str, directory: Path, seed: int) -> tuple[Path, dict[str, Path], int]:
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(**REAL_SHAPES[shape])).eval()
@@ -199,10 +207,9 @@ def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
                 if engine == "qiusuo":
                     res = qiusuo_side(shape, name, ckpt, args)
                     res.pop("shape"), res.pop("side")  # the worker echoes them; the record names them below
-                    tokens = res.pop("tokens")
-                    prompt = res.pop("single_prompt")
+                    single = greedy_reference(res)
                     if name == "fp32" and reference is None:
-                        reference = (prompt, tokens["single"][0][:CHECKED])  # "single" holds one row: the stream's tokens
+                        reference = single
                 else:
                     dt, fa = name.split(" fa")
                     res = llama_side(bin_dir, ggufs[dt], args.threads, args.prefill_len, args.new_tokens, int(fa),

@@ -48,3 +48,10 @@ def test_run_tool_errors_name_the_tool():
         edge.run_tool([sys.executable, "-c", "import sys; sys.exit(3)"], timeout=60)
     with pytest.raises(TimeoutError, match="over 1 s"):
         edge.run_tool([sys.executable, "-c", "import time; time.sleep(30)"], timeout=1)
+
+
+def test_greedy_reference_is_the_single_streams_tokens():
+    res = {"tokens": {"single": [list(range(40))], "batch16": [[1] * 32] * 16}, "single_prompt": [5, 6], "x": 1.0}
+    prompt, tokens = edge.greedy_reference(res)
+    assert prompt == [5, 6] and tokens == list(range(edge.CHECKED))  # was [[0..39]]: never equal to llama.cpp's
+    assert res == {"x": 1.0}
