@@ -1,6 +1,6 @@
 """Edge benchmark: qiusuo's engine in fp32, int8, int8-dynamic and int4 against llama.cpp measured with its own tools.
 
-    python bench/edge.py [--shapes smollm2-135m qwen2.5-0.5b] [--repeats 1] [--threads 1] [--new-tokens 32]
+    python bench/edge.py [--shapes smollm2-135m qwen2.5-0.5b] [--repeats 3] [--batches 8 16 32] [--threads 1] [--new-tokens 32]
 
 Model shapes are the config.json values of SmolLM2-135M and Qwen2.5-0.5B (bench/engine.py's
 REAL_SHAPES) with random weights, saved by qiusuo and exported to GGUF by qiusuo's exporter
@@ -10,7 +10,7 @@ llama.cpp is measured as its users measure it, by its own tools built from the s
 installed llama-cpp-python vendors (same version, so the GGUF files are read by the same loader):
 `llama-bench` (prefill `-p`, single-stream decode `-n`) and `llama-batched-bench` (`-npl 1,8,16,32`
 parallel sequences, 16-token prompts, `--new-tokens` each), with flash attention off and on. The
-tools are built on first use into `--llama-build` (default ~/.cache/qiusuo-bench/llama.cpp) with
+tools are built on first use into `--llama-build` (default ~/.cache/qiusuo-bench/llama.cpp-build) with
 cmake, from `--llama-sdist` (default: the sdist that `pip download` fetches for the installed
 version); the build's path is printed. No prefix cache on either side: llama-batched-bench's
 prompts are not shared (no `-pps`) and qiusuo runs with `enable_prefix_caching=False`.
@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import REAL_SHAPES, RESULT  # noqa: E402
-from results import Run, alternating, median  # noqa: E402
+from results import Run, alternating, hwm_mb, median  # noqa: E402
 
 from qiusuo.export import export_gguf  # noqa: E402
 from qiusuo.model import ModelConfig, Transformer, save_model  # noqa: E402
@@ -52,7 +52,6 @@ from qiusuo.model.quantize import cpu_has_native_bf16  # noqa: E402
 from qiusuo.tokenizer import Tokenizer  # noqa: E402
 
 CHECKED = 16
-BATCHES = (8, 16, 32)
 QIUSUO = ("fp32", "int8", "int8-dynamic", "int4")
 GGUF = ("f32", "q8_0", "q4_0")
 PAIRS = (("fp32", "f32"), ("int8", "q8_0"), ("int8-dynamic", "q8_0"), ("int4", "q4_0"))  # matched precision
@@ -62,37 +61,43 @@ ENGINE = Path(__file__).resolve().parent / "engine.py"
 
 # ---------------------------------------------------------------------- llama.cpp's tools
 def build_llama_cpp(build: Path, sdist: Path | None) -> Path:
-    """The bin directory holding llama-bench and llama-batched-bench, built with cmake on first use."""
-    bin_dir = build / "build" / "bin"
+    """The bin directory holding llama-bench and llama-batched-bench: `build` is cmake's build
+    directory (its `bin/` holds the tools); built on first use from the llama-cpp-python sdist of the
+    installed version, unpacked next to it (`<build>-src`)."""
+    bin_dir = build / "bin"
     if all((bin_dir / t).exists() for t in TOOLS):
         return bin_dir
     version = importlib.metadata.version("llama_cpp_python")
-    build.mkdir(parents=True, exist_ok=True)
+    src = build.parent / f"{build.name}-src"
+    src.mkdir(parents=True, exist_ok=True)
     if sdist is None:  # the source of the installed wheel: same llama.cpp, same GGUF loader
         subprocess.run([sys.executable, "-m", "pip", "download", f"llama_cpp_python=={version}", "--no-binary",
-                        ":all:", "--no-deps", "-d", str(build)], check=True)
-        sdist = next(build.glob(f"llama_cpp_python-{version}.tar.gz"))
-    src = build / "src"
-    if not src.exists():
+                        ":all:", "--no-deps", "-d", str(src)], check=True)
+        sdist = next(src.glob(f"llama_cpp_python-{version}.tar.gz"))
+    if not any(src.glob("*/vendor/llama.cpp")):
         with tarfile.open(sdist) as tar:
             tar.extractall(src, filter="data")
     source = next(src.glob("*/vendor/llama.cpp"))
     print(f"building llama.cpp's {', '.join(TOOLS)} from {source} into {bin_dir} (minutes)", flush=True)
     nice = ["nice", "-n", "19"] if shutil.which("nice") else []
-    subprocess.run([*nice, "cmake", "-S", str(source), "-B", str(build / "build"), "-DCMAKE_BUILD_TYPE=Release",
+    subprocess.run([*nice, "cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
                     "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                     "-DBUILD_SHARED_LIBS=OFF"], check=True)
-    subprocess.run([*nice, "cmake", "--build", str(build / "build"), "-j", str(min(2, os.cpu_count() or 1)),
+    subprocess.run([*nice, "cmake", "--build", str(build), "-j", str(min(2, os.cpu_count() or 1)),
                     "--target", *TOOLS], check=True)
     return bin_dir
 
 
 def run_tool(cmd: list[str], timeout: float) -> tuple[str, float]:
-    """(stdout, peak RSS MiB of the tool's process)."""
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+    """(stdout, peak RSS MiB of the tool's process). The peak is the tool's VmHWM, sampled until it
+    exits (wait4's ru_maxrss would include this Python process's RSS at the fork: results.hwm_mb)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as errf:  # files: a full pipe cannot stall the tool
+        proc = subprocess.Popen(cmd, stdout=out, stderr=errf)
         deadline = time.monotonic() + timeout
+        peak = None
         while True:
+            hwm = hwm_mb(proc.pid)  # monotonic while the tool runs; the last sample before it exits is its peak
+            peak = hwm if hwm is not None and (peak is None or hwm > peak) else peak
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -100,27 +105,28 @@ def run_tool(cmd: list[str], timeout: float) -> tuple[str, float]:
                 proc.kill()
                 os.wait4(proc.pid, 0)
                 raise TimeoutError(f"{Path(cmd[0]).name} ran over {timeout:.0f} s")
-            time.sleep(0.05)
+            time.sleep(0.01)
         proc.returncode = os.waitstatus_to_exitcode(status)
-        err = proc.stderr.read()
+        errf.seek(0)
+        err = errf.read().decode(errors="replace")
         out.seek(0)
         text = out.read().decode()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-2000:]}")
-    return text, usage.ru_maxrss / 1024
+    return text, peak if peak is not None else usage.ru_maxrss / 1024
 
 
 def llama_side(bin_dir: Path, gguf: Path, threads: int, prefill_len: int, new_tokens: int, fa: int,
-               timeout: float) -> dict:
+               timeout: float, batches: list[int]) -> dict:
     """llama-bench's pp/tg rates and llama-batched-bench's batch rates for one file, flash attention fa."""
     text, rss1 = run_tool([str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", str(prefill_len), "-n", str(new_tokens),
                            "-t", str(threads), "-fa", str(fa), "-r", "1", "-ngl", "0", "-o", "json"], timeout)
     rows = json.loads(text)
     out = {"prefill_tok_s": next(r["avg_ts"] for r in rows if r["n_prompt"] and not r["n_gen"]),
            "decode_tok_s": next(r["avg_ts"] for r in rows if r["n_gen"] and not r["n_prompt"])}
-    ctx = max(BATCHES) * (16 + new_tokens) + 64
+    ctx = max(batches) * (16 + new_tokens) + 64
     text, rss2 = run_tool([str(bin_dir / "llama-batched-bench"), "-m", str(gguf), "-c", str(ctx), "-b", "2048",
-                           "-ub", "512", "-npp", "16", "-ntg", str(new_tokens), "-npl", ",".join(map(str, BATCHES)),
+                           "-ub", "512", "-npp", "16", "-ntg", str(new_tokens), "-npl", ",".join(map(str, batches)),
                            "-t", str(threads), "-tb", str(threads), "-fa", "on" if fa else "off", "-ngl", "0",
                            "--output-format", "jsonl"], timeout)
     for line in text.splitlines():
@@ -154,12 +160,20 @@ def llama_load_and_greedy(gguf: Path, prompt: list[int], threads: int) -> tuple[
 def qiusuo_side(shape: str, variant: str, ckpt: Path, args) -> dict:
     cmd = [sys.executable, str(ENGINE), "--_real", shape, f"qiusuo {variant}", str(ckpt), "--threads",
            str(args.threads), "--new-tokens", str(args.new_tokens), "--prefill-len", str(args.prefill_len),
-           "--batches", *map(str, BATCHES), "--seed", str(args.seed)]
+           "--batches", *map(str, args.batches), "--seed", str(args.seed)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.side_timeout)
     lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT)]
     if proc.returncode or not lines:
         raise RuntimeError(f"qiusuo {variant} on {shape} failed ({proc.returncode}): {proc.stderr[-3000:]}")
     return json.loads(lines[-1][len(RESULT):])
+
+
+def greedy_reference(res: dict) -> tuple[list[int], list[int]]:
+    """(prompt ids, first CHECKED tokens) of a worker's single stream, popped from its result; the
+    worker's "single" entry holds one row (the stream), as its batch entries hold B rows."""
+    tokens, prompt = res.pop("tokens"), res.pop("single_prompt")
+    (row,) = tokens["single"]
+    return prompt, row[:CHECKED]
 
 
 def build_shape(shape: str, directory: Path, seed: int) -> tuple[Path, dict[str, Path], int]:
@@ -173,10 +187,10 @@ def build_shape(shape: str, directory: Path, seed: int) -> tuple[Path, dict[str,
 
 
 # ---------------------------------------------------------------------- main
-KEYS = ["load_s", "prefill_tok_s", "decode_tok_s"] + [f"batch{b}_tok_s" for b in BATCHES] + ["peak_rss_mb"]
 
 
 def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
+    KEYS = ["load_s", "prefill_tok_s", "decode_tok_s"] + [f"batch{b}_tok_s" for b in args.batches] + ["peak_rss_mb"]
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         ckpt, ggufs, params = build_shape(shape, Path(tmp), args.seed)
         print(f"{shape}: {params / 1e6:.1f} M parameters; GGUF sizes "
@@ -192,14 +206,14 @@ def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
             try:
                 if engine == "qiusuo":
                     res = qiusuo_side(shape, name, ckpt, args)
-                    tokens = res.pop("tokens")
-                    prompt = res.pop("single_prompt")
+                    res.pop("shape"), res.pop("side")  # the worker echoes them; the record names them below
+                    single = greedy_reference(res)
                     if name == "fp32" and reference is None:
-                        reference = (prompt, tokens["single"][:CHECKED])
+                        reference = single
                 else:
                     dt, fa = name.split(" fa")
                     res = llama_side(bin_dir, ggufs[dt], args.threads, args.prefill_len, args.new_tokens, int(fa),
-                                     args.side_timeout)
+                                     args.side_timeout, args.batches)
                     if dt not in loads:
                         loads[dt] = llama_load_and_greedy(ggufs[dt], [1], args.threads)[0]
                     res["load_s"] = loads[dt]
@@ -216,20 +230,20 @@ def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
             _, theirs = llama_load_and_greedy(ggufs["f32"], reference[0], args.threads)
             agree = theirs == reference[1]
             run.add(shape=shape, check="greedy f32", qiusuo=reference[1], llama_cpp=theirs, equal=agree)
-            assert agree, f"{shape}: llama.cpp f32 greedy tokens {theirs} != qiusuo fp32 {reference[1]}"
         med = {s: {k: median([x[k] for x in got[s] if k in x]) for k in KEYS} for s in sides if got[s]}
-        cols = ["side", "load s", "prefill tok/s", "decode tok/s B=1"] + [f"B={b} tok/s" for b in BATCHES] \
+        cols = ["side", "load s", "prefill tok/s", "decode tok/s B=1"] + [f"B={b} tok/s" for b in args.batches] \
             + ["peak RSS MiB"]
         rows = [[s] + [round(med[s][k], 2 if k == "load_s" else 1) for k in KEYS] if s in med
                 else [f"{s} (failed)"] + [None] * len(KEYS) for s in sides]
         run.table(f"edge {shape}: {params / 1e6:.0f} M parameters, random weights, {args.threads} thread(s) "
                   f"(medians of {args.repeats})", cols, rows,
                   note=f"prefill: one {args.prefill_len}-token prompt; B=1 decode: {args.new_tokens} tokens, prefill "
-                       f"excluded (llama-bench tg{args.new_tokens}); B=8/16/32: 16-token prompts + {args.new_tokens} new "
+                       f"excluded (llama-bench tg{args.new_tokens}); B={'/'.join(map(str, args.batches))}: 16-token prompts + {args.new_tokens} new "
                        "tokens each, generated tokens / wall time with prefill included (llama-batched-bench pl*tg/t); "
                        "no prefix cache on either side; faN = llama.cpp flash attention off/on. "
                        f"Greedy tokens qiusuo fp32 == llama.cpp f32 for the first {CHECKED}: {agree}.")
         ratio_rows = []
+        ratio_keys = ["prefill_tok_s", "decode_tok_s"] + [f"batch{b}_tok_s" for b in args.batches]
         for q, g in PAIRS + (("best", "best"),):
             qs = [f"qiusuo {q}"] if q != "best" else [f"qiusuo {v}" for v in args.variants]
             ls = [f"llama.cpp {g} fa{fa}" for fa in (0, 1)] if g != "best" else \
@@ -238,13 +252,15 @@ def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
             if not qs or not ls:
                 continue
             row = [f"{q} / {g}"]
-            for k in ("decode_tok_s", "batch16_tok_s"):
+            for k in ratio_keys:
                 row.append(round(max(med[s][k] for s in qs) / max(med[s][k] for s in ls), 2))
             ratio_rows.append(row)
         run.table(f"edge {shape}: qiusuo / llama.cpp (best flash-attention setting), higher is better",
-                  ["pair", "B=1 decode ratio", "B=16 ratio"], ratio_rows,
+                  ["pair", "prefill", "B=1 decode"] + [f"B={b}" for b in args.batches], ratio_rows,
                   note="issue 15's targets: int8 / q8_0 >= 1.0, int4 / q4_0 >= 0.8 at B=1 and B=16.")
         run.save()  # after every shape: a later shape that runs out of time keeps the earlier ones
+        # asserted after saving, so the figures of a failing run stay on file for the diagnosis
+        assert agree is not False, f"{shape}: llama.cpp f32 greedy tokens {theirs} != qiusuo fp32 {reference[1]}"
 
 
 def main() -> None:
@@ -252,13 +268,15 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b"],
                     choices=["smollm2-135m", "qwen2.5-0.5b"])
     ap.add_argument("--variants", nargs="+", default=list(QIUSUO), choices=list(QIUSUO))
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="threads on both sides")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32],
+                    help="parallel sequences of the batch measurements (B=1 is always measured)")
     ap.add_argument("--prefill-len", type=int, default=128)
     ap.add_argument("--side-timeout", type=float, default=1200, help="seconds one side's process may take")
-    ap.add_argument("--llama-build", type=Path, default=Path.home() / ".cache" / "qiusuo-bench" / "llama.cpp",
-                    help="where llama.cpp's tools are built (and found on later runs)")
+    ap.add_argument("--llama-build", type=Path, default=Path.home() / ".cache" / "qiusuo-bench" / "llama.cpp-build",
+                    help="cmake build directory of llama.cpp's tools (<dir>/bin; built there on first use)")
     ap.add_argument("--llama-sdist", type=Path, default=None,
                     help="llama_cpp_python sdist of the installed version (default: pip download it)")
     ap.add_argument("--tmp", default=None, help="where to write checkpoints and GGUF files")

@@ -3,8 +3,9 @@
 Two workloads, both greedy in fp32 on both sides with the same weights (ours saved in HF layout and
 loaded by transformers), `--repeats` runs each (default 3) in alternating order, medians reported:
 
-1. `--workload tiny` (the tiny presets, ~1 M parameters): N requests (default 256), prompts of
-   8-64 tokens, outputs of 16-256 tokens (lengths and ids drawn with a fixed seed), ignore_eos.
+1. `--workload tiny`, a request stream, on the tiny presets (~1 M parameters) or, with `--presets
+   smollm2-135m dsv3-moe-130m`, on the real shapes below: N requests (default 256), prompts of 8-64 tokens, outputs of
+   16-256 tokens (lengths and ids drawn with a fixed seed), ignore_eos.
    qiusuo: `LLM.generate` with max_num_seqs 256 (its default) and 32 (transformers' old batch).
    transformers: static batches (`generate`, sdpa, left padding, request order; a batch runs until
    its longest output) swept over 32/64/128/256, and its continuous batching (`generate_batch`'s
@@ -28,6 +29,8 @@ the same on every side and every side must produce every requested token. Result
 bench/results/engine-*.json (or engine_real-*.json) with every repeat's raw figures.
 
     python bench/engine.py [--requests 256] [--repeats 3] [--threads 1] [--presets tiny-dense tiny-moe]
+    python bench/engine.py --presets smollm2-135m dsv3-moe-130m --requests 64 --out-max 48 --cb-repeats 1
+        (the request stream at real shapes, bounded to ~15 min at 1 thread)
     python bench/engine.py --workload real [--shapes smollm2-135m qwen2.5-0.5b dsv3-moe-130m] [--new-tokens 32]
 """
 
@@ -211,17 +214,25 @@ def hf_side(hf, mode):
     return run
 
 
-def best_experts_implementation(path: Path, reqs) -> tuple[str, dict[str, float | str]]:
-    """The fastest of transformers' MoE experts implementations on a short probe (16 requests, static
-    batch), each checked against eager's tokens; those that fail are reported with their error."""
-    probe = [(p, min(o, 24)) for p, o in reqs[:16]]
+def static_sweep(n: int) -> list[int]:
+    """transformers' static batch sizes worth trying for n requests: each of STATIC_BATCHES below n,
+    and the first that holds all n in one batch (larger ones run the same single batch)."""
+    below = [b for b in STATIC_BATCHES if b < n]
+    return list(dict.fromkeys(below + [next((b for b in STATIC_BATCHES if b >= n), STATIC_BATCHES[-1])]))
+
+
+def best_experts_implementation(path: Path, reqs, size: int = 16, max_tokens: int = 24) -> tuple[str, dict[str, float | str]]:
+    """The fastest of transformers' MoE experts implementations on a short probe (`size` requests of
+    at most `max_tokens` outputs, one static batch), each checked against eager's tokens; those that
+    fail are reported with their error."""
+    probe = [(p, min(o, max_tokens)) for p, o in reqs[:size]]
     times: dict[str, float | str] = {}
     reference = None
     for impl in ("eager", "batched_mm", "grouped_mm"):
         try:
             hf = load_hf(path, experts=impl)
-            hf_side(hf, 16)(probe)  # warm-up pass (first-call allocations)
-            dt, _, tokens = hf_static(hf, probe, 16)
+            hf_static(hf, [(p, 2) for p, _ in probe], size)  # warm-up at the probe's batch (first-call allocations)
+            dt, _, tokens = hf_static(hf, probe, size)
             reference = reference or tokens
             check_same(f"transformers experts={impl}", tokens, reference, probe)
             times[impl] = round(dt, 4)
@@ -236,21 +247,26 @@ def bench_tiny(args, run: Run, tok: Tokenizer, peak: float) -> None:
     summary_rows, flops_rows = [], []
     for name in args.presets:
         torch.manual_seed(args.seed)
-        model = Transformer(preset(name, vocab_size=tok.vocab_size, pad_token_id=0)).eval()
-        reqs = workload(n, out_max, args.seed, tok.vocab_size)
+        if name in REAL_SHAPES:  # a real config.json shape, random weights, its own vocabulary
+            model = Transformer(ModelConfig(**REAL_SHAPES[name]))
+            model.reset_parameters(seed=args.seed)
+            model.eval()
+        else:
+            model = Transformer(preset(name, vocab_size=tok.vocab_size, pad_token_id=0)).eval()
+        reqs = workload(n, out_max, args.seed, model.config.vocab_size)
         flops = model_flops(model, reqs)
         requested = sum(o for _, o in reqs)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "ck"
-            save_model(model, tok, path)
+            save_model(model, None if name in REAL_SHAPES else tok, path)
             experts = None
             if model.config.is_deepseek:
-                experts, probe = best_experts_implementation(path, reqs)
+                experts, probe = best_experts_implementation(path, reqs, *((16, 24) if n > 32 else (8, 12)))
                 run.add(preset=name, kind="experts_probe", seconds=probe, chosen=experts)
-                print(f"{name}: transformers experts implementations (16-request probe, s): {probe}; using {experts}")
+                print(f"{name}: transformers experts implementations (short probe, s): {probe}; using {experts}")
             hf = load_hf(path, experts=experts)
             sides = {"qiusuo": qiusuo_side(model, 256), "qiusuo max_num_seqs=32": qiusuo_side(model, 32)}
-            sides.update({f"transformers static {b}": hf_side(hf, b) for b in STATIC_BATCHES if b <= max(n, 32)})
+            sides.update({f"transformers static {b}": hf_side(hf, b) for b in static_sweep(n)})
             if args.continuous_batching:
                 sides["transformers continuous batching"] = hf_side(hf, "cb")
             times: dict[str, list[tuple[float, float]]] = {s: [] for s in sides}
@@ -294,9 +310,9 @@ def bench_tiny(args, run: Run, tok: Tokenizer, peak: float) -> None:
 
 def save_tiny(run: Run, args, n: int, out_max: int, peak: float, summary_rows: list, flops_rows: list) -> None:
     run.data["tables"] = []
-    run.table("Tiny presets: tokens/s (medians of the repeats; GFLOP/s and % of this run's measured fp32 sgemm)",
+    run.table("Request stream: tokens/s (medians of the repeats; GFLOP/s and % of this run's measured fp32 sgemm)",
               ["preset", "side", "tok/s", "wall s", "CPU s", "GFLOP/s", "% of sgemm", "repeats"], summary_rows)
-    run.table("Tiny presets: ratio against transformers' best set-up (wall and CPU), and against the old static-32",
+    run.table("Request stream: ratio against transformers' best set-up (wall and CPU), and against the old static-32",
               ["preset", "matmul params/token", "transformers experts impl", "transformers best", "ratio wall",
                "ratio CPU", "ratio vs static 32 (old bench)"], flops_rows,
               note=f"{n} requests, prompts 8-64, outputs 16-{out_max}, greedy, fp32, {args.threads} thread(s); "
@@ -428,7 +444,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both engines")
     ap.add_argument("--out-max", type=int, default=256, help="tiny: longest output (outputs are 16..out-max tokens)")
     ap.add_argument("--quick", action="store_true", help="tiny: 64 requests, outputs of 16-64 tokens")
-    ap.add_argument("--presets", nargs="+", default=["tiny-dense", "tiny-moe"])
+    ap.add_argument("--presets", nargs="+", default=["tiny-dense", "tiny-moe"],
+                    help=f"tiny workload's models: qiusuo presets, or real shapes ({', '.join(REAL_SHAPES)})")
     ap.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction, default=True,
                     help="tiny: also run transformers' continuous batching (generate_batch's manager)")
     ap.add_argument("--cb-repeats", type=int, default=3,

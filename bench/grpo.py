@@ -21,10 +21,10 @@ Sides, each trainer in its own child process (its CPU seconds are its own):
 - `trl generate`: TRL's default generation (transformers `generate`, padded static batch);
 - `trl continuous batching`: `use_transformers_continuous_batching=True` (transformers' paged
   continuous batching); the better TRL side is the ratio's denominator.
-TRL's vLLM paths are not used: vLLM does have a CPU backend, but it is built from source for the
-CPU (its PyPI wheels target CUDA), wants its own torch version (this project pins torch 2.13.0),
-and is sized for models far above these ~1 M-parameter ones; a bench that swaps torch is no
-longer comparing the same stack. TRL's gradient checkpointing (on by default) is turned off, as
+TRL's vLLM paths are not used, though vLLM has a CPU backend: its x86 CPU wheels (since 0.17) are
+on vLLM's GitHub releases, not PyPI (whose wheel targets CUDA), and this bench's machine reaches
+PyPI only; they pin their own torch build (this project pins torch 2.13.0; a bench that swaps
+torch no longer compares the same stack); and on AVX2-only CPUs vLLM lists "limited features". TRL's gradient checkpointing (on by default) is turned off, as
 qiusuo keeps activations (--trl-gradient-checkpointing measures TRL's default).
 
 The first step of each child is a warm-up and not timed. Repeats (default 3) alternate the order of

@@ -84,11 +84,27 @@ def alternating(sides: list[str], repeats: int) -> list[tuple[int, str]]:
     return [(r, side) for r in range(repeats) for side in (sides if r % 2 == 0 else sides[::-1])]
 
 
+def hwm_mb(pid: int | str = "self") -> float | None:
+    """A process's peak resident set size so far in MiB, from /proc/PID/status's VmHWM (None where
+    there is no /proc or the process is gone). VmHWM belongs to the address space, which exec
+    replaces; getrusage's ru_maxrss does not restart at exec, so a child started by a bench process
+    holding a 1.4 GB model reports at least 1.4 GB whatever it uses itself."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    """This process's own peak resident set size so far, in MiB (VmHWM; ru_maxrss where /proc is missing)."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    own = hwm_mb()
+    return own if own is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Run:

@@ -1,7 +1,8 @@
-"""Regenerate bench/README.md's tables from the newest result file of each bench (no typed numbers).
+"""Regenerate bench/README.md's tables from the newest result files of each bench (no typed numbers).
 
 Each bench writes `bench/results/<bench>-<date>-<commit>.json` through `results.Run`; the tables it
-declared (`Run.table`) are rendered as Markdown between the README's markers
+declared (`Run.table`) are rendered as Markdown between the README's markers (the newest file, plus
+older ones that measured shapes/presets/workloads no newer file covers: SCOPE)
 
     <!-- tables:engine -->
     ... (replaced on every run) ...
@@ -31,17 +32,41 @@ README = HERE / "README.md"
 NAME = re.compile(r"^(?P<bench>[a-z0-9_]+(?:-[a-z0-9_]+)*?)-(?P<date>\d{8})-(?P<time>\d{6})-(?P<commit>[0-9a-z]+)\.json$")
 
 
-def newest(results: Path = RESULTS) -> dict[str, Path]:
-    """bench name -> its newest result file (by the start stamp in the name)."""
-    found: dict[str, tuple[str, Path]] = {}
+# The argument naming what a run of a bench covered (its model shapes, presets, workloads): a newer
+# file replaces an older one only where they cover the same things, so a run of one shape does not
+# hide the table of another shape measured earlier.
+SCOPE = {"edge": "shapes", "engine_real": "shapes", "engine": "presets", "grpo": "workloads", "hostile": "label"}
+
+
+def scope(bench: str, data: dict[str, Any]) -> set[str]:
+    value = (data.get("args") or {}).get(SCOPE.get(bench, ""))
+    return set(value) if isinstance(value, list) else {value} if isinstance(value, str) and value else set()
+
+
+def shown(results: Path = RESULTS) -> dict[str, list[Path]]:
+    """bench name -> the result files its README block shows, newest first: the newest file, and an
+    older one only if what it covered (SCOPE) is covered by no newer file shown."""
+    found: dict[str, list[tuple[str, Path]]] = {}
     for path in results.glob("*.json"):
         m = NAME.match(path.name)
-        if not m:
-            continue
-        stamp = m["date"] + m["time"]
-        if m["bench"] not in found or stamp > found[m["bench"]][0]:
-            found[m["bench"]] = (stamp, path)
-    return {bench: path for bench, (_, path) in sorted(found.items())}
+        if m:
+            found.setdefault(m["bench"], []).append((m["date"] + m["time"], path))
+    out: dict[str, list[Path]] = {}
+    for bench, files in sorted(found.items()):
+        covered: set[str] = set()
+        for i, (_, path) in enumerate(sorted(files, reverse=True)):
+            what = scope(bench, json.loads(path.read_text()))
+            if i == 0 or (what and not what & covered):
+                out.setdefault(bench, []).append(path)
+                covered |= what
+            if not what:
+                break  # a file that names no scope covers everything older
+    return out
+
+
+def newest(results: Path = RESULTS) -> dict[str, Path]:
+    """bench name -> its newest result file (by the start stamp in the name)."""
+    return {bench: paths[0] for bench, paths in shown(results).items()}
 
 
 def fmt(value: Any) -> str:
@@ -117,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", type=Path, default=README)
     ap.add_argument("--check", action="store_true", help="do not write; exit 1 if the README is out of date")
     args = ap.parse_args(argv)
-    files = newest(args.results)
-    blocks = {bench: render(json.loads(path.read_text()), path) for bench, path in files.items()}
+    files = shown(args.results)
+    blocks = {bench: "\n\n".join(render(json.loads(p.read_text()), p) for p in paths) for bench, paths in files.items()}
     old = args.readme.read_text() if args.readme.exists() else "# Benchmarks\n"
     new = update(old, blocks)
     if args.check:
@@ -127,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     args.readme.write_text(new)
-    print(f"{args.readme}: {len(blocks)} bench(es): {', '.join(f'{b} <- {p.name}' for b, p in files.items())}")
+    print(f"{args.readme}: {len(blocks)} bench(es): "
+          + ", ".join(f"{b} <- {' + '.join(p.name for p in ps)}" for b, ps in files.items()))
     return 0
 
 

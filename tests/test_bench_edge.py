@@ -19,14 +19,28 @@ def test_built_tools_are_reused(tmp_path, monkeypatch):
     for tool in edge.TOOLS:
         (bin_dir / tool).write_text("")
     monkeypatch.setattr(edge.subprocess, "run", lambda *a, **k: pytest.fail(f"rebuilt: {a}"))
-    assert edge.build_llama_cpp(tmp_path, None) == bin_dir
+    assert edge.build_llama_cpp(tmp_path / "build", None) == bin_dir  # cmake build dir; its bin/ holds the tools
 
 
 def test_run_tool_returns_stdout_and_the_tools_peak_rss():
-    code = "x = bytearray(64 << 20); print('[{\"ok\": 1}]')"  # touches 64 MiB
+    code = "import time; x = bytearray(64 << 20); time.sleep(0.5); print('[{\"ok\": 1}]')"  # touches 64 MiB
+    held = bytearray(400 << 20)  # this process holds 400 MiB when it starts the tool, as edge.py holds a model
     out, rss = edge.run_tool([sys.executable, "-c", code], timeout=120)
     assert out.strip() == '[{"ok": 1}]'
-    assert rss >= 64  # MiB, the child's own peak (wait4), not this process's
+    assert 64 <= rss < 300, rss  # MiB, the child's own peak; wait4's ru_maxrss reported >= 400 (the parent's)
+    del held
+
+
+def test_a_child_reports_its_own_peak_rss_not_its_parents():
+    import results
+
+    held = bytearray(400 << 20)  # a bench process holding a model spawns a worker
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import results; print(results.peak_rss_mb())"
+    out = edge.subprocess.run([sys.executable, "-c", code, str(Path(edge.__file__).parent)], capture_output=True,
+                              text=True, check=True).stdout
+    assert float(out) < 300, out  # ru_maxrss said >= 400
+    assert results.peak_rss_mb() >= 400
+    del held
 
 
 def test_run_tool_errors_name_the_tool():
@@ -34,3 +48,10 @@ def test_run_tool_errors_name_the_tool():
         edge.run_tool([sys.executable, "-c", "import sys; sys.exit(3)"], timeout=60)
     with pytest.raises(TimeoutError, match="over 1 s"):
         edge.run_tool([sys.executable, "-c", "import time; time.sleep(30)"], timeout=1)
+
+
+def test_greedy_reference_is_the_single_streams_tokens():
+    res = {"tokens": {"single": [list(range(40))], "batch16": [[1] * 32] * 16}, "single_prompt": [5, 6], "x": 1.0}
+    prompt, tokens = edge.greedy_reference(res)
+    assert prompt == [5, 6] and tokens == list(range(edge.CHECKED))  # was [[0..39]]: never equal to llama.cpp's
+    assert res == {"x": 1.0}

@@ -73,3 +73,22 @@ def test_file_without_tables_falls_back_to_summary(tmp_path):
     readme = tmp_path / "README.md"
     tables.main(["--results", str(tmp_path), "--readme", str(readme)])
     assert "| speedup | 1.50 |" in readme.read_text() and "nested" not in readme.read_text()
+
+
+def test_an_older_file_of_another_shape_stays_shown(tmp_path):
+    def edge_run(shapes, value, stamp):
+        run = results.Run("edge", args={"shapes": shapes})
+        run.started = run.started.strptime(stamp, "%Y%m%d-%H%M%S")
+        run.table(f"edge {shapes[0]}", ["side", "tok/s"], [["qiusuo", value]])
+        return run.save(directory=tmp_path)
+
+    old_small = edge_run(["smollm2-135m"], 11.5, "20260101-000000")
+    edge_run(["qwen2.5-0.5b"], 22.5, "20260101-010000")  # superseded below
+    new_small = edge_run(["smollm2-135m"], 33.5, "20260101-020000")
+    qwen = edge_run(["qwen2.5-0.5b"], 44.5, "20260101-030000")
+    assert tables.shown(tmp_path)["edge"] == [qwen, new_small]
+    assert old_small not in tables.shown(tmp_path)["edge"]
+    readme = tmp_path / "README.md"
+    tables.main(["--results", str(tmp_path), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "44.5" in text and "33.5" in text and "22.5" not in text and "11.5" not in text
