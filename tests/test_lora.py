@@ -175,3 +175,162 @@ def test_merge_adapter_is_one_call_and_bad_adapters_fail_loudly(tmp_path):
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora"):
         lora.load_adapter(load_model(tmp_path / "base")[0], tmp_path / "adapter")
+
+
+# ------------------------------------------------------------------ LoRA through the stages
+class DigitsTask:
+    """Toy task: reward = share of the completion's characters that are digits."""
+
+    name = "toy-digits"
+
+    def generate(self, n, seed, split="train"):
+        from qiusuo.tasks.base import Problem
+
+        return [Problem(prompt=f"{(seed + i) % 10}=", question="q", answer="0") for i in range(n)]
+
+    def score_many(self, problems, texts):
+        from qiusuo.tasks.base import Score
+
+        out = []
+        for t in texts:
+            r = sum(c.isdigit() for c in t) / len(t) if t else 0.0
+            out.append(Score(reward=r, format=float(bool(t)), accuracy=float(r == 1.0), parsed_answer=None))
+        return out
+
+
+def grpo(tmp_path, ckpt, name="run", **kw):
+    from qiusuo.train.config import GRPOConfig
+    from qiusuo.train.grpo import GRPO
+
+    args = dict(model=str(ckpt), out=str(tmp_path / name), prompts_per_step=2, group_size=4, max_tokens=6,
+                steps=2, lr=3e-3, threads=1, progress=False, lora_rank=4, lora_alpha=8.0)
+    return GRPO(GRPOConfig(**{**args, **kw}), task=DigitsTask())
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe"])
+def test_rollout_logprobs_equal_the_trainers_under_lora(tmp_path, make_checkpoint, name):
+    """Rollouts decode with the adapters merged into the base (the engine's KV-cached decode; MLA's absorbed
+    decode reads kv_b_proj.weight directly, so only a merge reaches it); the trainer computes log-probs through
+    the unmerged LoRA layers. The two must agree per token within 1e-5, and differ from the base's."""
+    from qiusuo.engine import SamplingParams
+    from qiusuo.tasks.prompts import prompt_ids
+    from qiusuo.train.objectives import completion_token_logprobs
+
+    run = grpo(tmp_path, make_checkpoint(name, num_hidden_layers=2))
+    randomize_adapters_(run.model, std=0.2)
+    prompts = [prompt_ids(run.tokenizer, run.task, p) for p in run.task.generate(2, seed=3)]
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=5, logprobs=0)
+    with lora.merged(run.model):
+        outs = run.llm.generate(prompts, params)
+    run.model.train()
+    rows = [(list(r.prompt_token_ids), o) for r in outs for o in r.outputs]
+    S = max(len(p) + len(o.token_ids) for p, o in rows)
+    ids = torch.zeros(len(rows), S, dtype=torch.long)
+    mask = torch.zeros(len(rows), S, dtype=torch.bool)
+    engine = torch.zeros(len(rows), S)
+    for i, (p, o) in enumerate(rows):
+        n = len(o.token_ids)
+        ids[i, : len(p) + n] = torch.tensor(p + list(o.token_ids))
+        mask[i, len(p): len(p) + n] = True
+        engine[i, len(p): len(p) + n] = torch.tensor([lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)])
+    with torch.no_grad():
+        ours = completion_token_logprobs(run.model, ids, mask)[0]
+        with lora.disabled(run.model):
+            base = completion_token_logprobs(run.model, ids, mask)[0]
+    assert mask.sum() > 20
+    torch.testing.assert_close(ours, engine, atol=1e-5, rtol=0)
+    assert (base - engine).abs().max() > 1e-3  # the adapter is in the rollouts
+
+
+def test_grpo_lora_trains_adapters_only_and_saves_merged_final_and_peft_adapter(tmp_path, make_checkpoint):
+    ckpt = make_checkpoint(num_hidden_layers=2)
+    run = grpo(tmp_path, ckpt, steps=3)
+    frozen = {n: p.detach().clone() for n, p in run.model.named_parameters() if ".lora_" not in n}
+    assert {id(p) for g in run.trainer.optimizer.param_groups for p in g["params"]} == {
+        id(p) for n, p in run.model.named_parameters() if ".lora_" in n}
+    run.run()
+    for n, p in run.model.named_parameters():  # the base is the parent's, to the merges' rounding
+        if n in frozen:
+            torch.testing.assert_close(p, frozen[n], atol=1e-6, rtol=0)
+    assert any(float(m.lora_B.weight.detach().abs().sum()) > 0 for m in lora.lora_layers(run.model))  # it learned
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter" / "adapter_config.json").is_file() and not (final / "adapter_config.json").exists()
+    cfg = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(ckpt) and cfg["r"] == 4
+    merged, _ = load_model(final)  # a plain checkpoint every later stage reads
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS % 40), run.model(IDS % 40), atol=1e-5, rtol=0)
+    again = lora.merge_adapter(ckpt, final / "adapter", tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(again)[0](IDS % 40), merged(IDS % 40), atol=1e-5, rtol=0)
+    step_ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    assert (step_ckpt / "adapter_model.safetensors").is_file() and not (step_ckpt / "model.safetensors").exists()
+
+
+def test_grpo_lora_resume_equals_an_uninterrupted_run(tmp_path, make_checkpoint):
+    ckpt = make_checkpoint(num_hidden_layers=2)
+    straight = grpo(tmp_path, ckpt, "straight", steps=3)
+    straight.run()
+    first = grpo(tmp_path, ckpt, "split", steps=3)
+    inner = first.train_step
+
+    def stop_after_one(step):
+        out = inner(step)
+        first.trainer._stop_requested = step == 0
+        return out
+
+    first.train_step = stop_after_one
+    assert first.run().status == "interrupted"
+    second = grpo(tmp_path, ckpt, "split", steps=3, resume=True)
+    assert second.run().step == 3
+    a, b = lora.adapter_state_dict(straight.model), lora.adapter_state_dict(second.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)  # the merges round the base alike
+    with pytest.raises(ValueError, match="lora"):
+        grpo(tmp_path, ckpt, "split", steps=4, resume=True, lora_rank=0).run()
+
+
+def test_lora_reference_policy_is_the_base_without_a_copy(tmp_path, make_checkpoint):
+    """beta > 0 under LoRA: no deepcopy; the reference log-probs are the base checkpoint's own."""
+    from qiusuo.train.data import pad_rows
+    from qiusuo.train.objectives import completion_token_logprobs
+    from qiusuo.train.policy import Rollouts
+
+    ckpt = make_checkpoint(num_hidden_layers=2)
+    run = grpo(tmp_path, ckpt, beta=0.04)
+    assert run.update.ref is None and run.update.ref_is_base
+    randomize_adapters_(run.model, std=0.2)
+    ids, mask = pad_rows([[1, 20, 21, 22, 23], [1, 20, 24, 25]], [[0, 0, 1, 1, 1], [0, 0, 1, 1]], 0)
+    batch = Rollouts(ids, mask, torch.tensor([1.0, -1.0]), 1)
+    ref = run.update.reference_logprobs(batch, slice(0, 2))
+    base, _ = load_model(ckpt)
+    with torch.no_grad():
+        expected = completion_token_logprobs(base, ids, mask)[0]
+        adapted = completion_token_logprobs(run.model, ids, mask)[0]
+    torch.testing.assert_close(ref, expected, atol=1e-6, rtol=0)
+    assert (adapted - expected).abs().max() > 1e-3
+    metrics = run.update(batch)  # the KL term sees the adapter's distance from the base
+    assert metrics["kl"] > 0
+
+
+def test_sft_with_lora_and_config_errors(tmp_path, make_checkpoint):
+    from qiusuo.train.config import GRPOConfig, SFTConfig
+    from qiusuo.train.sft import SFT
+
+    ckpt = make_checkpoint(num_hidden_layers=2)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(8)))
+    sft = SFT(SFTConfig(model=str(ckpt), data=str(data), out=str(tmp_path / "sft"), steps=2, batch_size=4,
+                        threads=1, progress=False, lora_rank=2, lora_targets="q_proj,v_proj"))
+    sft.run()
+    assert json.loads((tmp_path / "sft" / "final" / "adapter" / "adapter_config.json").read_text())["r"] == 2
+    assert lora.resolve_targets(load_model(ckpt)[0], "q_proj,v_proj") == sft.model.lora_spec.module_names
+    with pytest.raises(ValueError, match="--lora-rank must be >= 0"):
+        SFTConfig(model=str(ckpt), data=str(data), lora_rank=-1)
+    with pytest.raises(ValueError, match="--lora-alpha"):
+        SFTConfig(model=str(ckpt), data=str(data), lora_rank=4, lora_alpha=0)
+    with pytest.raises(ValueError, match="--ray"):
+        GRPOConfig(model=str(ckpt), lora_rank=4, ray=True)
+    with pytest.raises(ValueError, match="no linear layer named"):
+        grpo(tmp_path, ckpt, "bad", lora_targets="q_proj,nope")

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, MLAttention
 from .config import ModelConfig
@@ -97,6 +98,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + k) for k in range(n_mtp))
         # A low-bit output head, set by `quantize.quantize_model` (tied: the quantized embedding's table).
         self.output_head: nn.Module | None = None
+        self.gradient_checkpointing = False  # set by the trainer (--gradient-checkpointing)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ setup
@@ -175,6 +177,9 @@ class Transformer(nn.Module):
             if reference_moe and isinstance(layer.mlp, MoE):
                 x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, cache)
                 x = x + layer.mlp(layer.post_attention_layernorm(x), reference=True)
+            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Activations inside the layer are recomputed in the backward pass (transformers' name).
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
         return self.model.norm(x)

@@ -176,8 +176,56 @@ class _PrefixReader:
         return tuple(torch.cat((p.index_select(0, self.owner), x), dim=1) for p, x in zip(past, states))
 
 
+# The most logits (fp32 elements) that exist at once while computing log-probs: 2**25 = 128 MiB, ~220
+# positions of a 151,936-token vocabulary (Qwen2.5), where one GRPO micro-batch of 8 x 1,024 positions
+# would otherwise hold 8 x 1,024 x 151,936 x 4 B = 5 GB of logits, and as much again for log_softmax and
+# its gradient. A model whose whole batch fits (the built-in tokenizer's tiny vocabulary) runs unchunked.
+LOGIT_CHUNK_ELEMENTS = 1 << 25
+
+
+def _chunk_logprobs(model, h: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
+    """h (N, D), targets (N,) -> log pi(target) (N,), and the entropy (N,) without gradient."""
+    logprobs = F.log_softmax(model.logits(h).float(), dim=-1)  # (N, V)
+    token_logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return token_logp, entropy
+
+
+def token_logprobs(model, h: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
+                   chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """h (n, L, D) final hidden states, targets (n, L) -> log pi(targets) (n, L) with gradient, and the
+    entropies (n, L) without, through the output head `chunk_tokens` positions at a time (default: as
+    many as keep LOGIT_CHUNK_ELEMENTS logits). Under gradients each chunk is checkpointed: its (chunk, V)
+    logits are freed after the forward and recomputed in the backward, so the whole batch's vocabulary-
+    wide logits never exist at once, at the cost of one more output-head matmul per chunk. The values
+    and gradients are the unchunked computation's (Liger's chunked loss does the same with fused kernels)."""
+    n, L, D = h.shape
+    N = n * L
+    flat_h, flat_t = h.reshape(N, D), targets.reshape(N)  # (N, D), (N,)
+    step = chunk_tokens or max(1, LOGIT_CHUNK_ELEMENTS // model.config.vocab_size)
+    if step >= N:
+        lp, ent = _chunk_logprobs(model, flat_h, flat_t, with_entropy)
+        return lp.view(n, L), None if ent is None else ent.view(n, L)
+    from torch.utils.checkpoint import checkpoint
+
+    lps, ents = [], []
+    for a in range(0, N, step):
+        args = (model, flat_h[a: a + step], flat_t[a: a + step], with_entropy)
+        if torch.is_grad_enabled():
+            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(*args)
+        lps.append(lp)
+        ents.append(ent)
+    return torch.cat(lps).view(n, L), torch.cat(ents).view(n, L) if with_entropy else None
+
+
 def completion_token_logprobs(
-    model, input_ids: torch.Tensor, completion_mask: torch.Tensor, with_entropy: bool = False
+    model, input_ids: torch.Tensor, completion_mask: torch.Tensor, with_entropy: bool = False,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of each token under `model`, aligned with input_ids.
 
@@ -192,7 +240,9 @@ def completion_token_logprobs(
       through the model's cache protocol; the prefix gets the gradients of all its rows;
     - a row is cut after its last completion token (causal: nothing before reads what follows), and
       suffixes are grouped by length (`length_groups`), so padding is not computed;
-    - rows with no completion token are not computed at all, and logits come from suffixes only.
+    - rows with no completion token are not computed at all, and logits come from suffixes only;
+    - the output head and log_softmax run over chunks of positions (`token_logprobs`), so the
+      vocabulary-wide logits of the whole batch never exist at once.
     The prefix of a row is everything before its last prompt token; that token starts the suffix,
     since its hidden state predicts the first completion token.
     """
@@ -235,15 +285,13 @@ def completion_token_logprobs(
             h = model.hidden_states(ids, cols, cache=cache)  # (n, Ls, D)
             for m in model.moe_layers():  # these forwards are not compute_loss: drop the balance-loss terms
                 m.aux_loss = None
-            logprobs = F.log_softmax(model.logits(h[:, :-1]).float(), dim=-1)  # (n, Ls-1, V): j predicts j+1
-            token_logp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (n, Ls-1)
+            # position j predicts token j+1; the vocabulary-wide logits exist one chunk at a time
+            token_logp, ent = token_logprobs(model, h[:, :-1], ids[:, 1:], with_entropy, chunk_tokens)  # (n, Ls-1)
             mask = wide_on[idx].gather(1, cols[:, 1:]).to(token_logp.dtype)
             out = torch.zeros(len(rows), 2 * S, device=dev)
             logp_rows.append(out.scatter(1, cols[:, 1:], token_logp * mask)[:, :S])  # (n, S)
             if with_entropy:
-                with torch.no_grad():
-                    ent = -(logprobs.exp() * logprobs).sum(-1) * mask
-                    ent_rows.append(out.scatter(1, cols[:, 1:], ent)[:, :S])
+                ent_rows.append(out.scatter(1, cols[:, 1:], ent * mask)[:, :S])
             for r, i in enumerate(rows):
                 source[i] = base + r
             base += len(rows)
@@ -254,4 +302,4 @@ def completion_token_logprobs(
 
 
 __all__ = ["group_advantages", "zero_variance_groups", "kl_k3", "policy_loss", "PolicyLoss", "completion_token_logprobs",
-           "STD_EPS"]
+           "token_logprobs", "STD_EPS", "LOGIT_CHUNK_ELEMENTS"]
