@@ -115,3 +115,34 @@ def test_trainer_sets_gradient_checkpointing_from_the_config(tmp_path, make_chec
     run = GRPO(cfg, task=DigitsTask())
     assert run.model.gradient_checkpointing
     assert run.run().step == 1
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe"])
+def test_pretraining_and_sft_loss_chunked_equals_unchunked(name, monkeypatch):
+    """compute_loss (pretraining, SFT, MTP's depths too) runs through the same chunked log-probs: the
+    value equals F.cross_entropy on the full logits, and gradients equal, with 3 positions per chunk."""
+    import torch.nn.functional as F
+
+    from qiusuo.model import logprobs
+
+    model, ids, mask = model_and_batch(name)
+    model.zero_grad()
+    out = model.compute_loss(ids, mask)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with torch.no_grad():
+        full = F.cross_entropy(model(ids)[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none")
+        m = mask[:, 1:].reshape(-1).float()
+        assert out.lm_loss.item() == pytest.approx(float((full * m).sum() / m.sum()), abs=1e-6)
+    calls = []
+    inner = model.logits
+    model.logits = lambda h: calls.append(h.reshape(-1, h.shape[-1]).shape[0]) or inner(h)
+    monkeypatch.setattr(logprobs, "LOGIT_CHUNK_ELEMENTS", 3 * VOCAB)
+    model.zero_grad()
+    chunked = model.compute_loss(ids, mask)
+    chunked.loss.backward()
+    assert max(calls) == 3
+    torch.testing.assert_close(chunked.loss, out.loss, atol=1e-6, rtol=0)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=0, msg=n)

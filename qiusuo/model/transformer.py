@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention, MLAttention
 from .config import ModelConfig
 from .layers import MLP, RMSNorm, RotaryEmbedding
+from .logprobs import token_logprobs
 from .moe import MoE
 
 
@@ -203,7 +204,7 @@ class Transformer(nn.Module):
             loss_mask = torch.ones_like(input_ids, dtype=torch.bool)
         loss_mask = loss_mask.bool()
         h = self.hidden_states(input_ids)  # (B, T, D)
-        lm_loss = _masked_ce(self.logits(h[:, :-1]), input_ids[:, 1:], loss_mask[:, 1:])
+        lm_loss = _masked_ce(self, h[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])
         loss = lm_loss
         mtp_loss = None
         if len(self.mtp) and self.training:
@@ -217,7 +218,7 @@ class Transformer(nn.Module):
                 cos, sin = self.rotary(positions, h.dtype)
                 emb = self.model.embed_tokens(input_ids[:, k:])  # (B, n, D)
                 prev = layer(prev[:, :n], emb, cos, sin)
-                losses.append(_masked_ce(self.logits(prev[:, :-1]), input_ids[:, k + 1 :], loss_mask[:, k + 1 :]))
+                losses.append(_masked_ce(self, prev[:, :-1], input_ids[:, k + 1 :], loss_mask[:, k + 1 :]))
             if losses:
                 mtp_loss = torch.stack(losses).mean()
                 loss = loss + self.config.mtp_loss_weight * mtp_loss
@@ -252,8 +253,9 @@ class Transformer(nn.Module):
         return {"moe_load_max_over_mean": sum(ratios) / len(ratios), "moe_load_worst": max(ratios)}
 
 
-def _masked_ce(logits, targets, mask):
-    """Mean cross-entropy over positions where mask is True; logits (B, T, V), targets/mask (B, T)."""
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+def _masked_ce(model, h, targets, mask):
+    """Mean cross-entropy over positions where mask is True; h (B, T, D), targets/mask (B, T). The logits
+    exist a chunk of positions at a time (`logprobs.token_logprobs`): F.cross_entropy's values exactly."""
+    ce = -token_logprobs(model, h, targets)[0].reshape(-1)  # (B*T,)
     mask = mask.reshape(-1).to(ce.dtype)
     return (ce * mask).sum() / mask.sum().clamp(min=1)

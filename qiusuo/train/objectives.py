@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from qiusuo.engine.model_runner import length_groups
+from qiusuo.model.logprobs import LOGIT_CHUNK_ELEMENTS, token_logprobs
 
 # TRL's epsilon: (r - mean) / (std + 1e-4). Only matters when std ~ 0, and those groups carry
 # no signal anyway (their numerator is exactly 0).
@@ -174,53 +175,6 @@ class _PrefixReader:
     def update(self, layer_idx: int, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         past = self.states[layer_idx]
         return tuple(torch.cat((p.index_select(0, self.owner), x), dim=1) for p, x in zip(past, states))
-
-
-# The most logits (fp32 elements) that exist at once while computing log-probs: 2**25 = 128 MiB, ~220
-# positions of a 151,936-token vocabulary (Qwen2.5), where one GRPO micro-batch of 8 x 1,024 positions
-# would otherwise hold 8 x 1,024 x 151,936 x 4 B = 5 GB of logits, and as much again for log_softmax and
-# its gradient. A model whose whole batch fits (the built-in tokenizer's tiny vocabulary) runs unchunked.
-LOGIT_CHUNK_ELEMENTS = 1 << 25
-
-
-def _chunk_logprobs(model, h: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
-    """h (N, D), targets (N,) -> log pi(target) (N,), and the entropy (N,) without gradient."""
-    logprobs = F.log_softmax(model.logits(h).float(), dim=-1)  # (N, V)
-    token_logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return token_logp, entropy
-
-
-def token_logprobs(model, h: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
-                   chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """h (n, L, D) final hidden states, targets (n, L) -> log pi(targets) (n, L) with gradient, and the
-    entropies (n, L) without, through the output head `chunk_tokens` positions at a time (default: as
-    many as keep LOGIT_CHUNK_ELEMENTS logits). Under gradients each chunk is checkpointed: its (chunk, V)
-    logits are freed after the forward and recomputed in the backward, so the whole batch's vocabulary-
-    wide logits never exist at once, at the cost of one more output-head matmul per chunk. The values
-    and gradients are the unchunked computation's (Liger's chunked loss does the same with fused kernels)."""
-    n, L, D = h.shape
-    N = n * L
-    flat_h, flat_t = h.reshape(N, D), targets.reshape(N)  # (N, D), (N,)
-    step = chunk_tokens or max(1, LOGIT_CHUNK_ELEMENTS // model.config.vocab_size)
-    if step >= N:
-        lp, ent = _chunk_logprobs(model, flat_h, flat_t, with_entropy)
-        return lp.view(n, L), None if ent is None else ent.view(n, L)
-    from torch.utils.checkpoint import checkpoint
-
-    lps, ents = [], []
-    for a in range(0, N, step):
-        args = (model, flat_h[a: a + step], flat_t[a: a + step], with_entropy)
-        if torch.is_grad_enabled():
-            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(*args)
-        lps.append(lp)
-        ents.append(ent)
-    return torch.cat(lps).view(n, L), torch.cat(ents).view(n, L) if with_entropy else None
 
 
 def completion_token_logprobs(
