@@ -334,3 +334,43 @@ def test_sft_with_lora_and_config_errors(tmp_path, make_checkpoint):
         GRPOConfig(model=str(ckpt), lora_rank=4, ray=True)
     with pytest.raises(ValueError, match="no linear layer named"):
         grpo(tmp_path, ckpt, "bad", lora_targets="q_proj,nope")
+
+
+def test_hostile_adapters_are_refused_before_the_model_changes(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny()
+    lora.apply_lora(model, r=2, alpha=4, targets="q_proj")
+    randomize_adapters_(model)
+    good = tmp_path / "good"
+    lora.save_adapter(model, good)
+    cfg = json.loads((good / "adapter_config.json").read_text())
+    tensors = load_file(good / "adapter_model.safetensors")
+    a_key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+    def variant(name, config=None, weights=None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
+        save_file(weights if weights is not None else tensors, d / "adapter_model.safetensors")
+        return d
+
+    cases = [
+        (variant("r", {"r": 10**9}), "rows as adapter_config"),
+        (variant("r-str", {"r": "2"}), "positive integer"),
+        (variant("alpha", {"lora_alpha": float("nan")}), "positive number"),
+        (variant("pattern", {"rank_pattern": {"q_proj": 8}}), "rank_pattern"),
+        (variant("extra", weights={**tensors, "base_model.model.lm_head.weight": torch.zeros(2, 2)}), "exactly"),
+        (variant("half", weights={k: v for k, v in tensors.items() if k != a_key}), "exactly"),
+        (variant("shape", weights={**tensors, a_key: torch.zeros(2, 7)}), "the model needs"),
+        (variant("foreign", weights={k.replace("q_proj", "zz_proj"): v for k, v in tensors.items()}), "lacks"),
+    ]
+    for path, match in cases:
+        fresh = tiny()
+        with pytest.raises(ValueError, match=match):
+            lora.load_adapter(fresh, path)
+        assert not lora.has_lora(fresh), path.name  # refused before any layer was wrapped
+    fresh = tiny()
+    lora.load_adapter(fresh, good)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(IDS), model(IDS), atol=1e-6, rtol=0)

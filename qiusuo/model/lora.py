@@ -252,6 +252,14 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("use_rslora", False), ("bias", "none")):
         if cfg.get(key, ok) != ok:
             raise ValueError(f"{f}: {key}={cfg[key]!r} is not supported (qiusuo loads plain LoRA: {key}={ok!r})")
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"):
+        if cfg.get(key):
+            raise ValueError(f"{f}: {key}={cfg[key]!r} is not supported (one rank and alpha for every adapted "
+                             "layer, no fully trained modules)")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if type(r) is not int or r < 1 or type(alpha) not in (int, float) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{f}: r must be a positive integer and lora_alpha a positive number "
+                         f"(got r={r!r}, lora_alpha={alpha!r})")
     return cfg
 
 
@@ -263,28 +271,40 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoraSpec:
     cfg = read_adapter_config(path)
     tensors = mmap_safetensors(Path(path) / ADAPTER_WEIGHTS)
     names = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if k.startswith(PEFT_PREFIX)})
-    if not names or len(names) * 2 != len(tensors):
-        raise ValueError(f"{path}/{ADAPTER_WEIGHTS}: expected {PEFT_PREFIX}<module>.lora_A/lora_B.weight pairs")
+    expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for n in names for ab in "AB"}
+    if not names or set(tensors) != expected:
+        raise ValueError(f"{path}/{ADAPTER_WEIGHTS}: expected exactly {PEFT_PREFIX}<module>.lora_A.weight and "
+                         ".lora_B.weight pairs")
+    if any(tensors[f"{PEFT_PREFIX}{n}.lora_A.weight"].shape[0] != cfg["r"] for n in names):
+        raise ValueError(f"{path}: lora_A tensors do not have r={cfg['r']} rows as adapter_config.json says")
     spec = getattr(model, "lora_spec", None)
-    if spec is None:
-        known = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if spec is None:  # check everything before changing the model
+        known = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         missing = [n for n in names if n not in known]
         if missing:
             raise ValueError(f"{path}: the adapter names modules this model lacks: {', '.join(missing[:5])}")
-        spec = apply_lora(model, int(cfg["r"]), float(cfg["lora_alpha"]), ",".join(sorted({
-            n.rsplit(".", 1)[-1] for n in names})))
-        if sorted(spec.module_names) != names:  # targets by short name cover more modules than saved
-            raise ValueError(f"{path}: the adapter covers a subset of its target modules' layers; not supported")
-    elif sorted(spec.module_names) != names or spec.r != int(cfg["r"]):
-        raise ValueError(f"{path}: the adapter (r={cfg['r']}, {len(names)} modules) does not match the model's "
-                         f"(r={spec.r}, {len(spec.module_names)} modules)")
+        targets = ",".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+        if sorted(resolve_targets(model, targets)) != names:  # the short names cover more layers than saved
+            raise ValueError(f"{path}: the adapter covers only some layers of its target modules; not supported")
+        r = cfg["r"]
+        for n in names:
+            want = {"lora_A": (r, known[n].in_features), "lora_B": (known[n].out_features, r)}
+            for ab, shape in want.items():
+                t = tensors[f"{PEFT_PREFIX}{n}.{ab}.weight"]
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"{path}: {PEFT_PREFIX}{n}.{ab}.weight is {tuple(t.shape)}, the model needs {shape}")
+        spec = apply_lora(model, r, float(cfg["lora_alpha"]), targets)
+    elif sorted(spec.module_names) != names or spec.r != cfg["r"] or spec.lora_alpha != cfg["lora_alpha"]:
+        raise ValueError(f"{path}: the adapter (r={cfg['r']}, alpha={cfg['lora_alpha']}, {len(names)} modules) does "
+                         f"not match the model's (r={spec.r}, alpha={spec.lora_alpha}, {len(spec.module_names)} "
+                         "modules)")
     own = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    for key, t in tensors.items():
+        if own[key[len(PEFT_PREFIX):]].shape != t.shape:
+            raise ValueError(f"{path}: tensor {key} {tuple(t.shape)} does not fit the model")
     with torch.no_grad():
         for key, t in tensors.items():
-            name = key[len(PEFT_PREFIX):]
-            if name not in own or own[name].shape != t.shape:
-                raise ValueError(f"{path}: tensor {key} {tuple(t.shape)} does not fit the model")
-            own[name].copy_(t)
+            own[key[len(PEFT_PREFIX):]].copy_(t)
     return spec
 
 
