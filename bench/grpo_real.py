@@ -12,7 +12,9 @@ Configurations, each in its own child process (its peak RSS is its own: ru_maxrs
   (always on); rollouts with the adapters merged into the base, the update through the LoRA layers;
 - `full`: full fine-tuning (AdamW over every parameter), the same gradient checkpointing and chunking.
 Settings: G = 8, 2 prompts per step, T = 1, beta = 0, one optimizer step per batch, --threads (default 1).
-Per step: seconds split into rollout and update, completions/s; per child: peak RSS, RSS after loading.
+Per step: seconds split into rollout and update, completions/s, the peak RSS reached by the end of the
+rollout and by the end of the update; per child: peak RSS, RSS after loading. The rollout engine keeps
+its default KV-cache pool (room for 256 full contexts, capped at 1 GiB, allocated zeroed at start).
 The first step is timed too (no warm-up: a step is minutes, not milliseconds); medians over the steps.
 TRL GRPOTrainer + PEFT on the same settings is not measured here yet (issue 18 part 3 asks for it).
 
@@ -71,6 +73,10 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def build(path: Path, layers: int) -> None:
     """The random-weight checkpoint (in a child process, so no worker counts the builder's memory)."""
     from qiusuo.model import build_model, save_model
@@ -94,6 +100,14 @@ def worker(config: str, args: argparse.Namespace) -> None:
                          gradient_checkpointing=True, lora_rank=16 if config == "lora" else 0, lora_alpha=32.0)
         grpo = GRPO(cfg, task=HashRewardTask())
         loaded = rss_mb()
+        sample, rollout_peak = grpo.rollout.sample, []
+
+        def sample_and_note_peak(*a):  # which phase sets the peak: the rollout's, or the update's after it
+            out = sample(*a)
+            rollout_peak.append(round(peak_mb(), 1))
+            return out
+
+        grpo.rollout.sample = sample_and_note_peak
         trainable = sum(p.numel() for g in grpo.trainer.optimizer.param_groups for p in g["params"])
         steps = []
         for step in range(args.steps):
@@ -102,9 +116,9 @@ def worker(config: str, args: argparse.Namespace) -> None:
             m = grpo.train_step(step)
             steps.append({"seconds": round(time.perf_counter() - t0, 2), "rollout_s": m["rollout_time"],
                           "update_s": m["update_time"], "completion_len": m["completion_len"],
-                          "rss_mb": round(rss_mb(), 1), "loss": m["loss"]})
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(RESULT + json.dumps({"config": config, "steps": steps, "peak_rss_mb": round(peak, 1),
+                          "rss_mb": round(rss_mb(), 1), "peak_rss_after_rollout_mb": rollout_peak[-1],
+                          "peak_rss_after_update_mb": round(peak_mb(), 1), "loss": m["loss"]})
+    print(RESULT + json.dumps({"config": config, "steps": steps, "peak_rss_mb": round(peak_mb(), 1),
                                "rss_after_load_mb": round(loaded, 1), "trainable_params": trainable}), flush=True)
 
 
