@@ -44,7 +44,7 @@ from .state import list_checkpoints, load_checkpoint, save_checkpoint, truncate_
 # change results (per-prompt seeds); the learner count changes only float summation order.
 RESUMABLE_CHANGES = {"steps", "resume", "progress", "threads", "device", "save_every", "keep_checkpoints",
                      "eval_every", "eval_problems", "register", "ray", "address", "rollout_workers",
-                     "learner_workers"}
+                     "learner_workers", "gradient_checkpointing"}
 
 
 class NonFiniteLossError(ValueError):
