@@ -180,6 +180,8 @@ class Transformer(nn.Module):
                 x = x + layer.mlp(layer.post_attention_layernorm(x), reference=True)
             elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Activations inside the layer are recomputed in the backward pass (transformers' name).
+                # The recompute counts an MoE layer's expert loads again: every gradient forward twice, so
+                # the sign-based bias update (relative loads) is unchanged.
                 x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
