@@ -15,10 +15,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, MLAttention
 from .config import ModelConfig
 from .layers import MLP, RMSNorm, RotaryEmbedding
+from .logprobs import token_logprobs
 from .moe import MoE
 
 
@@ -97,6 +99,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + k) for k in range(n_mtp))
         # A low-bit output head, set by `quantize.quantize_model` (tied: the quantized embedding's table).
         self.output_head: nn.Module | None = None
+        self.gradient_checkpointing = False  # set by the trainer (--gradient-checkpointing)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ setup
@@ -175,6 +178,11 @@ class Transformer(nn.Module):
             if reference_moe and isinstance(layer.mlp, MoE):
                 x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, cache)
                 x = x + layer.mlp(layer.post_attention_layernorm(x), reference=True)
+            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Activations inside the layer are recomputed in the backward pass (transformers' name).
+                # The recompute counts an MoE layer's expert loads again: every gradient forward twice, so
+                # the sign-based bias update (relative loads) is unchanged.
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
         return self.model.norm(x)
@@ -199,7 +207,7 @@ class Transformer(nn.Module):
             loss_mask = torch.ones_like(input_ids, dtype=torch.bool)
         loss_mask = loss_mask.float() if loss_mask.is_floating_point() else loss_mask.bool()
         h = self.hidden_states(input_ids)  # (B, T, D)
-        lm_loss = _masked_ce(self.logits(h[:, :-1]), input_ids[:, 1:], loss_mask[:, 1:])
+        lm_loss = _masked_ce(self, h[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])
         loss = lm_loss
         mtp_loss = None
         if len(self.mtp) and self.training:
@@ -213,7 +221,7 @@ class Transformer(nn.Module):
                 cos, sin = self.rotary(positions, h.dtype)
                 emb = self.model.embed_tokens(input_ids[:, k:])  # (B, n, D)
                 prev = layer(prev[:, :n], emb, cos, sin)
-                losses.append(_masked_ce(self.logits(prev[:, :-1]), input_ids[:, k + 1 :], loss_mask[:, k + 1 :]))
+                losses.append(_masked_ce(self, prev[:, :-1], input_ids[:, k + 1 :], loss_mask[:, k + 1 :]))
             if losses:
                 mtp_loss = torch.stack(losses).mean()
                 loss = loss + self.config.mtp_loss_weight * mtp_loss
@@ -249,9 +257,10 @@ class Transformer(nn.Module):
         return {"moe_load_max_over_mean": sum(ratios) / len(ratios), "moe_load_worst": max(ratios)}
 
 
-def _masked_ce(logits, targets, mask):
+def _masked_ce(model, h, targets, mask):
     """Mean cross-entropy over positions where mask is True (weighted mean under a float mask);
-    logits (B, T, V), targets/mask (B, T)."""
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    h (B, T, D), targets/mask (B, T). The logits exist a chunk of positions at a time
+    (`logprobs.token_logprobs`): F.cross_entropy's values exactly."""
+    ce = -token_logprobs(model, h, targets)[0].reshape(-1)  # (B*T,)
     mask = mask.reshape(-1).to(ce.dtype)
     return (ce * mask).sum() / mask.sum().clamp(min=1)

@@ -59,6 +59,15 @@ class TrainConfig:
                           "data, RNG)")
     progress: bool = option(True, "show a progress bar")
     register: str = option("", "import the final model into the model registry under this NAME[:TAG]")
+    lora_rank: int = option(0, "LoRA rank r (0: off, full fine-tuning): the base stays frozen and only the "
+                            "adapters train (PEFT's r; TRL's --lora_r); final/ gets the merged model and "
+                            "final/adapter/ the PEFT adapter")
+    lora_alpha: float = option(32.0, "LoRA alpha: the update is scaled by alpha / r (PEFT's lora_alpha)")
+    lora_targets: str = option("all-linear", "linear layers that get adapters: all-linear (attention and the "
+                               "dense MLP / shared experts, not routed experts, router or head) or module "
+                               "names, comma-separated (q_proj,v_proj)")
+    gradient_checkpointing: bool = option(False, "recompute each decoder layer's activations in the backward "
+                                          "pass instead of storing them (less memory, ~1 more forward)")
 
     def __post_init__(self):
         check_choices(self)  # every Literal field of this class and its stage's (schedule, dtype, loss_agg, ...)
@@ -89,6 +98,12 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora-rank must be >= 0 (0: off), got {self.lora_rank}")
+        if self.lora_rank and not self.lora_alpha > 0:
+            raise ValueError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if self.lora_rank and not self.lora_targets.strip():
+            raise ValueError("--lora-targets is empty; give all-linear or module names such as q_proj,v_proj")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -254,6 +269,9 @@ class GRPOConfig(TrainConfig):
         if self.dynamic_sampling and not self.filter_zero_variance:
             raise ValueError("--dynamic-sampling refills the zero-variance groups it drops; it needs "
                              "--filter-zero-variance (drop --no-filter-zero-variance or --dynamic-sampling)")
+        if self.ray and self.lora_rank:
+            raise ValueError("--lora-rank with --ray is not supported yet (the rollout actors sync full weights); "
+                             "drop --ray to train LoRA in one process")
         if self.address and not self.ray:
             raise ValueError(f"--address {self.address!r} needs --ray (the single-process run does not use a cluster)")
         if self.ray and self.rollout_workers > self.prompts_per_step:

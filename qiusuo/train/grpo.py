@@ -8,6 +8,9 @@ Flags: --scale-rewards none --loss-agg constant (Dr.GRPO), --loss-agg sequence (
 --beta > 0 (k3 KL to the initial policy), --dynamic-sampling (refill dropped groups),
 --overlong-filter (mask truncated samples), --updates-per-batch / --minibatches (stored old log-probs).
 --ray: the same stage on Ray (distributed/: rollout actors, a data-parallel learner group).
+--lora-rank: adapters on the frozen base; rollouts run with the adapters merged into the base weights
+(merged for the rollout, unmerged for the update), the reference policy is the base with the adapters
+disabled (no copy).
 
 The stage is three pieces both paths share: `RolloutBuilder` (prompts -> G samples each -> rewards ->
 advantages -> a padded batch), `policy.PolicyUpdate` (the update on that batch) and `grpo_step` (one step:
@@ -24,8 +27,10 @@ from typing import Any, Callable
 
 import torch
 
-from .config import GRPOConfig
+from qiusuo.model import lora
 from qiusuo.tasks.prompts import chat_template, prompt_ids
+
+from .config import GRPOConfig
 
 from .data import load_task, pad_id, pad_rows, step_seed
 from .final import save_final
@@ -55,7 +60,8 @@ class GRPO:
         self.rollout = RolloutBuilder(cfg, self.task, self.tokenizer, self._sample, self.trainer.device)
 
     def _sample(self, problems: list, seeds: list[int]):
-        out = sample_groups(self.llm, self.tokenizer, self.task, problems, seeds, self.cfg)
+        with lora.merged(self.model):  # LoRA: decode at the base's cost (see qiusuo/model/lora.py)
+            out = sample_groups(self.llm, self.tokenizer, self.task, problems, seeds, self.cfg)
         self.model.train()
         return out
 
@@ -67,7 +73,8 @@ class GRPO:
         from .evaluate import evaluate
 
         problems = self.task.generate(num_problems or self.cfg.eval_problems, seed=seed, split="test")
-        return evaluate(self.llm, self.task, problems, max_tokens=self.cfg.max_tokens, seed=seed)
+        with lora.merged(self.model):
+            return evaluate(self.llm, self.task, problems, max_tokens=self.cfg.max_tokens, seed=seed)
 
     def run(self) -> FitResult:
         self.trainer.resume_if_asked()

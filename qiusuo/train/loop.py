@@ -4,6 +4,8 @@ A stage hands `Trainer.fit` a `step_fn(step) -> metrics`; inside it the stage co
 and calls `trainer.backward(loss)` and `trainer.optimizer_step()` (once per step for pretraining
 and SFT, once per minibatch and pass for GRPO). The trainer owns everything else:
 
+- LoRA (`--lora-rank`, qiusuo/model/lora.py): adapters on the frozen base, only they in AdamW;
+  `--gradient-checkpointing` recomputes each decoder layer in the backward pass;
 - AdamW (decay on matrices only), linear warmup + cosine (or constant), computed from the step
   number so that resuming needs no scheduler object; grad clipping; MoE router-bias balancing
   after every optimizer step; bf16 autocast where the device supports it;
@@ -29,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from qiusuo.model import lora
 from qiusuo.runtime import ThreadTuner, fresh_measurement
 
 from .config import TrainConfig
@@ -41,7 +44,7 @@ from .state import list_checkpoints, load_checkpoint, save_checkpoint, truncate_
 # change results (per-prompt seeds); the learner count changes only float summation order.
 RESUMABLE_CHANGES = {"steps", "resume", "progress", "threads", "device", "save_every", "keep_checkpoints",
                      "eval_every", "eval_problems", "register", "ray", "address", "rollout_workers",
-                     "learner_workers"}
+                     "learner_workers", "gradient_checkpointing"}
 
 
 class NonFiniteLossError(ValueError):
@@ -104,6 +107,11 @@ class Trainer:
         self.run = Path(cfg.out)
         self.device = torch.device(cfg.device)
         self.amp_dtype = autocast_dtype(cfg, self.device)
+        if cfg.lora_rank and not lora.has_lora(model):
+            # Freezes the base; only the adapters have requires_grad, so only they reach AdamW.
+            lora.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        self.lora = lora.has_lora(model)
+        model.gradient_checkpointing = cfg.gradient_checkpointing
         params = [p for p in model.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -164,7 +172,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_updates += 1
         out = {"grad_norm": norm}
-        out.update(self.model.update_router_bias())
+        # Under LoRA the base, router biases included, stays frozen (the adapter alone must reproduce
+        # the trained model on its base): gamma 0 reports the loads and clears them, moving nothing.
+        out.update(self.model.update_router_bias(gamma=0.0) if self.lora else self.model.update_router_bias())
         return out
 
     def _nonfinite_message(self, what: str, value: float) -> str:

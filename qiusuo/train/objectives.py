@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from qiusuo.engine.model_runner import length_groups
+from qiusuo.model.logprobs import LOGIT_CHUNK_ELEMENTS, token_logprobs
 
 # TRL's epsilon: (r - mean) / (std + 1e-4). Only matters when std ~ 0, and those groups carry
 # no signal anyway (their numerator is exactly 0).
@@ -177,7 +178,8 @@ class _PrefixReader:
 
 
 def completion_token_logprobs(
-    model, input_ids: torch.Tensor, completion_mask: torch.Tensor, with_entropy: bool = False
+    model, input_ids: torch.Tensor, completion_mask: torch.Tensor, with_entropy: bool = False,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of each token under `model`, aligned with input_ids.
 
@@ -192,7 +194,9 @@ def completion_token_logprobs(
       through the model's cache protocol; the prefix gets the gradients of all its rows;
     - a row is cut after its last completion token (causal: nothing before reads what follows), and
       suffixes are grouped by length (`length_groups`), so padding is not computed;
-    - rows with no completion token are not computed at all, and logits come from suffixes only.
+    - rows with no completion token are not computed at all, and logits come from suffixes only;
+    - the output head and log_softmax run over chunks of positions (`token_logprobs`), so the
+      vocabulary-wide logits of the whole batch never exist at once.
     The prefix of a row is everything before its last prompt token; that token starts the suffix,
     since its hidden state predicts the first completion token.
     """
@@ -235,15 +239,13 @@ def completion_token_logprobs(
             h = model.hidden_states(ids, cols, cache=cache)  # (n, Ls, D)
             for m in model.moe_layers():  # these forwards are not compute_loss: drop the balance-loss terms
                 m.aux_loss = None
-            logprobs = F.log_softmax(model.logits(h[:, :-1]).float(), dim=-1)  # (n, Ls-1, V): j predicts j+1
-            token_logp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (n, Ls-1)
+            # position j predicts token j+1; the vocabulary-wide logits exist one chunk at a time
+            token_logp, ent = token_logprobs(model, h[:, :-1], ids[:, 1:], with_entropy, chunk_tokens)  # (n, Ls-1)
             mask = wide_on[idx].gather(1, cols[:, 1:]).to(token_logp.dtype)
             out = torch.zeros(len(rows), 2 * S, device=dev)
             logp_rows.append(out.scatter(1, cols[:, 1:], token_logp * mask)[:, :S])  # (n, S)
             if with_entropy:
-                with torch.no_grad():
-                    ent = -(logprobs.exp() * logprobs).sum(-1) * mask
-                    ent_rows.append(out.scatter(1, cols[:, 1:], ent)[:, :S])
+                ent_rows.append(out.scatter(1, cols[:, 1:], ent * mask)[:, :S])
             for r, i in enumerate(rows):
                 source[i] = base + r
             base += len(rows)
@@ -254,4 +256,4 @@ def completion_token_logprobs(
 
 
 __all__ = ["group_advantages", "zero_variance_groups", "kl_k3", "policy_loss", "PolicyLoss", "completion_token_logprobs",
-           "STD_EPS"]
+           "token_logprobs", "STD_EPS", "LOGIT_CHUNK_ELEMENTS"]

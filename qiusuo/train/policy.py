@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qiusuo.model import lora
+
 from .config import GRPOConfig
 from .loop import Trainer
 from .objectives import completion_token_logprobs, policy_loss
@@ -52,7 +54,8 @@ class PolicyUpdate:
     """GRPO's update of `trainer.model` on a batch, as rank `rank` of `world` (0 of 1: the single process).
 
     Holds the frozen reference policy when beta > 0: a copy of the model as it is now, i.e. the
-    initial policy (built before any --resume loads a checkpoint), the one extra copy GRPO keeps.
+    initial policy (built before any --resume loads a checkpoint), the one extra copy GRPO keeps;
+    under LoRA no copy: the base with the adapters disabled is the initial policy.
     `trainer` supplies autocast, the finite-loss check and the optimizer step (a data-parallel
     trainer's step averages the ranks' gradients first).
     """
@@ -60,11 +63,22 @@ class PolicyUpdate:
     def __init__(self, cfg: GRPOConfig, trainer: Trainer, rank: int = 0, world: int = 1):
         assert 0 <= rank < world, (rank, world)
         self.cfg, self.trainer, self.model, self.rank, self.world = cfg, trainer, trainer.model, rank, world
-        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.beta > 0 else None
+        # Under LoRA the initial policy is the base with the adapters disabled: no copy is kept.
+        self.ref_is_base = cfg.beta > 0 and lora.has_lora(self.model)
+        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) \
+            if cfg.beta > 0 and not self.ref_is_base else None
 
     def logprobs(self, model, batch: Rollouts, rows: slice, entropy: bool = False):
         with self.trainer.autocast():
             return completion_token_logprobs(model, batch.input_ids[rows], batch.completion_mask[rows], entropy)
+
+    def reference_logprobs(self, batch: Rollouts, rows: slice) -> torch.Tensor:
+        """log pi_ref of `rows`: the frozen copy's, or under LoRA the base's (adapters disabled)."""
+        with torch.no_grad():
+            if self.ref is not None:
+                return self.logprobs(self.ref, batch, rows)[0]
+            with lora.disabled(self.model):
+                return self.logprobs(self.model, batch, rows)[0]
 
     def shard(self, rows: slice) -> slice:
         """This rank's contiguous part of minibatch `rows` (all of it when world == 1)."""
@@ -91,8 +105,8 @@ class PolicyUpdate:
         with torch.no_grad():
             if not on_policy:  # the policy that sampled, frozen before the first update
                 old_logp = self.logprobs(self.model, batch, slice(0, B))[0]
-            if self.ref is not None:
-                ref_logp = self.logprobs(self.ref, batch, slice(0, B))[0]
+            if self.ref is not None or self.ref_is_base:
+                ref_logp = self.reference_logprobs(batch, slice(0, B))
         groups_per_mb = max(1, batch.num_groups // cfg.minibatches)
         stats: dict[str, list[float]] = {k: [] for k in ("loss", "clip_fraction", "kl", "ratio_mean", "grad_norm")}
         entropy = None

@@ -3,7 +3,9 @@
     RUN/config.json                resolved config of the run (stage, every field)
     RUN/metrics.jsonl              one JSON object per step
     RUN/checkpoints/step-000200/   HF-layout model (save_model) + optimizer.safetensors
-                                   + trainer_state.json (step, RNG streams, param groups)
+                                   + trainer_state.json (step, RNG streams, param groups);
+                                   under LoRA the PEFT adapter instead of the model (the base is
+                                   the parent checkpoint, frozen)
     RUN/final/                     the trained model, HF layout, with qiusuo.json metadata
 
 No pickles: the optimizer state and torch RNG state are tensors in safetensors; the rest is JSON.
@@ -33,6 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from qiusuo.model import lora
+from qiusuo.model.lora import save_adapter
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -160,7 +165,11 @@ def save_checkpoint(run: Path, step: int, model, tokenizer, optimizer, extra: di
     final = checkpoint_dir(run, step)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp, metadata={**(metadata or {}), "step": step})
+    if lora.has_lora(model):  # the frozen base is the parent checkpoint: only the adapter changes
+        save_adapter(model, tmp, base_model_name_or_path=(metadata or {}).get("parent"))
+        (tmp / "qiusuo.json").write_text(json.dumps({**(metadata or {}), "step": step}, indent=1) + "\n")
+    else:
+        save_model(model, tokenizer, tmp, metadata={**(metadata or {}), "step": step})
     opt_tensors, groups = optimizer_tensors(optimizer)
     rng_json, rng_tensors = rng_state()
     save_file({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER_FILE)
@@ -183,11 +192,19 @@ def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
     """Restore weights, optimizer and RNG streams from a step checkpoint; returns trainer_state.json."""
     from qiusuo.model.checkpoint import from_hf_state_dict, read_safetensors
 
-    weights = from_hf_state_dict(read_safetensors(path), model.config)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if "inv_freq" not in k]:
-        raise ValueError(f"checkpoint {path} does not match the model being trained "
-                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    saved_lora, run_lora = (path / lora.ADAPTER_CONFIG).is_file(), lora.has_lora(model)
+    if saved_lora != run_lora:
+        raise ValueError(f"checkpoint {path} holds {'a LoRA adapter' if saved_lora else 'a full model'} but this "
+                         f"run trains {'LoRA adapters' if run_lora else 'the full model'}; resume with the "
+                         "run's own --lora-rank")
+    if lora.has_lora(model):
+        lora.load_adapter(model, path)
+    else:
+        weights = from_hf_state_dict(read_safetensors(path), model.config)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if "inv_freq" not in k]:
+            raise ValueError(f"checkpoint {path} does not match the model being trained "
+                             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
     state = json.loads((path / STATE_FILE).read_text())
     tensors = load_file(path / OPTIMIZER_FILE)
     load_optimizer(optimizer, tensors, state["param_groups"])
