@@ -313,25 +313,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoraSpec:
     return spec
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put plain nn.Linear layers back (in place): the
-    model is then an ordinary one, saved by `save_model` as a full checkpoint (PEFT's name)."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, LoRALinear):
-            m.merge()
-            parent_name, _, child = name.rpartition(".")
-            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-            plain.weight, plain.bias = m.weight, m.bias
-            setattr(model.get_submodule(parent_name), child, plain)
-    if hasattr(model, "lora_spec"):
-        del model.lora_spec
-    return model
-
-
-@contextlib.contextmanager
-def unloaded(model: nn.Module) -> Iterator[nn.Module]:
-    """The model with adapters merged and plain nn.Linear layers inside the block (for `save_model`),
-    the LoRA layers (unmerged) back after. The base weights round-trip as in `merged`."""
+def _merge_into_plain_linears(model: nn.Module) -> list[tuple[nn.Module, str, "LoRALinear"]]:
+    """Fold every adapter into its base weight and put a plain nn.Linear sharing that weight in the
+    LoRA layer's place; returns (parent, name, LoRA layer) of each swap, to undo it."""
     swapped = []
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
@@ -342,6 +326,23 @@ def unloaded(model: nn.Module) -> Iterator[nn.Module]:
             parent = model.get_submodule(parent_name)
             setattr(parent, child, plain)
             swapped.append((parent, child, m))
+    return swapped
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put plain nn.Linear layers back (in place): the
+    model is then an ordinary one, saved by `save_model` as a full checkpoint (PEFT's name)."""
+    _merge_into_plain_linears(model)
+    if hasattr(model, "lora_spec"):
+        del model.lora_spec
+    return model
+
+
+@contextlib.contextmanager
+def unloaded(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with adapters merged and plain nn.Linear layers inside the block (for `save_model`),
+    the LoRA layers (unmerged) back after. The base weights round-trip as in `merged`."""
+    swapped = _merge_into_plain_linears(model)
     try:
         yield model
     finally:
