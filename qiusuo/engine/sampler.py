@@ -148,7 +148,9 @@ class Sampler:
 
 def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence],
                             output_ids: list[list[int]] | None = None) -> int:
-    """Run each sequence's logits processors on its row of `logits` (B, V), in place; return the rows changed.
+    """Run each sequence's logits processors on its row of `logits` (B, V), in place; return how many
+    rows were copied into (rows a processor replaced; one edited in place is not counted: inference
+    tensors keep no version counter to tell).
 
     vLLM's per-request hook, applied as vLLM's sampler applies it: a processor gets its row as a view
     and the output ids so far (`output_ids[b]`, default `seqs[b].output_token_ids`). It returns that
@@ -163,7 +165,7 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence],
             continue
         ids = seq.output_token_ids if output_ids is None else output_ids[b]
         row = logits[b]  # (V,) view
-        version = row._version  # bumped by an in-place edit (views share their base's counter)
+        copied = False
         for proc in procs:
             out = proc(ids, row)
             if out is not row:
@@ -171,7 +173,8 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence],
                     raise ValueError(f"logits processor {proc!r} returned shape {tuple(out.shape)}; it must return "
                                      f"the row it was given, edited or not, or a new row of shape {tuple(row.shape)}")
                 row.copy_(out)
-        changed += row._version != version
+                copied = True
+        changed += copied
     return changed
 
 
