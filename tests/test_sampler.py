@@ -131,3 +131,20 @@ def test_a_processor_returning_a_wrong_shape_is_named():
     seqs = [make_seq(0, SamplingParams(temperature=0, logits_processors=[bad]), [])]
     with pytest.raises(ValueError, match="bad.*shape"):
         Sampler()(torch.randn(1, V), seqs)
+
+
+@pytest.mark.parametrize("vocab_size", [1, 5, 37, 151_936])
+def test_int32_noise_is_the_int64_hash_bit_for_bit(vocab_size):
+    """The sampler's noise runs on int32 bits (wrapping multiplies, masked shifts); any drift from
+    the int64 hash would change every seeded sample. Seeds span the whole int64 range used."""
+    from qiusuo.engine.sampler import uniform_noise, uniform_noise_reference
+
+    g = torch.Generator().manual_seed(0)
+    seeds = torch.cat([torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1]),
+                       torch.randint(0, 2**63 - 1, (9,), generator=g)])
+    counters = torch.tensor([0, 1, 2, 3, 7, 100, 4095, 2**20, 2**31, 2**32 + 5, 9, 10, 11, 12, 13, 14])
+    got = uniform_noise(seeds, counters, vocab_size)
+    want = uniform_noise_reference(seeds, counters, vocab_size)
+    assert got.dtype == want.dtype == torch.float32
+    assert torch.equal(got, want)
+    assert 0 < got.min() and got.max() < 1

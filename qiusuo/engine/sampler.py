@@ -21,6 +21,7 @@ Dimension letters: B rows, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -43,12 +44,48 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """seeds (B,) in [0, 2^63), counters (B,) -> uniforms (B, V) in (0, 1), float32 (24 bits)."""
+    """seeds (B,) in [0, 2^63), counters (B,) -> uniforms (B, V) in (0, 1), float32 (24 bits).
+
+    The (B, V) part of the hash runs on int32 tensors that hold the uint32 bits (multiplication
+    wraps mod 2^32, right shifts are masked to be logical): bit for bit `uniform_noise_reference`,
+    ~5x faster than on int64 (at B=16, V=151,936 the int64 hash dominated a sampled step)."""
+    key = _mix32((seeds & _M32) ^ _mix32((seeds >> 32) + _GOLDEN))
+    key = _as_int32(_mix32(key ^ _mix32(counters & _M32)))[:, None]  # (B, 1)
+    h = _vocab_term(vocab_size, seeds.device) + key  # (B, V): (key + vocab * golden) mod 2^32
+    h = _mix32_int32(_mix32_int32(h).bitwise_xor_(key))
+    return h.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF).float().add_(0.5).mul_(2.0**-24)
+
+
+def uniform_noise_reference(seeds: torch.Tensor, counters: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The same uniforms on int64 tensors, as written (tests/test_sampler.py checks they agree)."""
     key = _mix32((seeds & _M32) ^ _mix32((seeds >> 32) + _GOLDEN))
     key = _mix32(key ^ _mix32(counters & _M32))  # (B,)
     vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     h = _mix32(_mix32((key[:, None] + vocab * _GOLDEN) & _M32) ^ key[:, None])  # (B, V)
     return ((h >> 8).float() + 0.5) / 2.0**24
+
+
+def _as_int32(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) -> int32 with the same 32 bits."""
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _vocab_term(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(vocab id * golden) mod 2^32 as int32 bits, (1, V): the same every step, so computed once."""
+    vocab = torch.arange(vocab_size, device=device, dtype=torch.int64)
+    return _as_int32((vocab * _GOLDEN) & _M32)[None, :]
+
+
+# lowbias32's multipliers as int32 bit patterns (a Python int above 2^31 does not fit an int32 tensor op)
+_C1, _C2 = 0x7FEB352D, 0x846CA68B - 2**32
+
+
+def _mix32_int32(x: torch.Tensor) -> torch.Tensor:
+    """`_mix32` on int32 bits, in place on x (B, V); `(x >> k) & mask` is the logical shift."""
+    x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF)).mul_(_C1)
+    x.bitwise_xor_((x >> 15).bitwise_and_(0x1FFFF)).mul_(_C2)
+    return x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
 
 
 @dataclass
@@ -113,8 +150,8 @@ class Sampler:
             scaled = _filter(scaled, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device))
         seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=device)
         counters = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64, device=device)
-        gumbel = -torch.log(-torch.log(uniform_noise(seeds, counters, V)))  # (B, V)
-        sampled = (scaled + gumbel).argmax(dim=-1)
+        gumbel = uniform_noise(seeds, counters, V).log_().neg_().log_().neg_()  # (B, V): -log(-log u)
+        sampled = gumbel.add_(scaled).argmax(dim=-1)
         return torch.where(temp > 0, sampled, greedy)
 
     def _logprobs(self, logits, tokens, token_list, want) -> SamplerOutput:
