@@ -203,3 +203,122 @@ def test_fused_projection_keeps_each_bias():
         fused = QuantizedLinear(lin, "int8")
         ref = torch.cat([m(x) for m in lin], dim=-1)
         assert fused.out_features == 32 and rel_max_err(fused(x), ref) < 0.02
+
+
+# ---------------------------------------------------------------------- quantized checkpoints
+def _greedy_tokens(llm, n: int = 12) -> list[list[int]]:
+    from qiusuo.engine import SamplingParams
+
+    prompts = ["347+285=", "Q: 12*7? think.", "hello"]
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("preset, mode, overrides", [
+    ("tiny-dense", "int8", {}),
+    ("tiny-dense", "int4", {}),
+    ("tiny-dense", "int8", {"tie_word_embeddings": False}),
+    ("tiny-moe", "int8", {}),
+    ("tiny-moe", "int4", {}),
+])  # fmt: skip
+def test_quantized_checkpoint_loads_back_without_requantizing(preset, mode, overrides, make_checkpoint, tmp_path,
+                                                             monkeypatch):
+    """save_model on a quantized model writes its low-bit tensors; load_model assigns them back
+    (nothing is quantized on real tensors) and the engine's tokens are the in-memory model's."""
+    import json
+
+    from safetensors import safe_open
+
+    import qiusuo.model.quantize as qz
+    from qiusuo.engine import LLM
+    from qiusuo.model import save_model
+
+    src = make_checkpoint(preset, **overrides)
+    llm = LLM(str(src), quantization=mode, kv_cache_bytes=8 << 20)
+    want = _greedy_tokens(llm)
+    model = llm.llm_engine.model
+    out = save_model(model, llm.get_tokenizer(), tmp_path / "q")
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "qiusuo", "format_version": 1, "mode": mode,
+                                             "group_size": 32 if mode == "int4" else None}
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        dtypes = {f.get_slice(k).get_dtype() for k in names}
+    assert ("U8" if mode == "int4" else "I8") in dtypes
+    assert "output_head.qweight" not in names or not config["tie_word_embeddings"]  # the tied table once
+
+    def only_meta(fn):
+        def wrapped(w, *args):
+            assert w.is_meta, "loading a quantized checkpoint quantized real weights again"
+            return fn(w, *args)
+        return wrapped
+
+    monkeypatch.setattr(qz, "quantize_per_channel", only_meta(qz.quantize_per_channel))
+    monkeypatch.setattr(qz, "quantize_int4_groupwise", only_meta(qz.quantize_int4_groupwise))
+    again = LLM(str(out), kv_cache_bytes=8 << 20)
+    loaded = again.llm_engine.model
+    saved = qz.quantized_state_dict(model)
+    assert set(qz.quantized_state_dict(loaded)) == set(saved)
+    for k, v in qz.quantized_state_dict(loaded).items():
+        assert v.dtype == saved[k].dtype and torch.equal(v, saved[k]), k
+    assert _greedy_tokens(again) == want
+    assert _greedy_tokens(LLM(str(out), quantization=mode, kv_cache_bytes=8 << 20)) == want  # same mode: as is
+    other = "int4" if mode == "int8" else "int8"
+    with pytest.raises(ValueError, match="already quantized"):
+        LLM(str(out), quantization=other)
+
+
+def _quantized_checkpoint(make_checkpoint, tmp_path, mode="int8"):
+    from qiusuo.model import load_model, save_model
+
+    model, tok = load_model(make_checkpoint())
+    return save_model(quantize_model(model, mode), tok, tmp_path / f"q-{mode}")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s.update({"model.layers.0.mlp.gate_up_proj.weight_q.qweight":
+                         s["model.layers.0.mlp.gate_up_proj.weight_q.qweight"].float()}),
+     r"model\.layers\.0\.mlp\.gate_up_proj\.weight_q\.qweight is torch\.float32"),
+    (lambda s: s.update({"model.layers.1.self_attn.o_proj.weight_q.scale":
+                         s["model.layers.1.self_attn.o_proj.weight_q.scale"][:-1].clone()}),
+     r"model\.layers\.1\.self_attn\.o_proj\.weight_q\.scale is torch\.float32 \(127,\)"),
+    (lambda s: s.update({"model.embed_tokens.table.qweight": s["model.embed_tokens.table.qweight"].t().contiguous()}),
+     r"model\.embed_tokens\.table\.qweight is torch\.int8 \(128, 266\)"),
+    (lambda s: s.pop("model.norm.weight"), r"missing tensors: model\.norm\.weight"),
+    (lambda s: s.update({"model.layers.0.extra": torch.zeros(2)}), r"unexpected tensors: model\.layers\.0\.extra"),
+])  # fmt: skip
+def test_hostile_quantized_checkpoint_names_the_tensor(edit, match, make_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qiusuo.model import load_model
+
+    path = _quantized_checkpoint(make_checkpoint, tmp_path)
+    state = load_file(path / "model.safetensors")
+    edit(state)
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(ValueError, match=match):
+        load_model(path)
+
+
+@pytest.mark.parametrize("qc, match", [
+    ({"quant_method": "gptq", "bits": 4}, "quant_method='gptq'"),
+    ({"quant_method": "qiusuo", "format_version": 2, "mode": "int8"}, "format_version=2"),
+    ({"quant_method": "qiusuo", "format_version": 1, "mode": "int3"}, "mode='int3'"),
+    ({"quant_method": "qiusuo", "format_version": 1, "mode": "int4", "group_size": 48}, "group_size=48"),
+    ("int8", "quant_method='int8'"),
+])  # fmt: skip
+def test_bad_quantization_config_is_refused(qc, match, make_checkpoint, tmp_path):
+    import json
+
+    from qiusuo.model import load_model
+
+    path = _quantized_checkpoint(make_checkpoint, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = qc
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        load_model(path)
+    with pytest.raises(ValueError, match="float32"):
+        config["quantization_config"] = {"quant_method": "qiusuo", "format_version": 1, "mode": "int8"}
+        (path / "config.json").write_text(json.dumps(config))
+        load_model(path, dtype="bfloat16")

@@ -56,6 +56,10 @@ class CompiledDecode:
     def __init__(self, model: nn.Module, mode: str = "default"):
         if mode not in MODES:
             raise ValueError(f"compile mode {mode!r}: use one of {sorted(MODES)}")
+        quant = getattr(model, "quantization_config", None)
+        if quant is not None and quant.get("mode") != "int8":  # a quantized checkpoint: config.py saw no quantization=
+            raise ValueError(f"compile with a {quant.get('mode')} model is not supported yet; only weight-only "
+                             "int8 compiles (load without compile)")
         self.model = model
         self.options = MODES[mode]
         self._compiled = torch.compile(self._forward, dynamic=True)
