@@ -322,3 +322,69 @@ def test_bad_quantization_config_is_refused(qc, match, make_checkpoint, tmp_path
         config["quantization_config"] = {"quant_method": "qiusuo", "format_version": 1, "mode": "int8"}
         (path / "config.json").write_text(json.dumps(config))
         load_model(path, dtype="bfloat16")
+
+
+_PEAK_RSS_CHILD = """
+import json, sys
+import torch
+from qiusuo.model import load_model
+def status(key):
+    line = next(x for x in open("/proc/self/status") if x.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+load_model(sys.argv[2])  # a small one first: lazy imports and first-use allocations are not the load's
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
+before = status("VmRSS")
+model, _ = load_model(sys.argv[1])
+peak = status("VmHWM")
+kernel = sum(t.numel() * t.element_size() for m in model.modules()
+             for t in (getattr(m, "_packed", None), getattr(m, "_scales_zeros", None)) if isinstance(t, torch.Tensor))
+print(json.dumps({"growth": peak - before, "kernel_copies": kernel}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_load_peak_rss_is_the_weights_once(mode, tmp_path):
+    """Issue 15's memory rule for quantized checkpoints: loading holds the low-bit tensors once
+    (views of the file's memory map) - peak RSS growth during load_model within 1.2x the file's
+    tensors. int4 also builds the kernel's packed copy of each matrix (its own layout, the same
+    bytes again), counted on top. Measured in a fresh process, after a small load has done the lazy
+    imports, from the peak reset just before loading (Linux's clear_refs) to VmHWM after it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from qiusuo.model import save_model
+
+    model, tok = build_model("tiny-dense", hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                             num_attention_heads=8, num_key_value_heads=2)
+    path = save_model(quantize_model(model.eval(), mode), tok, tmp_path / mode)
+    small, tok = build_model("tiny-dense")
+    warm = save_model(quantize_model(small.eval(), mode), tok, tmp_path / "small")
+    del model, small
+    weights = (path / "model.safetensors").stat().st_size
+    # glibc raises its mmap threshold after the first large free, so later transients (int4's
+    # unpacking, 1024 rows at a time) come from the heap and leave holes it keeps: +~10 MB here,
+    # allocator policy rather than copies of the weights. The threshold is pinned at glibc's default
+    # so the test measures what the loader holds (the report gives the unpinned figure too).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_CHILD, str(path), str(warm)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert mode == "int4" or got["kernel_copies"] == 0
+    assert got["growth"] <= 1.2 * weights + got["kernel_copies"], (got, weights)
+
+
+def test_int4_packing_in_row_chunks_is_the_whole_matrix_packed():
+    """Int4Weight packs its kernel weight 1024 rows at a time (peak RSS while loading); the bytes
+    must be those of packing the whole matrix, and the matmul the dequantized one."""
+    from qiusuo.model import quantize as qz
+
+    w = torch.randn(2 * qz._INT4PACK_ROW_CHUNK + 64, 256, generator=torch.Generator().manual_seed(0))
+    m = Int4Weight(*quantize_int4_groupwise(w, 32), 32)
+    assert m.kernel == "int4pack"
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(m.unpacked(), 1)
+    assert torch.equal(m._packed, whole)
+    x = torch.randn(3, 256)
+    assert rel_max_err(m(x), x @ m.dequantize().T) < 0.02  # bf16 activations in the kernel

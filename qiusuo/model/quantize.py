@@ -162,16 +162,23 @@ class Int4Weight(nn.Module):
         self.kernel = "int4pack" if K % self.group_size == 0 and N % 16 == 0 and K % 2 == 0 else "dequant"
         if self.qweight.is_meta:
             return
-        q = self.unpacked()
         if self.kernel == "int4pack":
-            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            sz = torch.stack((self.scales.t(), self.zeros.t()), dim=-1)  # (K/g, N, 2)
-            self._scales_zeros = sz.to(torch.bfloat16).contiguous()
+            # In row chunks: the kernel packs each block of rows on its own (blocks of 64 or fewer), so
+            # chunks of 1024 rows pack the same bytes while the int32 input the op wants (8x the packed
+            # bytes) exists for one chunk at a time, not the whole matrix (peak RSS while loading).
+            # The kept tensors are allocated before the transient ones, so that the next matrix's
+            # transients reuse the freed space rather than leave holes under kept tensors.
+            self._scales_zeros = torch.empty(K // self.group_size, N, 2, dtype=torch.bfloat16)
+            self._scales_zeros[..., 0] = self.scales.t()
+            self._scales_zeros[..., 1] = self.zeros.t()
+            self._packed = torch.empty(N, K // 2, dtype=torch.uint8)
+            for rows in _row_chunks(N, _INT4PACK_ROW_CHUNK):
+                self._packed[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(rows), 1)
 
-    def unpacked(self) -> torch.Tensor:
-        """(N, K) int32 in [0, 15]."""
-        b = self.qweight.to(torch.int32)
-        return torch.stack((b & 15, b >> 4), dim=-1).view(self.shape)
+    def unpacked(self, rows: slice = slice(None)) -> torch.Tensor:
+        """(N, K) int32 in [0, 15] (or those `rows`)."""
+        b = self.qweight[rows]  # nibbles split in uint8, widened once: a quarter of the transient bytes
+        return torch.stack((b & 15, b >> 4), dim=-1).view(b.shape[0], self.shape[1]).to(torch.int32)
 
     def dequantize(self) -> torch.Tensor:
         N, K = self.shape
@@ -187,6 +194,13 @@ class Int4Weight(nn.Module):
         else:
             y = F.linear(flat, self.dequantize().to(x.dtype))
         return y.view(*x.shape[:-1], N)
+
+
+_INT4PACK_ROW_CHUNK = 1024  # a multiple of the int4 CPU kernel's row block
+
+
+def _row_chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def make_weight(w: torch.Tensor, mode: str, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> nn.Module:
