@@ -218,6 +218,7 @@ def _greedy_tokens(llm, n: int = 12) -> list[list[int]]:
     ("tiny-dense", "int8", {}),
     ("tiny-dense", "int4", {}),
     ("tiny-dense", "int8", {"tie_word_embeddings": False}),
+    ("tiny-dense", "int8-dynamic", {}),
     ("tiny-moe", "int8", {}),
     ("tiny-moe", "int4", {}),
 ])  # fmt: skip
@@ -244,7 +245,7 @@ def test_quantized_checkpoint_loads_back_without_requantizing(preset, mode, over
     with safe_open(out / "model.safetensors", "pt") as f:
         names = set(f.keys())
         dtypes = {f.get_slice(k).get_dtype() for k in names}
-    assert ("U8" if mode == "int4" else "I8") in dtypes
+    assert ("U8" if mode == "int4" else "I8") in dtypes and "F32" in dtypes
     assert "output_head.qweight" not in names or not config["tie_word_embeddings"]  # the tied table once
 
     def only_meta(fn):
@@ -263,7 +264,7 @@ def test_quantized_checkpoint_loads_back_without_requantizing(preset, mode, over
         assert v.dtype == saved[k].dtype and torch.equal(v, saved[k]), k
     assert _greedy_tokens(again) == want
     assert _greedy_tokens(LLM(str(out), quantization=mode, kv_cache_bytes=8 << 20)) == want  # same mode: as is
-    other = "int4" if mode == "int8" else "int8"
+    other = "int4" if mode != "int4" else "int8"
     with pytest.raises(ValueError, match="already quantized"):
         LLM(str(out), quantization=other)
 

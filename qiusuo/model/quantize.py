@@ -31,6 +31,11 @@ by design), norms, and MLA's `kv_b_proj`, whose weight the absorbed decode path 
 A decoder layer's q/k/v projections and its MLP's gate/up projections are fused into one
 quantized matrix each (`Attention.qkv_proj`, `MLP.gate_up_proj`): at batch 1 each call costs a
 kernel launch and two activation casts, so 7 calls per layer become 4.
+
+A quantized model saves as it is (`save_model`: the low-bit tensors under their module names and a
+`quantization_config` in config.json) and loads back without quantizing again (`load_model` builds
+the structure with `quantize_model` on the meta device, then `load_quantized_state` assigns the
+file's tensors); docs/quantized-checkpoints.md is the format.
 """
 
 from __future__ import annotations
