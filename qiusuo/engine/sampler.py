@@ -49,7 +49,7 @@ def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab_size: int) 
 
     The (B, V) part of the hash runs on int32 tensors that hold the uint32 bits (multiplication
     wraps mod 2^32, right shifts are masked to be logical): bit for bit `uniform_noise_reference`
-    (tests/test_sampler.py), in half the time of a seeded step at B=16, V=151,936 (measured)."""
+    (tests/test_sampler.py); a seeded step at B=16, V=151,936 takes half the time it took on int64."""
     key = _mix32((seeds & _M32) ^ _mix32((seeds >> 32) + _GOLDEN))
     key = _as_int32(_mix32(key ^ _mix32(counters & _M32)))[:, None]  # (B, 1)
     h = _vocab_term(vocab_size, seeds.device) + key  # (B, V): (key + vocab * golden) mod 2^32
