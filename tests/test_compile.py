@@ -85,8 +85,9 @@ def test_compile_is_refused_where_it_would_be_wrong(make_checkpoint):
     model, tok = _model("tiny-dense")
     with pytest.raises(ValueError, match="live module"):
         LLM(model, tok, compile=True)
-    with pytest.raises(ValueError, match="quantization"):
-        LLM(str(make_checkpoint()), compile=True, quantization="int8")
+    for mode in ("int8-dynamic", "int4"):  # int8 (weight-only) compiles: test_compiled_int8_engine_...
+        with pytest.raises(ValueError, match="quantization"):
+            LLM(str(make_checkpoint()), compile=True, quantization=mode)
 
 
 @pytest.mark.timeout(600)
@@ -155,3 +156,40 @@ def test_no_recompile_in_steady_state_decoding(tmp_path):
     for n in (1, 2, 5, 16, 9, 1):
         llm.generate([[3 + i] * (1 + 7 * i % 20) for i in range(n)], greedy)  # 1- to 20-token prompts
     assert counters["stats"]["unique_graphs"] == graphs, "steady-state decoding recompiled the decode graph"
+
+
+@pytest.mark.timeout(900)
+def test_compiled_int8_engine_keeps_int8_weights_and_generates_the_eager_int8_tokens(tmp_path, monkeypatch):
+    """compile + weight-only int8: the frozen graph holds the int8 matrices themselves (freezing
+    folds only ops whose inputs are all weights, and `_weight_int8pack_mm` takes the activations
+    too), the tokens are eager int8's, and steady-state decoding compiles no new graph."""
+    import torch._inductor.freezing as freezing
+    from torch._dynamo.utils import counters
+
+    from qiusuo.model.quantize import Int8Weight
+
+    frozen: list[tuple[torch.dtype, tuple[int, ...]]] = []
+    real_freeze = freezing.freeze
+
+    def recording_freeze(*args, **kwargs):
+        gm, preserved = real_freeze(*args, **kwargs)
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and isinstance(t := getattr(gm, node.target, None), torch.Tensor):
+                frozen.append((t.dtype, tuple(t.shape)))
+        return gm, preserved
+
+    monkeypatch.setattr(freezing, "freeze", recording_freeze)
+    model, tok = _model("tiny-dense")
+    save_model(model, tok, tmp_path)
+    kw = dict(num_threads=1, kv_cache_bytes=16 << 20, max_num_seqs=16, quantization="int8")
+    fast, slow = LLM(str(tmp_path), compile=True, **kw), LLM(str(tmp_path), **kw)
+    weights = {tuple(m.qweight.shape) for m in slow.llm_engine.model.modules() if isinstance(m, Int8Weight)}
+    matrices = [(dt, shape) for dt, shape in frozen if shape in weights]
+    assert matrices and {dt for dt, _ in matrices} == {torch.int8}, matrices  # no float copy of a weight
+    graphs = counters["stats"]["unique_graphs"]
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)  # crosses block boundaries
+    for n in (1, 3, 16, 2, 9, 1):
+        batch = [[3 + i] * (1 + 7 * i % 20) for i in range(n)]  # 1- to 20-token prompts
+        got = [o.outputs[0].token_ids for o in fast.generate(batch, greedy)]
+        assert got == [o.outputs[0].token_ids for o in slow.generate(batch, greedy)]
+    assert counters["stats"]["unique_graphs"] == graphs, "steady-state int8 decoding recompiled the decode graph"

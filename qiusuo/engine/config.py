@@ -91,9 +91,10 @@ class EngineConfig:
 
     def __post_init__(self):
         check_choices(self)
-        if self.compile and self.quantization:
-            raise ValueError("compile and quantization do not combine yet: freezing the graph would fold the "
-                             "low-bit weights back into float32 ones; use one or the other")
+        if self.compile and self.quantization not in (None, "int8"):
+            raise ValueError(f"compile with quantization={self.quantization!r} is not supported yet (fbgemm's "
+                             "prepacked int8-dynamic weights are opaque to torch.compile; int4 under compile is "
+                             "untested); use quantization='int8' (weight-only) with compile, or no compile")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size}: must be >= 1 (16 is a good default)")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:

@@ -16,7 +16,9 @@ from .guided import StructuredOutputsParams
 # vLLM's per-request logits processor: (output token ids so far, logits row (V,)) -> logits row.
 # It sees the raw logits before temperature and filtering, and its result is what the sampler and
 # the returned logprobs use. It must be stateless (it is shared by the request's n samples and
-# called again after a preemption), e.g. the server's thinking budget.
+# called again after a preemption), e.g. the server's thinking budget. It returns the row it was
+# given when it changes nothing (then nothing is copied), else edits it in place or returns a new row
+# (sampler.apply_logits_processors).
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 

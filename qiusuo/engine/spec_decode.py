@@ -43,7 +43,7 @@ from torch import nn
 
 from .outputs import Logprob
 from .paged_cache import PagedKVCache
-from .sampler import Sampler, _filter, uniform_noise
+from .sampler import Sampler, _filter, apply_logits_processors, uniform_noise
 from .sequence import Sequence
 
 # Salts for the counter-based streams: the draft's Gumbel noise and the acceptance uniforms are
@@ -92,13 +92,10 @@ def _slot(seq: Sequence, pos: int, block_size: int) -> int:
 
 
 def _processed(logits: torch.Tensor, seqs: list[Sequence], contexts: list[list[int]]) -> torch.Tensor:
-    """Apply each row's logits processors with its own output-so-far (B, V) -> (B, V)."""
-    if not any(s.params.logits_processors for s in seqs):
-        return logits
-    logits = logits.clone()
-    for b, (seq, ctx) in enumerate(zip(seqs, contexts)):
-        for proc in seq.params.logits_processors:
-            logits[b] = proc(ctx, logits[b])
+    """Apply each row's logits processors with its own output-so-far, in place on `logits` (B, V),
+    a fresh tensor of the caller's; returns it."""
+    if any(s.params.logits_processors for s in seqs):
+        apply_logits_processors(logits, seqs, contexts)
     return logits
 
 

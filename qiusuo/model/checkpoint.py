@@ -134,8 +134,15 @@ def save_model(
         cfg = model.config
         config = cfg.to_hf_dict()
         config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+        from .quantize import is_quantized, quantized_state_dict
+
+        if is_quantized(model):  # low-bit tensors as they are in memory (docs/quantized-checkpoints.md)
+            config["quantization_config"] = model.quantization_config
+            state = quantized_state_dict(model)
+        else:
+            state = to_hf_state_dict(model)
         _write_json(tmp / "config.json", config)
-        _write_weights(to_hf_state_dict(model), tmp, max_shard_bytes)
+        _write_weights(state, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
         generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
@@ -301,6 +308,48 @@ def load_model(
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r}: use one of {', '.join(_DTYPES)}")
         dtype = _DTYPES[dtype]
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if qc is not None:
+        model = _load_quantized(path, cfg, qc, torch.device(device), dtype)
+    else:
+        model = _load_float(path, cfg, torch.device(device), dtype)
+    tokenizer = None
+    if (path / "tokenizer.json").exists():
+        from qiusuo.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(path)
+    return model, tokenizer
+
+
+def _load_quantized(path: Path, cfg: ModelConfig, qc: Any, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """A checkpoint `save_model` wrote from a quantized model: the low-bit tensors are assigned as
+    they are (memory-mapped, never re-quantized), into the structure `quantize_model` builds on the
+    meta device. Its float parts (norms, biases, scales) are float32, as quantizing writes them."""
+    from .quantize import check_quantization_config, load_quantized_state, quantize_model
+
+    mode, group_size = check_quantization_config(qc)
+    if dtype != torch.float32:
+        raise ValueError(f"dtype={dtype}: a quantized checkpoint loads as written (low-bit weights, float32 norms "
+                         "and scales); use dtype='float32' (or 'auto')")
+    if device.type != "cpu":
+        raise ValueError(f"a quantized checkpoint loads on the CPU only (its kernels are CPU kernels), not {device}")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+        quantize_model(model, mode, group_size)
+    load_quantized_state(model, read_safetensors(path), source=str(path))
+    _materialize_buffers(model, device)
+    return model.eval()
+
+
+def _materialize_buffers(model: Transformer, device: torch.device) -> None:
+    for module in model.modules():  # non-persistent buffers (RoPE table, expert loads) are still on meta
+        for bname, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:
+                module._buffers[bname] = torch.empty_like(buf, device=device)
+    model.init_buffers()
+
+
+def _load_float(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
     state = from_hf_state_dict(read_safetensors(path), cfg)
     if cfg.is_deepseek and cfg.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in state):
         # transformers writes num_nextn_predict_layers=1 but no MTP weights; MTP is optional at
@@ -321,21 +370,10 @@ def load_model(
             )
     # The checkpoint's tensors become the parameters (assign=True: no second copy; on the CPU they
     # stay views of the file's memory map until written), cast only where the dtype differs.
-    device = torch.device(device)
     state = {k: v.to(device=device, dtype=expected[k].dtype) for k, v in state.items()}  # fp32 as built; to_dtype casts
     model.load_state_dict(state, strict=True, assign=True)
-    for module in model.modules():  # non-persistent buffers (RoPE table, expert loads) are still on meta
-        for bname, buf in list(module._buffers.items()):
-            if buf is not None and buf.is_meta:
-                module._buffers[bname] = torch.empty_like(buf, device=device)
-    model.init_buffers()
-    model.to_dtype(dtype).eval()
-    tokenizer = None
-    if (path / "tokenizer.json").exists():
-        from qiusuo.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_dir(path)
-    return model, tokenizer
+    _materialize_buffers(model, device)
+    return model.to_dtype(dtype).eval()
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

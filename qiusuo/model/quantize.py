@@ -31,6 +31,11 @@ by design), norms, and MLA's `kv_b_proj`, whose weight the absorbed decode path 
 A decoder layer's q/k/v projections and its MLP's gate/up projections are fused into one
 quantized matrix each (`Attention.qkv_proj`, `MLP.gate_up_proj`): at batch 1 each call costs a
 kernel launch and two activation casts, so 7 calls per layer become 4.
+
+A quantized model saves as it is (`save_model`: the low-bit tensors under their module names and a
+`quantization_config` in config.json) and loads back without quantizing again (`load_model` builds
+the structure with `quantize_model` on the meta device, then `load_quantized_state` assigns the
+file's tensors); docs/quantized-checkpoints.md is the format.
 """
 
 from __future__ import annotations
@@ -95,9 +100,16 @@ class Int8Weight(nn.Module):
         K = q.shape[-1]
         if self.kernel == "int8pack" and K % _INT8PACK_K_MULTIPLE:
             self.kernel = "dequant"
+        self.prepare_kernel()
+
+    def prepare_kernel(self) -> None:
+        """The kernel's derived state (fbgemm's packed weight, bf16 scales) from qweight and scale:
+        after building and after a quantized checkpoint's tensors are assigned. Not on meta tensors."""
         self._packed = None
+        if self.qweight.is_meta:
+            return
         if self.kernel == "fbgemm":
-            zero = torch.zeros(q.shape[0], dtype=torch.int64)
+            zero = torch.zeros(self.qweight.shape[0], dtype=torch.int64)
             with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's prepack still takes only them
                 warnings.simplefilter("ignore", UserWarning)
                 qt = torch._make_per_channel_quantized_tensor(self.qweight, self.scale.double(), zero, 0)
@@ -143,25 +155,35 @@ class Int4Weight(nn.Module):
         self.group_size = group_size
         N, K = q.shape
         self.shape = (N, K)
-        # Two 4-bit values per byte, row-major: half the bytes of an int8 tensor (saving to disk: not yet).
+        # Two 4-bit values per byte, row-major (even column in the low nibble): half an int8 tensor's bytes.
         self.register_buffer("qweight", (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8))
         self.register_buffer("scales", scale.float().contiguous())  # (N, K/g)
         self.register_buffer("zeros", zero.float().contiguous())  # (N, K/g)
-        self._prepare_kernel()
+        self.prepare_kernel()
 
-    def _prepare_kernel(self) -> None:
+    def prepare_kernel(self) -> None:
+        """The kernel's packed weight and bf16 scales/zeros from the stored tensors (not on meta tensors)."""
         N, K = self.shape
-        q = self.unpacked()
         self.kernel = "int4pack" if K % self.group_size == 0 and N % 16 == 0 and K % 2 == 0 else "dequant"
+        if self.qweight.is_meta:
+            return
         if self.kernel == "int4pack":
-            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            sz = torch.stack((self.scales.t(), self.zeros.t()), dim=-1)  # (K/g, N, 2)
-            self._scales_zeros = sz.to(torch.bfloat16).contiguous()
+            # In row chunks: the kernel packs each block of rows on its own (blocks of 64 or fewer), so
+            # chunks of 1024 rows pack the same bytes while the int32 input the op wants (8x the packed
+            # bytes) exists for one chunk at a time, not the whole matrix (peak RSS while loading).
+            # The kept tensors are allocated before the transient ones, so that the next matrix's
+            # transients reuse the freed space rather than leave holes under kept tensors.
+            self._scales_zeros = torch.empty(K // self.group_size, N, 2, dtype=torch.bfloat16)
+            self._scales_zeros[..., 0] = self.scales.t()
+            self._scales_zeros[..., 1] = self.zeros.t()
+            self._packed = torch.empty(N, K // 2, dtype=torch.uint8)
+            for rows in _row_chunks(N, _INT4PACK_ROW_CHUNK):
+                self._packed[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(rows), 1)
 
-    def unpacked(self) -> torch.Tensor:
-        """(N, K) int32 in [0, 15]."""
-        b = self.qweight.to(torch.int32)
-        return torch.stack((b & 15, b >> 4), dim=-1).view(self.shape)
+    def unpacked(self, rows: slice = slice(None)) -> torch.Tensor:
+        """(N, K) int32 in [0, 15] (or those `rows`)."""
+        b = self.qweight[rows]  # nibbles split in uint8, widened once: a quarter of the transient bytes
+        return torch.stack((b & 15, b >> 4), dim=-1).view(b.shape[0], self.shape[1]).to(torch.int32)
 
     def dequantize(self) -> torch.Tensor:
         N, K = self.shape
@@ -177,6 +199,13 @@ class Int4Weight(nn.Module):
         else:
             y = F.linear(flat, self.dequantize().to(x.dtype))
         return y.view(*x.shape[:-1], N)
+
+
+_INT4PACK_ROW_CHUNK = 1024  # a multiple of the int4 CPU kernel's row block
+
+
+def _row_chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def make_weight(w: torch.Tensor, mode: str, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> nn.Module:
@@ -257,6 +286,13 @@ def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = DEFAU
         raise ValueError(f"quantization {mode!r}: use one of {MODES} (int8: per-channel, int4: group-wise)")
     if mode == "int4" and group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"int4 group_size={group_size}: use one of {INT4_GROUP_SIZES}")
+    have = getattr(model, "quantization_config", None)
+    if have is not None:  # e.g. a quantized checkpoint loaded with quantization= as well
+        if have == quantization_config(mode, group_size):
+            return model.eval()
+        raise ValueError(f"the model is already quantized ({have['mode']}, group size {have['group_size']}); "
+                         f"re-quantizing it as {mode} would compound the rounding: load the float checkpoint, "
+                         "or drop quantization= to use it as it is")
     layers = list(model.model.layers) + list(getattr(model, "mtp", []))
     for layer in layers:
         for parent in list(layer.modules()):
@@ -270,6 +306,7 @@ def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = DEFAU
                 elif isinstance(child, Experts) and not isinstance(child, QuantizedExperts):
                     setattr(parent, child_name, QuantizedExperts(child, mode, group_size))
     _quantize_embedding_and_head(model, mode)
+    model.quantization_config = quantization_config(mode, group_size)
     return model.eval()
 
 
@@ -310,5 +347,89 @@ def _quantize_embedding_and_head(model: nn.Module, mode: str) -> None:
         model.lm_head = None  # the fp32 copy is not read any more (`Transformer.logits` uses output_head)
 
 
+# ---------------------------------------------------------------------- quantized checkpoints
+QUANT_METHOD = "qiusuo"
+FORMAT_VERSION = 1
+
+
+def quantization_config(mode: str, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> dict:
+    """config.json's `quantization_config` of a quantized checkpoint (docs/quantized-checkpoints.md)."""
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "mode": mode,
+            "group_size": group_size if mode == "int4" else None}
+
+
+def check_quantization_config(qc: object) -> tuple[str, int]:
+    """(mode, group_size) of a checkpoint's `quantization_config`; ValueError naming what is wrong."""
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        method = qc.get("quant_method") if isinstance(qc, dict) else qc
+        raise ValueError(f"quantization_config quant_method={method!r}: qiusuo reads only its own quantized "
+                         f"checkpoints ({QUANT_METHOD!r}); load the float checkpoint and pass quantization=")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"quantization_config format_version={qc.get('format_version')!r}: this qiusuo reads "
+                         f"version {FORMAT_VERSION}; re-save the checkpoint with this version")
+    mode, group_size = qc.get("mode"), qc.get("group_size")
+    if mode not in MODES:
+        raise ValueError(f"quantization_config mode={mode!r}: must be one of {MODES}")
+    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"quantization_config group_size={group_size!r}: int4 needs one of {INT4_GROUP_SIZES}")
+    return mode, group_size if mode == "int4" else DEFAULT_INT4_GROUP_SIZE
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """State-dict names of tensors that belong to a module registered twice (the tied output head is
+    the embedding's int8 table) -> the name they are stored under."""
+    first: dict[int, str] = {}
+    out = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        if id(module) not in first:
+            first[id(module)] = prefix
+            continue
+        for name in [*module._parameters, *(n for n in module._buffers if n not in module._non_persistent_buffers_set)]:
+            out[f"{prefix}.{name}"] = f"{first[id(module)]}.{name}"
+    return out
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a quantized checkpoint stores: the model's state dict under its module names
+    (fused qkv_proj / gate_up_proj, `weight_q.qweight` ...), a tied head's table once."""
+    aliases = _aliases(model)
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in aliases}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (Int8Weight, Int4Weight)) for m in model.modules())
+
+
+@torch.no_grad()
+def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Assign a quantized checkpoint's tensors to `model`, a float `Transformer` built on the meta device
+    and quantized there (`quantize_model` on meta tensors builds the structure and nothing else).
+
+    The tensors are assigned, not copied (views of the file's memory map), and checked first: a
+    missing or unexpected name, or a shape or dtype that is not the one the config implies, is a
+    ValueError naming the tensor (a hostile or corrupt file never reaches a kernel)."""
+    aliases = _aliases(model)
+    expected = {k: v for k, v in model.state_dict().items() if k not in aliases}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = ([f"missing tensors: {', '.join(missing[:10])}"] if missing else []) + \
+                ([f"unexpected tensors: {', '.join(unexpected[:10])}"] if unexpected else [])
+        raise ValueError(f"{source} does not match its config.json and quantization_config; " + "; ".join(parts))
+    for name, t in state.items():
+        want = expected[name]
+        if t.shape != want.shape or t.dtype != want.dtype:
+            raise ValueError(f"{source}: tensor {name} is {t.dtype} {tuple(t.shape)}, but config.json and "
+                             f"quantization_config imply {want.dtype} {tuple(want.shape)}; the file is corrupt "
+                             "or was written for another model")
+    full = dict(state)
+    full.update({alias: state[name] for alias, name in aliases.items() if name in state})
+    model.load_state_dict(full, strict=True, assign=True)
+    for m in model.modules():
+        if isinstance(m, (Int8Weight, Int4Weight)):
+            m.prepare_kernel()
+
+
 __all__ = ["quantize_model", "QuantizedLinear", "QuantizedExperts", "QuantizedEmbedding", "Int8Weight", "Int4Weight",
-           "quantize_per_channel", "quantize_int4_groupwise", "cpu_has_native_bf16", "int8_kernel", "MODES"]
+           "quantize_per_channel", "quantize_int4_groupwise", "cpu_has_native_bf16", "int8_kernel", "MODES",
+           "quantization_config", "check_quantization_config", "quantized_state_dict", "load_quantized_state",
+           "is_quantized"]
