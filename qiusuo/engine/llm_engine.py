@@ -140,7 +140,7 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got min {min(ids)}, max {max(ids)}")
-        compiled = self._compile_grammar(params) if params.structured_outputs is not None else None
+        compiled = self.compile_grammar(params) if params.structured_outputs is not None else None
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         seqs = []
         for i in range(params.n):
@@ -156,7 +156,7 @@ class LLMEngine:
         for s in seqs:
             self.scheduler.add(s)
 
-    def _compile_grammar(self, params: SamplingParams):
+    def compile_grammar(self, params: SamplingParams):
         """The request's grammar, compiled (xgrammar caches by grammar); ValueError when it is invalid."""
         if self.tokenizer is None:
             raise ValueError("structured outputs need a tokenizer (the grammar is over text); this engine has none")

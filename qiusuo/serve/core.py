@@ -205,7 +205,7 @@ class EngineCore:
             return
         self.compiling[cmd.request_id] = cmd
         # The engine's own compile, so the grammar lands in the cache its add_request reads.
-        compile_grammar = self.engine._compile_grammar
+        compile_grammar = self.engine.compile_grammar
 
         def done(f: Future) -> None:
             error = None if f.cancelled() else f.exception()
