@@ -87,3 +87,23 @@ HERMES_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+
+class DigitsTask:
+    """Toy task: reward = share of the completion's characters that are digits (optimum: all digits)."""
+
+    name = "toy-digits"
+
+    def generate(self, n, seed, split="train"):
+        from qiusuo.tasks.base import Problem
+
+        return [Problem(prompt=f"{(seed + i) % 10}=", question="q", answer="0") for i in range(n)]
+
+    def score_many(self, problems, texts):
+        from qiusuo.tasks.base import Score
+
+        out = []
+        for t in texts:
+            r = sum(c.isdigit() for c in t) / len(t) if t else 0.0
+            out.append(Score(reward=r, format=float(bool(t)), accuracy=float(r == 1.0), parsed_answer=None))
+        return out

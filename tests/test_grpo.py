@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from helpers import DigitsTask
+
 from qiusuo.train.objectives import group_advantages, kl_k3, policy_loss, zero_variance_groups
 
 torch.set_num_threads(1)
@@ -149,24 +151,6 @@ def test_completion_logprobs_match_a_manual_log_softmax():
 
 
 # ------------------------------------------------------------------ the stage, end to end on a toy task
-class DigitsTask:
-    """Toy task: reward = share of the completion's characters that are digits (optimum: all digits)."""
-
-    name = "toy-digits"
-
-    def generate(self, n, seed, split="train"):
-        from qiusuo.tasks.base import Problem
-
-        return [Problem(prompt=f"{(seed + i) % 10}=", question="q", answer="0") for i in range(n)]
-
-    def score_many(self, problems, texts):
-        from qiusuo.tasks.base import Score
-
-        out = []
-        for t in texts:
-            r = sum(c.isdigit() for c in t) / len(t) if t else 0.0
-            out.append(Score(reward=r, format=float(bool(t)), accuracy=float(r == 1.0), parsed_answer=None))
-        return out
 
 
 @pytest.fixture(scope="module")

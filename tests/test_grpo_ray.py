@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import test_grpo
-from test_grpo import DigitsTask
+import helpers
+from helpers import DigitsTask
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_RAY = importlib.util.find_spec("ray") is not None
@@ -38,7 +38,7 @@ torch.set_num_threads(1)
 
 
 class EvalDigitsTask(DigitsTask):
-    template = "compact"  # what qiusuo.eval reads to encode prompts (the toy task of test_grpo has none)
+    template = "compact"  # what qiusuo.eval reads to encode prompts (the toy task of tests/helpers.py has none)
 
 
 def cfg(base, out, **kw):
@@ -82,7 +82,7 @@ from qiusuo.model import build_model, save_model
 from qiusuo.train.config import GRPOConfig
 from qiusuo.train.grpo import GRPO
 import qiusuo.cli.train, qiusuo.train.distributed
-from test_grpo import DigitsTask
+from helpers import DigitsTask
 m, tok = build_model("tiny-dense", num_hidden_layers=2)
 base = str(save_model(m, tok, {str(tmp_path / 'base')!r}))
 GRPO(GRPOConfig(model=base, out={str(tmp_path / 'run')!r}, prompts_per_step=2, group_size=2, max_tokens=4,
@@ -112,7 +112,7 @@ def ray_cluster():
     with ray_session(num_cpus=4) as ray:
         import ray.cloudpickle
 
-        for module in (test_grpo, sys.modules[__name__]):  # the workers cannot import the test modules
+        for module in (helpers, sys.modules[__name__]):  # the workers cannot import the test modules
             ray.cloudpickle.register_pickle_by_value(module)
         yield ray
 

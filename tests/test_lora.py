@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import randomize_
+from helpers import DigitsTask, randomize_
 
 from qiusuo.model import Transformer, load_model, preset, save_model
 from qiusuo.model import lora
@@ -178,24 +178,6 @@ def test_merge_adapter_is_one_call_and_bad_adapters_fail_loudly(tmp_path):
 
 
 # ------------------------------------------------------------------ LoRA through the stages
-class DigitsTask:
-    """Toy task: reward = share of the completion's characters that are digits."""
-
-    name = "toy-digits"
-
-    def generate(self, n, seed, split="train"):
-        from qiusuo.tasks.base import Problem
-
-        return [Problem(prompt=f"{(seed + i) % 10}=", question="q", answer="0") for i in range(n)]
-
-    def score_many(self, problems, texts):
-        from qiusuo.tasks.base import Score
-
-        out = []
-        for t in texts:
-            r = sum(c.isdigit() for c in t) / len(t) if t else 0.0
-            out.append(Score(reward=r, format=float(bool(t)), accuracy=float(r == 1.0), parsed_answer=None))
-        return out
 
 
 def grpo(tmp_path, ckpt, name="run", **kw):

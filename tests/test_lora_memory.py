@@ -108,7 +108,7 @@ def test_gradient_checkpointing_gives_equal_gradients(name):
 def test_trainer_sets_gradient_checkpointing_from_the_config(tmp_path, make_checkpoint):
     from qiusuo.train.config import GRPOConfig
     from qiusuo.train.grpo import GRPO
-    from test_lora import DigitsTask
+    from helpers import DigitsTask
 
     cfg = GRPOConfig(model=str(make_checkpoint(num_hidden_layers=2)), out=str(tmp_path / "r"), prompts_per_step=2,
                      group_size=4, max_tokens=6, steps=1, threads=1, progress=False, gradient_checkpointing=True)
