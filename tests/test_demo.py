@@ -20,6 +20,10 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path, monkeypatch)
         for key in ("accuracy", "pass1", "format_rate", "length", "empty_think_rate"):
             assert 0 <= report[side][key] <= (1 if key != "length" else 1e9), (side, key)
     assert report["seed"] == 0 and report["wall_seconds"] > 0 and report["cpu_seconds"] > 0
+    transfer = report["transfer"]  # the harder held-out set, before and after RL with the same budget
+    assert transfer["difficulty"] == 4 and transfer["problems"] == 24, transfer
+    assert set(transfer["gain_points"]) == {"accuracy", "pass1"}
+    assert transfer["before"]["problems"] == transfer["after"]["problems"] == 24
     assert len(report["curves"]) == 3 and "reward_mean" in report["curves"][0]
     assert (tmp_path / "demo" / "grpo_curves.png").stat().st_size > 1000
     assert (tmp_path / "demo" / "grpo" / "final" / "config.json").is_file()
@@ -38,3 +42,21 @@ def test_demo_threads_default_to_measured_and_reject_negatives():
     line = describe_threads({"threads": 2, "candidates": [1, 2], "measured_first": True,
                              "first_measurement": {"1": 1.6e-4, "2": 0.9e-4}, "rechecks": 1, "switches": 0})
     assert line == "2 (measured: 1 -> 0.160 ms/token, 2 -> 0.090 ms/token; 1 re-check(s), 0 switch(es))"
+
+
+def test_the_transfer_set_is_one_step_harder_and_never_a_trained_level():
+    import qiusuo.tasks as tasks
+    from qiusuo.train.demo import DemoConfig, transfer_problems
+
+    task = tasks.get("arithmetic")
+    harder = transfer_problems(task, DemoConfig(transfer_problems=30))
+    assert len(harder) == 30 and {p.metadata["difficulty"] for p in harder} == {4}
+    assert all(len(str(p.metadata["a"])) == len(str(p.metadata["b"])) == 4 for p in harder)
+    assert harder == transfer_problems(task, DemoConfig(transfer_problems=30))  # fixed: the same before and after
+    assert transfer_problems(task, DemoConfig(transfer_difficulty=0)) == []
+    with pytest.raises(ValueError, match="would not measure transfer"):
+        transfer_problems(task, DemoConfig(difficulty="2,3,4"))
+    with pytest.raises(ValueError, match="--transfer-difficulty"):
+        DemoConfig(transfer_difficulty=-1)
+    with pytest.raises(ValueError, match="--difficulty"):
+        DemoConfig(difficulty="3,x")

@@ -3,7 +3,10 @@
 pretrain a tiny base on arithmetic (60% blurted guesses, 40% scratchpads of which 30% slip) ->
 evaluate on held-out problems -> GRPO with answer-only rewards -> evaluate again on the same
 problems -> before/after table, report.json, a PNG of the GRPO curves, the saved model and the
-command that serves it.
+command that serves it. A second held-out set one step harder than training (4-digit operands;
+`--transfer-difficulty`) is evaluated before and after with the same budget: does what RL selected
+carry beyond the trained length? (On the defaults it does not: the base's scratchpad reads digits by
+absolute position, and 4-digit problems score 0 before and after.)
 
 The base's headroom is a property of its data, not of pretraining luck. A blurted trace in the
 corpus (`<think></think><answer>N</answer>`) answers with another random problem's answer (the
@@ -57,6 +60,15 @@ class DemoConfig:
     grpo_lr: float = field(default=1e-4, metadata={"help": "GRPO learning rate (5e-4 collapsed in the prototype)"})
     eval_problems: int = field(default=500, metadata={"help": "held-out problems evaluated before and after"})
     eval_samples: int = field(default=2, metadata={"help": "T=1 samples per held-out problem for pass@1"})
+    difficulty: str = field(default="", metadata={
+        "help": "pretraining corpus difficulty levels, comma-separated (pretrain --difficulty; e.g. 1,2,3 mixes "
+                "operand lengths); empty: the task's default. GRPO and the held-out set stay at the task's default"})
+    transfer_difficulty: int = field(default=4, metadata={
+        "help": "difficulty of a second held-out set, one step harder than training (4-digit operands for the "
+                "3-digit demo), evaluated before and after RL to measure transfer; 0: off"})
+    transfer_problems: int = field(default=300, metadata={"help": "problems in the harder held-out set"})
+    transfer_max_tokens: int = field(default=64, metadata={
+        "help": "most new tokens per completion on the harder set (a 4-digit scratchpad is longer)"})
     quick: bool = field(default=False, metadata={"help": "a few steps of each stage (CI smoke run, no real gain)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
@@ -64,12 +76,17 @@ class DemoConfig:
         if self.quick:
             self.pretrain_steps, self.pretrain_batch, self.grpo_steps = 12, 16, 3
             self.prompts_per_step, self.group_size, self.eval_problems = 4, 4, 24
+        if self.quick:
+            self.transfer_problems = min(self.transfer_problems, 24)
         for name in ("pretrain_steps", "pretrain_batch", "grpo_steps", "prompts_per_step", "eval_problems",
-                     "eval_samples"):
+                     "eval_samples", "transfer_problems", "transfer_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0 (0: measured), got {self.threads}")
+        if self.transfer_difficulty < 0:
+            raise ValueError(f"--transfer-difficulty must be >= 0 (0: off), got {self.transfer_difficulty}")
+        PretrainConfig(difficulty=self.difficulty).difficulty_levels()  # a malformed list fails here, not later
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -89,7 +106,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     common = dict(seed=cfg.seed, device=cfg.device, threads=cfg.threads, progress=cfg.progress)
 
     pre_cfg = PretrainConfig(out=str(out / "pretrain"), preset=cfg.preset, steps=cfg.pretrain_steps,
-                             batch_size=cfg.pretrain_batch, blurt_rows=cfg.blurt_rows,
+                             batch_size=cfg.pretrain_batch, blurt_rows=cfg.blurt_rows, difficulty=cfg.difficulty,
                              warmup_steps=min(50, max(0, cfg.pretrain_steps // 10)), **common)
     print(f"[1/4] pretraining {cfg.preset} on arithmetic: {cfg.pretrain_steps} steps x {cfg.pretrain_batch} "
           f"({pre_cfg.p_direct:.0%} blurted guesses, right only by chance; {1 - pre_cfg.p_direct:.0%} scratchpads, "
@@ -111,8 +128,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                           prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size, lr=cfg.grpo_lr, **common)
     grpo = GRPO(grpo_cfg, on_step=lambda step, m: curves.append({"step": step + 1, **m}))
     problems = grpo.task.generate(cfg.eval_problems, seed=EVAL_SEED, split="test")
-    print(f"[2/4] evaluating the base on {len(problems)} held-out problems")
+    harder = transfer_problems(grpo.task, cfg)
+    print(f"[2/4] evaluating the base on {len(problems)} held-out problems"
+          + (f" and {len(harder)} harder ones (difficulty {cfg.transfer_difficulty}, not trained on)" if harder else ""))
     before = evaluate(grpo.llm, grpo.task, problems, samples=cfg.eval_samples, seed=EVAL_SEED)
+    transfer = {"difficulty": cfg.transfer_difficulty, "problems": len(harder),
+                "max_tokens": cfg.transfer_max_tokens} if harder else None
+    if transfer:
+        transfer["before"] = evaluate(grpo.llm, grpo.task, harder, samples=cfg.eval_samples, seed=EVAL_SEED,
+                                      max_tokens=cfg.transfer_max_tokens)
     print(f"[3/4] GRPO: {cfg.grpo_steps} steps x {cfg.prompts_per_step} prompts x G={cfg.group_size}, T=1, "
           f"lr {cfg.grpo_lr:g}, beta 0, reward 1 if right else 0.1 if well-formed")
     t = time.perf_counter()
@@ -122,6 +146,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(f"      threads: {describe_threads(thread_choice['grpo'])}")
     print("[4/4] evaluating the RL model on the same held-out problems")
     after = evaluate(grpo.llm, grpo.task, problems, samples=cfg.eval_samples, seed=EVAL_SEED)
+    if transfer:
+        transfer["after"] = evaluate(grpo.llm, grpo.task, harder, samples=cfg.eval_samples, seed=EVAL_SEED,
+                                     max_tokens=cfg.transfer_max_tokens)
+        transfer["gain_points"] = {k: round(100 * (transfer["after"][k] - transfer["before"][k]), 2)
+                                   for k in ("accuracy", "pass1")}
     model_dir = out / "grpo" / "final"
     print("      and through the chat API of a real server (/v1/chat/completions, greedy), as a client would")
     served = evaluate_served(model_dir, grpo.task, problems, route="chat", max_tokens=48, engine_process=False,
@@ -136,6 +165,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
         "cpu_seconds_per_point": round(cpu / gain, 2) if gain > 0 else None,
         "peak_rss_mb": peak_rss_mb(), "pretrain_seconds": round(pretrain_s, 1), "grpo_seconds": round(grpo_s, 1),
+        "transfer": transfer,
         "decides_to_think_step": think_step(curves),
         "model": str(model_dir), "config": asdict(cfg), "curves": curves,
     }
@@ -145,6 +175,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print_summary(report)
     return report
+
+
+def transfer_problems(task, cfg: DemoConfig) -> list:
+    """The harder held-out set: `transfer_problems` test-split problems at `transfer_difficulty` (none when
+    off, or when that is a level the pretraining corpus contains: then it would not measure transfer)."""
+    if not cfg.transfer_difficulty:
+        return []
+    trained = PretrainConfig(difficulty=cfg.difficulty).difficulty_levels() or [task.default_difficulty]
+    if cfg.transfer_difficulty in trained:
+        raise ValueError(f"--transfer-difficulty {cfg.transfer_difficulty} is a level the pretraining corpus "
+                         f"contains ({','.join(map(str, trained))}): it would not measure transfer")
+    return task.generate(cfg.transfer_problems, seed=EVAL_SEED, split="test", difficulty=cfg.transfer_difficulty)
 
 
 def thread_summary(trainer, configured: int) -> dict[str, Any]:
@@ -244,7 +286,7 @@ def plot_curves(curves: list[dict[str, Any]], path: Path, before: dict, after: d
 
 def print_summary(report: dict[str, Any]) -> None:
     b, a = report["before"], report["after"]
-    rows = [("held-out greedy accuracy", f"{b['accuracy']:.1%}", f"{a['accuracy']:.1%}"),
+    rows = [("held-out greedy accuracy (as trained)", f"{b['accuracy']:.1%}", f"{a['accuracy']:.1%}"),
             ("held-out T=1 pass@1", f"{b['pass1']:.1%}", f"{a['pass1']:.1%}"),
             ("format rate (T=1)", f"{b['format_rate']:.1%}", f"{a['format_rate']:.1%}"),
             ("completion length (T=1, tokens)", f"{b['length']:.1f}", f"{a['length']:.1f}"),
@@ -255,6 +297,12 @@ def print_summary(report: dict[str, Any]) -> None:
     served = report.get("after_chat_api")
     if served is not None:
         rows.insert(1, ("  same, through /v1/chat/completions", "", f"{served['accuracy']:.1%}"))
+    t = report.get("transfer")
+    if t:
+        tb, ta = t["before"], t["after"]
+        rows += [(f"harder set (difficulty {t['difficulty']}, not trained on): greedy", f"{tb['accuracy']:.1%}",
+                  f"{ta['accuracy']:.1%}"),
+                 ("  T=1 pass@1", f"{tb['pass1']:.1%}", f"{ta['pass1']:.1%}")]
     width = max(len(r[0]) for r in rows)
     print(f"\n{'':{width}}  {'before RL':>12}  {'after RL':>12}")
     for name, x, y in rows:
