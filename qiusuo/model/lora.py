@@ -394,7 +394,10 @@ class MultiLoRALinear(nn.Linear):
     set by the engine before each forward); the rows of one adapter go through its two small matmuls
     together (gathered, then added back with index_add_), so a step that mixes the base and k adapters
     costs the base forward plus one low-rank product per adapter present, and nothing is merged
-    (vLLM's punica kernels do the same grouping, in one kernel)."""
+    (vLLM's punica kernels do the same grouping, in one kernel). Measured (bench/lora_serving.py,
+    SmolLM2-135M's shape, r=16 all-linear, 24 requests a third each on the base and two adapters, 1
+    thread, load ~7 on 2 cores): 6.80 CPU s against 5.72 for the base alone (+19%), and 9.71 for the
+    three served as separate merged models one after the other."""
 
     def __init__(self, base: nn.Linear, batch: "LoRABatch"):
         nn.Module.__init__(self)
