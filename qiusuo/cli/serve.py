@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     add_api_key_flags(p)
     p.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: --model)")
-    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", dest="lora_module_specs",
                    help="LoRA adapters served per request on the base, batched with base requests (vLLM's flag): "
                         "NAME=PATH with PATH an adapter directory (PEFT layout) or a registry adapter; a request "
                         "asks for one with `model=NAME`")
@@ -88,10 +88,10 @@ def run(args) -> int:
     from qiusuo.serve.server import run as run_server
 
     engine = engine_options(args)  # a bad engine or server flag fails first (exit 2), before any loading
-    if args.lora_modules:
+    if args.lora_module_specs:  # not `lora_modules`: that name is EngineConfig's field, a dict
         from qiusuo.engine.config import EngineConfig
 
-        engine["lora_modules"] = lora_modules(args.lora_modules, args.served_model_name or args.model)
+        engine["lora_modules"] = lora_modules(args.lora_module_specs, args.served_model_name or args.model)
         EngineConfig(**engine)  # lora with compile or speculative decoding: exit 2 here
     server = dict(config_kwargs(ServerConfig, args, skip=SERVER_SKIP), api_key=api_key(args))
     ServerConfig(served_model_name=args.served_model_name or args.model, **server)
