@@ -372,3 +372,31 @@ def test_lora_gguf_refuses_adapters_llama_cpp_would_drop(tmp_path, capsys, targe
     err = capsys.readouterr().err
     assert "applies adapters only to attn_output and the FFNs" in err and "qiusuo export merged" in err
     assert not (tmp_path / "a.gguf").exists()
+
+
+def test_deploy_replica_engine_serves_the_lora_modules(chain):
+    """`qiusuo deploy --lora-modules` puts the adapters in the replicas' engine options; a replica's engine loads
+    them (in a child process: importing the replica imports Ray, as tests/test_deploy.py explains)."""
+    import os
+    import subprocess
+    import sys
+
+    from qiusuo.cli import build_parser
+    from qiusuo.cli.flags import engine_options
+    from qiusuo.cli.serve import lora_options
+
+    root, base, adapters = chain
+    args = build_parser().parse_args(["deploy", str(base), "--lora-modules", f"sql={adapters['sql']}"])
+    engine = engine_options(args, skip=("device", "num_threads"))
+    lora_options(args, engine, "m")
+    assert engine["lora_modules"] == {"sql": str(adapters["sql"])}
+    code = ("import json, sys\n"
+            "from qiusuo.deploy.config import DeployConfig\n"
+            "from qiusuo.deploy.replica import load_engine\n"
+            "engine = load_engine(DeployConfig(model='m', model_path=sys.argv[1], engine_options=json.loads(sys.argv[2])))\n"
+            "assert engine.list_loras() == ['sql'], engine.list_loras()\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code, str(base), json.dumps(engine)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
