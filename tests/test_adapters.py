@@ -211,6 +211,18 @@ def test_serve_lora_modules_through_the_openai_client(chain, merged_dirs, tmp_pa
             outs = LLM(str(alone[m]), num_threads=1).generate(PROMPTS, SamplingParams(**GREEDY))
             for p, o in zip(PROMPTS, outs):
                 assert served[(m, p)] == o.outputs[0].text, (m, p)
+        # the Ollama and Anthropic routes reach the adapters by the same names, through the same chat route
+        msg = [{"role": "user", "content": "7*8="}]
+        chat = {m: client.chat.completions.create(model=m, messages=msg, temperature=0, max_tokens=8)
+                .choices[0].message.content for m in models}
+        assert len(set(chat.values())) == 3
+        opts = {"temperature": 0, "num_predict": 8}
+        for m in ("tiny:sql", "poet"):
+            r = httpx.post(url + "/api/chat", json={"model": m, "messages": msg, "stream": False, "options": opts})
+            assert r.status_code == 200 and r.json()["message"]["content"] == chat[m], r.text
+        r = httpx.post(url + "/v1/messages", json={"model": "poet", "max_tokens": 8, "temperature": 0, "messages": msg})
+        assert r.status_code == 200 and r.json()["content"][-1]["text"] == chat["poet"], r.text
+        assert httpx.post(url + "/api/chat", json={"model": "tiny:nope", "messages": msg}).status_code == 404
         with pytest.raises(openai.NotFoundError) as e:
             client.chat.completions.create(model="tiny:nope", messages=[{"role": "user", "content": "hi"}])
         err = e.value.response.json()["error"]
