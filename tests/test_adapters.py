@@ -6,6 +6,7 @@ adapter merged into a checkpoint of its own."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -412,3 +413,22 @@ def test_deploy_replica_engine_serves_the_lora_modules(chain):
     r = subprocess.run([sys.executable, "-c", code, str(base), json.dumps(engine)], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_serve_lora_modules_flag_errors_and_registry_adapters(chain, tmp_path, monkeypatch, capsys):
+    from qiusuo.cli.serve import lora_modules
+
+    root, base, adapters = chain
+    monkeypatch.setenv("QIUSUO_HOME", str(tmp_path / "home"))
+    for specs, message in ((["sql"], "write NAME=PATH"), ([f"a={adapters['sql']}", f"a={adapters['poet']}"], "twice"),
+                           ([f"tiny={adapters['sql']}"], "twice"), ([f"x={tmp_path}"], "not a LoRA adapter"),
+                           (["x=nope:v1"], "neither an adapter directory")):
+        assert main(["serve", "--model", str(base), "--served-model-name", "tiny", "--port", "1",
+                     "--lora-modules", *specs]) == 2  # refused before loading anything or binding the port
+        assert message in capsys.readouterr().err, specs
+    assert main(["models", "import", str(base), "--name", "tiny"]) == 0
+    assert main(["models", "import", str(adapters["sql"]), "--name", "tiny:sql", "--base", "tiny"]) == 0
+    resolved = lora_modules(["tiny:sql=tiny:sql"], "tiny")  # a registry adapter, materialized
+    assert (Path(resolved["tiny:sql"]) / "adapter_model.safetensors").is_file()
+    assert main(["serve", "--model", "tiny", "--port", "1", "--lora-modules", "a=tiny"]) == 2
+    assert "is a full model, not a LoRA adapter" in capsys.readouterr().err
