@@ -140,6 +140,8 @@ def test_serving_adapters_refuse_what_they_cannot_apply(chain, tmp_path, make_ch
             lora_modules={"sql": str(adapters["sql"])})
     with pytest.raises(FileNotFoundError, match="not a LoRA adapter"):
         LLM(str(base), lora_modules={"x": str(tmp_path)})
+    with pytest.raises(ValueError, match="quantized weights"):
+        LLM(str(base), quantization="int8", lora_modules={"sql": str(adapters["sql"])})
     live, tok = load_model(base)
     with pytest.raises(ValueError, match="live module"):
         LLM(live, tok, lora_modules={"sql": str(adapters["sql"])})

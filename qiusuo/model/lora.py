@@ -299,6 +299,11 @@ def read_adapter(model: nn.Module, path: str | os.PathLike) -> tuple[dict, list[
         raise ValueError(f"{path}: lora_A tensors do not have r={r} rows as adapter_config.json says")
     known = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     missing = [n for n in names if n not in known]
+    modules = dict(model.named_modules())
+    other = [f"{n} is a {type(modules[n]).__name__}" for n in missing if n in modules]
+    if other:
+        raise ValueError(f"{path}: {other[0]}, not a plain linear layer (quantized weights?); apply LoRA adapters to "
+                         "float weights, or merge the adapter and quantize the merged model")
     if missing:
         raise ValueError(f"{path}: the adapter names modules this model lacks: {', '.join(missing[:5])}")
     for n in names:
@@ -464,6 +469,11 @@ class ServingAdapters:
             raise ValueError(f"{path}: adapts {mla[0]}, which MLA's absorbed decode reads as a weight matrix, so a "
                              "per-request adapter cannot reach it; merge this adapter into a checkpoint (qiusuo export "
                              "merged) and serve that")
+        for n in names:  # every layer checked before any is wrapped: a refusal leaves the model as it was
+            m = self.model.get_submodule(n)
+            if not isinstance(m, MultiLoRALinear) and type(m) is not nn.Linear:
+                raise ValueError(f"{n} is a {type(m).__name__}, not a plain linear layer (quantized weights?); serve "
+                                 "LoRA adapters on float weights, or merge the adapter first")
         aid = len(self.ids) + 1
         scaling = float(cfg["lora_alpha"]) / cfg["r"]
         ref = next(self.model.parameters())
@@ -479,9 +489,6 @@ class ServingAdapters:
         m = self.model.get_submodule(name)
         if isinstance(m, MultiLoRALinear):
             return m
-        if type(m) is not nn.Linear:
-            raise ValueError(f"{name} is a {type(m).__name__}, not a plain linear layer (quantized weights?); "
-                             "serve LoRA adapters on float weights, or merge the adapter first")
         parent_name, _, child = name.rpartition(".")
         layer = MultiLoRALinear(m, self.batch)
         setattr(self.model.get_submodule(parent_name), child, layer)
