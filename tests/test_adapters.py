@@ -35,7 +35,8 @@ def chain(tmp_path_factory):
     randomize_(model, seed=3)
     base = save_model(model, tokenizer, root / "base")
     adapters = {}
-    for name, r, alpha, targets, seed in (("sql", 4, 8.0, "all-linear", 11), ("poet", 2, 4.0, "q_proj,v_proj,down_proj", 12)):
+    for name, r, alpha, targets, seed in (("sql", 4, 8.0, "all-linear", 11),
+                                          ("poet", 2, 4.0, "q_proj,v_proj,down_proj", 12)):
         m, _ = load_model(base)
         lora.apply_lora(m, r=r, alpha=alpha, targets=targets)
         randomize_adapters_(m, seed)
@@ -122,7 +123,8 @@ def test_engine_batches_base_and_two_adapters_and_each_equals_its_merged_model(c
             assert got[(p, m)] == list(o.outputs[0].token_ids), (p, m)
     assert len({tuple(got[(PROMPTS[0], m)]) for m in models}) == 3  # three different models
     # vLLM's LoRARequest loads a new adapter on first use; an unknown name without a path is refused
-    again = llm.generate(PROMPTS[1], SamplingParams(**GREEDY), lora_request=LoRARequest("poet2", 7, str(adapters["poet"])))
+    again = llm.generate(PROMPTS[1], SamplingParams(**GREEDY),
+                         lora_request=LoRARequest("poet2", 7, str(adapters["poet"])))
     assert list(again[0].outputs[0].token_ids) == got[(PROMPTS[1], "poet")]
     with pytest.raises(ValueError, match="no LoRA adapter named 'nope'"):
         llm.generate("1+1=", SamplingParams(**GREEDY), lora_request="nope")
@@ -408,7 +410,8 @@ def test_deploy_replica_engine_serves_the_lora_modules(chain):
     code = ("import json, sys\n"
             "from qiusuo.deploy.config import DeployConfig\n"
             "from qiusuo.deploy.replica import load_engine\n"
-            "engine = load_engine(DeployConfig(model='m', model_path=sys.argv[1], engine_options=json.loads(sys.argv[2])))\n"
+            "options = json.loads(sys.argv[2])\n"
+            "engine = load_engine(DeployConfig(model='m', model_path=sys.argv[1], engine_options=options))\n"
             "assert engine.list_loras() == ['sql'], engine.list_loras()\n")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}

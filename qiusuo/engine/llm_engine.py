@@ -132,7 +132,8 @@ class LLMEngine:
         if self.loras is not None and lora_request.lora_name in self.loras.ids:
             return False
         if lora_request.lora_path is None:
-            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} is not loaded and the request gives no lora_path")
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} is not loaded and the request gives no "
+                             "lora_path")
         if self.config.compile or self.num_speculative_tokens:
             raise ValueError("LoRA adapters do not combine with compile or speculative decoding yet; merge the adapter "
                              "into a checkpoint (qiusuo export merged) and serve that")
@@ -191,7 +192,8 @@ class LLMEngine:
             self.add_lora(lora_request)  # a new name with a path is loaded now (vLLM loads on first use)
             lora_request = lora_request.lora_name
         if not isinstance(lora_request, str):
-            raise ValueError(f"lora_request must be a LoRARequest, an adapter name or None, got {type(lora_request).__name__}")
+            raise ValueError("lora_request must be a LoRARequest, an adapter name or None, got "
+                             f"{type(lora_request).__name__}")
         if self.loras is None:
             raise ValueError(f"no LoRA adapter named {lora_request!r}: this engine serves none (lora_modules)")
         return self.loras.id_of(lora_request)

@@ -1,4 +1,5 @@
-"""The export part: GGUF files for llama.cpp / Ollama (models, and LoRA adapters on them) (quantization for our engine: qiusuo.model.quantize, re-exported here).
+"""The export part: GGUF files for llama.cpp / Ollama, of models and of LoRA adapters on them (quantization for
+our engine: qiusuo.model.quantize, re-exported here).
 
 `gguf` is an optional dependency (the `gguf` extra); it is imported only when exporting.
 """

@@ -401,8 +401,8 @@ class MultiLoRALinear(nn.Linear):
     costs the base forward plus one low-rank product per adapter present, and nothing is merged
     (vLLM's punica kernels do the same grouping, in one kernel). Measured (bench/lora_serving.py,
     SmolLM2-135M's shape, r=16 all-linear, 24 requests a third each on the base and two adapters, 1
-    thread, load ~7 on 2 cores): 6.80 CPU s against 5.72 for the base alone (+19%), and 9.71 for the
-    three served as separate merged models one after the other."""
+    thread, 2 shared cores), two runs: 6.80 / 7.03 CPU s against 5.72 / 6.39 for the base alone (+19% at
+    load ~7, +10% at load ~5), and 9.71 / 9.49 for the three served as separate merged models in turn."""
 
     def __init__(self, base: nn.Linear, batch: "LoRABatch"):
         nn.Module.__init__(self)

@@ -89,7 +89,8 @@ def create_app(engine: EngineSource, *, served_model_name: str, engine_process: 
         if state.engine is not None:
             entry["max_model_len"] = state.max_model_len
         # each LoRA adapter is a model of its own whose parent is the base (vLLM's listing)
-        adapters = [{**entry, "id": name, "root": name, "parent": config.served_model_name} for name in state.lora_names]
+        adapters = [{**entry, "id": name, "root": name, "parent": config.served_model_name}
+                    for name in state.lora_names]
         return {"object": "list", "data": [entry, *adapters]}
 
     @app.get("/metrics")
