@@ -17,7 +17,7 @@ import json
 import sys
 
 from .flags import add_config_flags, add_engine_flags, config_kwargs, engine_options
-from .serve import SERVER_SKIP, add_api_key_flags, api_key
+from .serve import SERVER_SKIP, add_api_key_flags, add_lora_flag, api_key, lora_options
 
 # DeployConfig fields without a flag: NAME is the positional word, its path is resolved from it, and
 # the server and engine options have flags of their own (ServerConfig's and EngineConfig's)
@@ -44,7 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("server (per replica)")
     add_api_key_flags(g)
     add_config_flags(g, ServerConfig, skip=SERVER_SKIP)
-    add_engine_flags(p.add_argument_group("engine (per replica)"), skip=ENGINE_SKIP)
+    g = p.add_argument_group("engine (per replica)")
+    add_engine_flags(g, skip=ENGINE_SKIP)
+    add_lora_flag(g)
     g = p.add_argument_group("local Ray head (first deploy only)")
     g.add_argument("--ray-num-cpus", type=float, default=None, help="CPUs Ray may hand out (default: all)")
     g.add_argument("--object-store-mb", type=int, default=150)
@@ -76,6 +78,7 @@ def deploy(args) -> int:
 
     verb = args.words[0]
     engine = engine_options(args, skip=ENGINE_SKIP)  # a bad engine or server flag fails first (exit 2)
+    lora_options(args, engine, args.served_model_name or verb)  # adapter paths travel like model_path
     # the key travels to the replicas in a 0600 file (deploy()), never in the config Ray keeps
     server = config_kwargs(ServerConfig, args, skip=SERVER_SKIP)
     key = api_key(args)

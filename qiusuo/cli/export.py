@@ -1,4 +1,12 @@
-"""`qiusuo export gguf`: a checkpoint (directory or registry name) as a GGUF file for llama.cpp / Ollama."""
+"""`qiusuo export gguf|merged`: a checkpoint for other runtimes, or an adapter folded into its base.
+
+`export gguf` writes a GGUF file for llama.cpp / Ollama, or with `--adapter` a LoRA adapter GGUF that
+llama.cpp applies on the exported base (`--lora`). `export merged` is one command from a LoRA
+adapter (PEFT's layout) to a plain full checkpoint: it sits under `export` because, like `gguf`, it
+reads a model and writes a standalone artifact for whatever runs next (serve, eval, transformers,
+another export), and it keeps `--model` / `--out` meaning what they mean there (PEFT's name for the
+operation is `merge_and_unload`).
+"""
 
 from __future__ import annotations
 
@@ -6,15 +14,30 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a checkpoint for other runtimes (GGUF for llama.cpp / Ollama)")
+    p = sub.add_parser("export", help="export a checkpoint for other runtimes (GGUF for llama.cpp / Ollama), or "
+                                      "merge a LoRA adapter into a full checkpoint")
     formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
     g = formats.add_parser("gguf", help="write a GGUF file (llama/qwen2 dense, deepseek2 for MLA + MoE)")
-    g.add_argument("--model", required=True, help="checkpoint directory or registry name (NAME[:TAG])")
+    g.add_argument("--model", default=None, help="checkpoint directory or registry name (NAME[:TAG]); with "
+                                                 "--adapter, its base (default: the adapter's base)")
+    g.add_argument("--adapter", default=None, help="write this LoRA adapter (directory or registry adapter) as a "
+                                                   "llama.cpp adapter GGUF for the exported base (llama.cpp's --lora), "
+                                                   "not the model")
     g.add_argument("--out", required=True, help="GGUF file to write")
-    g.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
-                   help="weight type of the matrices; norms and routers stay f32 (default: f16)")
+    g.add_argument("--dtype", default=None, choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="weight type of the matrices; norms and routers stay f32 (default: f16; an adapter: f32 or "
+                        "f16, default f32)")
     g.add_argument("--name", default=None, help="general.name in the file (default: the model's name)")
     g.set_defaults(func=export_gguf)
+
+    m = formats.add_parser("merged", help="fold a LoRA adapter (PEFT layout) into its base: a full checkpoint")
+    m.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + "
+                                                    "adapter_model.safetensors) or registry adapter (NAME[:TAG])")
+    m.add_argument("--model", default=None, help="the base: checkpoint directory or registry name (default: the "
+                                                 "registry adapter's base, else adapter_config.json's "
+                                                 "base_model_name_or_path)")
+    m.add_argument("--out", required=True, help="checkpoint directory to write")
+    m.set_defaults(func=export_merged)
 
 
 def export_gguf(args) -> int:
@@ -24,10 +47,52 @@ def export_gguf(args) -> int:
     from qiusuo.model import load_model
     from qiusuo.registry import resolve_model
 
+    if args.adapter is not None:
+        return export_lora_gguf(args)
+    if args.model is None:
+        raise ValueError("give --model (the checkpoint to export), or --adapter for a LoRA adapter GGUF")
+    dtype = args.dtype or "f16"
     path = resolve_model(args.model)
     model, tokenizer = load_model(path)
     name = args.name or Path(str(args.model).split(":")[0]).name or "qiusuo"
-    out = export(model, tokenizer, args.out, dtype=args.dtype, name=name)
+    out = export(model, tokenizer, args.out, dtype=dtype, name=name)
     size = out.stat().st_size
-    print(f"wrote {out} ({size / 2**20:.1f} MiB, {args.dtype}, {model.config.model_type})")
+    print(f"wrote {out} ({size / 2**20:.1f} MiB, {dtype}, {model.config.model_type})")
+    return 0
+
+
+def _adapter_and_base(args):
+    """(adapter directory, base checkpoint directory) from --adapter and --model (default: the adapter's base)."""
+    from qiusuo.model.lora import adapter_base
+    from qiusuo.registry import adapter_base_of, resolve_adapter, resolve_model
+
+    adapter = resolve_adapter(args.adapter)  # a directory, or a registry adapter (which names its base)
+    base = args.model or adapter_base_of(args.adapter) or adapter_base(adapter)
+    return adapter, resolve_model(base)
+
+
+def export_lora_gguf(args) -> int:
+    from pathlib import Path
+
+    from qiusuo.export import export_lora_gguf as export
+    from qiusuo.model import load_model
+
+    adapter, base = _adapter_and_base(args)
+    dtype = args.dtype or "f32"
+    if dtype not in ("f32", "f16"):
+        raise ValueError(f"--dtype {dtype}: a LoRA adapter GGUF is f32 or f16 (llama.cpp applies it in float)")
+    model, _ = load_model(base)
+    name = args.name or Path(str(args.adapter).split(":")[-1]).name or "qiusuo-lora"
+    out = export(model, adapter, args.out, dtype=dtype, name=name)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB, LoRA adapter for {base}, {dtype}); load it on the "
+          f"exported base with llama.cpp's --lora")
+    return 0
+
+
+def export_merged(args) -> int:
+    from qiusuo.model.lora import merge_adapter
+
+    adapter, base = _adapter_and_base(args)
+    out = merge_adapter(base, adapter, args.out)
+    print(f"wrote {out} ({base} + adapter {args.adapter}, merged)")
     return 0

@@ -32,8 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda args: p.print_help() or 0)
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
 
-    v = verbs.add_parser("import", help="copy a checkpoint directory into the registry as NAME[:TAG]")
-    v.add_argument("dir", help="checkpoint directory (config.json, *.safetensors, tokenizer files)")
+    v = verbs.add_parser("import", help="copy a checkpoint directory (or a LoRA adapter, stored as a small model "
+                                        "that names its base) into the registry as NAME[:TAG]")
+    v.add_argument("dir", help="checkpoint directory (config.json, *.safetensors, tokenizer files), or a LoRA "
+                               "adapter directory (adapter_config.json + adapter_model.safetensors)")
+    v.add_argument("--base", default=None, help="for an adapter: the registry model it adapts, NAME[:TAG] (default: "
+                                                "adapter_config.json's base_model_name_or_path)")
     v.add_argument("--name", required=True, help="NAME[:TAG]; an existing NAME:TAG is replaced")
     v.add_argument("--source-run", default=None, help="run directory it came from (default: qiusuo.json's run_dir)")
     v.add_argument("--eval-score", type=float, default=None, help="headline eval score (default: qiusuo.json's eval)")
@@ -92,9 +96,11 @@ def _score(s: float | None) -> str:
 def import_(args) -> int:
     from qiusuo.registry import Registry
 
-    info = Registry().import_dir(args.dir, args.name, source_run=args.source_run, eval_score=args.eval_score)
+    info = Registry().import_dir(args.dir, args.name, source_run=args.source_run, eval_score=args.eval_score,
+                                 base=args.base)
+    what = f", a LoRA adapter of {info.adapter_of}" if info.adapter_of else ""
     print(f"imported {args.dir} as {info.ref} ({len(info.files)} files, {human_size(info.size)}, "
-          f"{human_count(info.parameters)} parameters)")
+          f"{human_count(info.parameters)} parameters{what})")
     return 0
 
 

@@ -67,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     add_api_key_flags(p)
     p.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: --model)")
+    add_lora_flag(p)
     add_config_flags(p, ServerConfig, skip=SERVER_SKIP)
     add_engine_flags(p)
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
@@ -84,6 +85,7 @@ def run(args) -> int:
     from qiusuo.serve.server import run as run_server
 
     engine = engine_options(args)  # a bad engine or server flag fails first (exit 2), before any loading
+    lora_options(args, engine, args.served_model_name or args.model)
     server = dict(config_kwargs(ServerConfig, args, skip=SERVER_SKIP), api_key=api_key(args))
     ServerConfig(served_model_name=args.served_model_name or args.model, **server)
     path = resolve_model(args.model)  # fail fast (exit 2) on an unknown name, before binding the port
@@ -100,6 +102,41 @@ def run(args) -> int:
         print(f"qiusuo serve: error: the model {args.model} {what}: {error}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def add_lora_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--lora-modules NAME=PATH ... (vLLM's flag), for `serve` and `deploy`; read back by `lora_options`."""
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", dest="lora_module_specs",
+                   help="LoRA adapters served per request on the base, batched with base requests (vLLM's flag): "
+                        "NAME=PATH with PATH an adapter directory (PEFT layout) or a registry adapter; a request "
+                        "asks for one with `model=NAME`")
+
+
+def lora_options(args, engine: dict, served_model_name: str) -> None:
+    """Put --lora-modules into the engine options `engine` (in place), checked with the rest of them."""
+    if args.lora_module_specs:  # not `lora_modules`: that name is EngineConfig's field, a dict
+        from qiusuo.engine.config import EngineConfig
+
+        engine["lora_modules"] = lora_modules(args.lora_module_specs, served_model_name)
+        EngineConfig(**engine)  # lora with compile or speculative decoding: exit 2 here
+
+
+def lora_modules(specs: list[str], served_model_name: str) -> dict[str, str]:
+    """--lora-modules NAME=PATH ... as {name: adapter directory}; a PATH that is no directory is looked up
+    in the registry (an imported adapter). ValueError for a malformed, repeated or clashing name."""
+    from qiusuo.registry import resolve_adapter
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules {spec!r}: write NAME=PATH (PATH an adapter directory or a registry "
+                             "adapter)")
+        if name in out or name == served_model_name:
+            raise ValueError(f"--lora-modules: the name {name!r} is given twice (or is the base's served name); "
+                             "each adapter needs its own name")
+        out[name] = str(resolve_adapter(path))
+    return out
 
 
 def load_engine(path, **options):

@@ -16,11 +16,11 @@ from .config import EngineConfig
 _EXPORTS = {
     "LLM": "llm", "LLMEngine": "llm_engine", "SamplingParams": "sampling_params",
     "RequestOutput": "outputs", "CompletionOutput": "outputs", "Logprob": "outputs",
-    "StructuredOutputsParams": "guided",
+    "StructuredOutputsParams": "guided", "LoRARequest": "lora_request",
 }  # fmt: skip
 
 __all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "StructuredOutputsParams", "RequestOutput",
-           "CompletionOutput", "Logprob"]
+           "CompletionOutput", "Logprob", "LoRARequest"]
 
 
 def __getattr__(name: str):

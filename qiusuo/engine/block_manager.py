@@ -4,8 +4,9 @@ The KV pool is cut into `num_blocks` blocks of `block_size` token slots. A seque
 lists its blocks in order; token i lives in slot `block_table[i // block_size] * block_size +
 i % block_size`.
 
-Prefix sharing: a *full* block is registered under the key (content id of the previous block,
-its token ids); an incoming sequence walks its prompt block by block and reuses every block whose
+Prefix sharing: a *full* block is registered under the key (content id of the previous block, or
+for the first block -1 - the sequence's LoRA adapter id, so adapters never share KV; its token ids);
+an incoming sequence walks its prompt block by block and reuses every block whose
 key is registered (reference count + 1) until the first miss. The key names the whole prefix
 exactly (content ids are never reused), so there are no hash collisions to verify. Blocks whose
 reference count drops to 0 go back to the free list but keep their content and key until they
@@ -80,7 +81,7 @@ class BlockManager:
         return block.cid
 
     def _key(self, seq: Sequence, i: int) -> tuple:
-        prev = seq.block_cids[i - 1] if i else -1
+        prev = seq.block_cids[i - 1] if i else -1 - seq.lora_id  # another adapter, other KV: its own roots
         return prev, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
 
     def reset_prefix_cache(self) -> None:

@@ -88,6 +88,9 @@ class EngineConfig:
     # MTP self-speculative decoding, vLLM's name and shape: {"method": "mtp", "num_speculative_tokens": k};
     # on the command line --speculative-mtp K (cli/flags.py)
     speculative_config: SpeculativeConfig | dict | None = option(None, "MTP self-speculative decoding")
+    # LoRA adapters served on the base, {name: adapter directory} (vLLM's --lora-modules name=path);
+    # on the command line `qiusuo serve --lora-modules NAME=PATH ...` (cli/serve.py)
+    lora_modules: dict[str, str] | None = option(None, "LoRA adapters served per request on the base")
 
     def __post_init__(self):
         check_choices(self)
@@ -108,6 +111,14 @@ class EngineConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads}: must be >= 1 (or None to leave torch's setting)")
         self.speculative_config = SpeculativeConfig.from_value(self.speculative_config)
+        if self.lora_modules is not None:
+            if not isinstance(self.lora_modules, dict) or not all(
+                    isinstance(k, str) and k and isinstance(v, str) and v for k, v in self.lora_modules.items()):
+                raise ValueError("lora_modules must be a dict {name: adapter directory} of non-empty strings")
+            if self.compile or self.speculative_config is not None:
+                raise ValueError("lora_modules do not combine with compile or speculative_config yet (the compiled "
+                                 "graph and the MTP drafts run the base alone); drop one, or merge the adapter into "
+                                 "a checkpoint (qiusuo export merged)")
         if self.speculative_config is not None and self.compile:
             raise ValueError("compile and speculative_config do not combine yet: the compiled graph runs one "
                              "token per row, the verify step k + 1; use one or the other")

@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import EngineConfig
 from .llm_engine import LLMEngine
+from .lora_request import LoRARequest
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -22,6 +23,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 Prompt = str | list[int]
 Messages = Sequence[Mapping[str, Any]]
+LoRA = LoRARequest | str | None
 
 
 class LLM:
@@ -49,6 +51,9 @@ class LLM:
                 from qiusuo.model.quantize import quantize_model
 
                 quantize_model(model, quantization, int4_group_size)
+        elif engine_kwargs.get("lora_modules"):
+            raise ValueError("lora_modules apply to checkpoints LLM loads itself (serving adapters rewires the "
+                             "model's linear layers); a live module trains its own adapter (qiusuo.model.lora)")
         elif quantization:
             raise ValueError("quantization applies to checkpoints LLM loads itself; quantize a live module "
                              "with qiusuo.model.quantize.quantize_model first")
@@ -78,11 +83,14 @@ class LLM:
 
     # ------------------------------------------------------------------ offline
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """One `RequestOutput` per prompt, in the order given. Strings get the tokenizer's bos."""
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 lora_request: LoRA | Sequence[LoRA] = None) -> list[RequestOutput]:
+        """One `RequestOutput` per prompt, in the order given. Strings get the tokenizer's bos.
+        `lora_request`: the LoRA adapter (a `LoRARequest` or the name of one the engine serves; None:
+        the base) for every prompt, or one per prompt; base and adapter prompts share the batch."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        return self._run(list(prompts), sampling_params, add_special_tokens=True)
+        return self._run(list(prompts), sampling_params, add_special_tokens=True, lora_request=lora_request)
 
     def chat(self, messages: Messages | Sequence[Messages],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -98,19 +106,28 @@ class LLM:
                                                chat_template=chat_template, **template_kwargs) for m in messages]
         return self._run(texts, sampling_params, add_special_tokens=False)  # the template has the bos
 
-    def _run(self, prompts: list[Prompt], sampling_params, add_special_tokens: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list[Prompt], sampling_params, add_special_tokens: bool,
+             lora_request: LoRA | Sequence[LoRA] = None) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts; give one or one each")
+        if lora_request is None or isinstance(lora_request, (str, LoRARequest)):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"got {len(loras)} lora requests for {len(prompts)} prompts; give one or one each")
+        if self._live_weights and any(lr is not None for lr in loras):
+            raise ValueError("lora_request applies to checkpoints LLM loads itself, not to a live module")
         engine = self.llm_engine
         self._forget_stale_prefixes()
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         try:
-            for rid, prompt, p in zip(ids, prompts, params):
-                engine.add_request(rid, prompt, p, add_special_tokens=add_special_tokens)
+            for rid, prompt, p, lr in zip(ids, prompts, params, loras):
+                engine.add_request(rid, prompt, p, add_special_tokens=add_special_tokens, lora_request=lr)
         except ValueError:
             engine.abort_request(ids)  # all or nothing: the engine keeps serving everyone else
             raise

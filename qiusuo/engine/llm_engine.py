@@ -22,6 +22,7 @@ from qiusuo.model import kv_cache_bytes_per_token
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .guided import GrammarBackend, GuidedState
+from .lora_request import LoRARequest
 from .model_runner import ModelRunner
 from .outputs import RequestOutput
 from .sampler import Sampler
@@ -95,6 +96,9 @@ class LLMEngine:
         self._grammar_backend = None  # guided.GrammarBackend, built on the first structured request
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
+        self.loras = None  # lora.ServingAdapters once an adapter is added
+        for name, path in (config.lora_modules or {}).items():
+            self.add_lora(LoRARequest(name, 0, path))
         if config.compile:
             self._warm_up()
 
@@ -121,10 +125,34 @@ class LLMEngine:
         self.reset_prefix_cache()
 
     # ------------------------------------------------------------------ requests
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load an adapter to serve per request (vLLM's name); False when its name is loaded already."""
+        from qiusuo.model.lora import ServingAdapters
+
+        if self.loras is not None and lora_request.lora_name in self.loras.ids:
+            return False
+        if lora_request.lora_path is None:
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} is not loaded and the request gives no "
+                             "lora_path")
+        if self.config.compile or self.num_speculative_tokens:
+            raise ValueError("LoRA adapters do not combine with compile or speculative decoding yet; merge the adapter "
+                             "into a checkpoint (qiusuo export merged) and serve that")
+        if self.loras is None:
+            self.loras = ServingAdapters(self.model)
+            self.runner.loras = self.loras
+        self.loras.add(lora_request.lora_name, lora_request.lora_path)
+        return True
+
+    def list_loras(self) -> list[str]:
+        """The names of the adapters this engine serves."""
+        return [] if self.loras is None else list(self.loras.ids)
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    add_special_tokens: bool = True) -> None:
-        """Queue a request; raises ValueError (and queues nothing) when the request is invalid."""
+                    add_special_tokens: bool = True, lora_request: LoRARequest | str | None = None) -> None:
+        """Queue a request; raises ValueError (and queues nothing) when the request is invalid.
+        `lora_request`: the adapter it runs with (a name the engine serves, or a LoRARequest; None: the base)."""
         params = SamplingParams() if params is None else params
+        lora_id = self._lora_id(lora_request)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if request_id in self._groups:
@@ -149,12 +177,26 @@ class LLMEngine:
                 decoder = self.tokenizer.incremental_decoder(skip_special_tokens=params.skip_special_tokens)
             seqs.append(Sequence(next(self._seq_ids), request_id, i, ids, params, mix_seed(seed, i),
                                  self.eos_token_ids, self.max_model_len, decoder))
+            seqs[-1].lora_id = lora_id
             if compiled is not None:
                 seqs[-1].guided = GuidedState(self._grammar_backend, compiled, ThinkState.for_prompt(self.tokenizer, ids),
                                               seqs[-1].stop_token_ids, params.structured_outputs.allow_think_block)
         self._groups[request_id] = SequenceGroup(request_id, text, ids, params, seqs)
         for s in seqs:
             self.scheduler.add(s)
+
+    def _lora_id(self, lora_request: LoRARequest | str | None) -> int:
+        if lora_request is None:
+            return 0
+        if isinstance(lora_request, LoRARequest):
+            self.add_lora(lora_request)  # a new name with a path is loaded now (vLLM loads on first use)
+            lora_request = lora_request.lora_name
+        if not isinstance(lora_request, str):
+            raise ValueError("lora_request must be a LoRARequest, an adapter name or None, got "
+                             f"{type(lora_request).__name__}")
+        if self.loras is None:
+            raise ValueError(f"no LoRA adapter named {lora_request!r}: this engine serves none (lora_modules)")
+        return self.loras.id_of(lora_request)
 
     def compile_grammar(self, params: SamplingParams):
         """The request's grammar, compiled (xgrammar caches by grammar); ValueError when it is invalid."""

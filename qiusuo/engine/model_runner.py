@@ -9,7 +9,8 @@ where that saves more than `SPLIT_OVERHEAD_TOKENS` padded tokens. Rows that reus
 all go to the last forward: a block a row reads may be written by a sibling prefilled in the same
 step, and within one forward every layer writes before it reads (block_manager.py). Rows without
 cache hits read only their own blocks, so they may run in any earlier forward. Prefill computes
-logits only at each row's last real position (`hidden_states` then `logits`).
+logits only at each row's last real position (`hidden_states` then `logits`). With LoRA adapters
+served (`loras`), each forward first tells the adapter layers which adapter each of its rows uses.
 
 With speculative decoding (`spec_decode.py`) a decode row instead gets drafts from the MTP layer
 and one verify forward over its last token and drafts ((B, 1 + k), right-padded), and `run_spec`
@@ -53,6 +54,8 @@ def length_groups(lens: list[int], overhead: int = SPLIT_OVERHEAD_TOKENS) -> lis
 
 
 class ModelRunner:
+    loras = None  # lora.ServingAdapters when the engine serves LoRA adapters: told each forward's rows
+
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, cache_dtype: torch.dtype,
                  sampler: Sampler, compile: bool | str = False, num_speculative_tokens: int = 0):
         self.model = model
@@ -107,6 +110,8 @@ class ModelRunner:
 
     def _verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> torch.Tensor:
         """The main model over each row's last token and its drafts in one forward -> logits (B, T, V)."""
+        if self.loras is not None:
+            self.loras.prepare([s.lora_id for s in seqs])
         B = len(seqs)
         T = 1 + max(len(d) for d in drafts)
         ids, pos, slots, valid = [], [], [], []
@@ -143,6 +148,8 @@ class ModelRunner:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        if self.loras is not None:
+            self.loras.prepare([s.lora_id for s in seqs])
         B = len(seqs)
         pos = [s.num_tokens - 1 for s in seqs]
         input_ids = torch.tensor([s.token_ids[-1] for s in seqs], device=self.device).view(B, 1)
@@ -171,6 +178,8 @@ class ModelRunner:
         return logits.index_select(0, torch.tensor(inverse, device=self.device))  # the callers' order
 
     def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        if self.loras is not None:
+            self.loras.prepare([s.lora_id for s in seqs])
         B = len(seqs)
         lens = [s.num_tokens - s.num_computed_tokens for s in seqs]
         T = max(lens)

@@ -61,6 +61,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.guided = None  # guided.GuidedState: the sample's grammar, set by the engine
+        self.lora_id = 0  # the LoRA adapter its forwards apply (0: the base), set by the engine
 
     @property
     def stop_token_ids(self) -> frozenset[int]:

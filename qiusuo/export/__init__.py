@@ -1,4 +1,5 @@
-"""The export part: GGUF files for llama.cpp / Ollama (quantization for our engine: qiusuo.model.quantize, re-exported here).
+"""The export part: GGUF files for llama.cpp / Ollama, of models and of LoRA adapters on them (quantization for
+our engine: qiusuo.model.quantize, re-exported here).
 
 `gguf` is an optional dependency (the `gguf` extra); it is imported only when exporting.
 """
@@ -19,6 +20,17 @@ def export_gguf(model: Any, tokenizer: Any, path: Any, dtype: str = "f16", name:
     return _export(model, tokenizer, path, dtype=dtype, name=name)
 
 
+def export_lora_gguf(model: Any, adapter_dir: Any, path: Any, dtype: str = "f32", name: str = "qiusuo-lora"):
+    """See `qiusuo.export.gguf_lora.export_lora_gguf`: a LoRA adapter as a llama.cpp adapter GGUF."""
+    try:
+        from .gguf_lora import export_lora_gguf as _export
+    except ImportError as e:
+        if e.name != "gguf":
+            raise
+        raise ValueError("GGUF export needs the `gguf` package: pip install 'qiusuo[gguf]'") from None
+    return _export(model, adapter_dir, path, dtype=dtype, name=name)
+
+
 def check_gguf_support(config: Any) -> str:
     """The llama.cpp architecture for `config`, or ValueError naming the field llama.cpp cannot represent."""
     from .gguf_file import check_gguf_support as _check
@@ -28,4 +40,4 @@ def check_gguf_support(config: Any) -> str:
 
 from .quantize import QuantizedLinear, quantize_model  # noqa: E402  (torch only, no gguf)
 
-__all__ = ["export_gguf", "check_gguf_support", "quantize_model", "QuantizedLinear"]
+__all__ = ["export_gguf", "export_lora_gguf", "check_gguf_support", "quantize_model", "QuantizedLinear"]

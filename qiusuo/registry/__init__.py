@@ -22,7 +22,7 @@ _leases: dict[tuple[str, str], Lease] = {}  # held until the process exits
 __all__ = [
     "DEFAULT_TAG", "CorruptBlobError", "FileEntry", "Lease", "ModelInfo", "Registry", "RegistryError",
     "UnknownModelError", "count_parameters", "default_home", "inspect_checkpoint", "parse_name",
-    "lease_materialized", "resolve_model", "safetensors_header",
+    "lease_materialized", "resolve_model", "resolve_adapter", "adapter_base_of", "safetensors_header",
 ]
 
 
@@ -43,21 +43,59 @@ def resolve_model(name_or_path: str | os.PathLike, *, home: str | os.PathLike | 
         raise ValueError(f"{ref!r} is neither a checkpoint directory (with config.json) nor a registry "
                          f"model name; {registry.known_models_hint()}") from None
     try:
-        registry.show(ref)  # unknown names fail before a lease file is made for them
-        key = (str(registry.home), ":".join(parse_name(ref)))
-        fresh = key not in _leases
-        if fresh:
-            _leases[key] = registry.lease(ref)  # before materializing: a remove cannot slip in between
-        try:
-            return registry.materialize(ref)
-        except BaseException:
-            if fresh:
-                _leases.pop(key).release()
-            raise
+        info = registry.show(ref)  # unknown names fail before a lease file is made for them
+        if info.adapter_of is not None:
+            raise ValueError(f"{info.ref} is a LoRA adapter of {info.adapter_of}, not a full model: serve it with "
+                             f"`--model {info.adapter_of} --lora-modules NAME={info.ref}`, or merge it with `qiusuo "
+                             f"export merged --adapter {info.ref} --out DIR`")
+        return _materialize_leased(registry, ref)
     except UnknownModelError as e:
         if path.is_dir():
             raise ValueError(f"{path} is a directory but not a checkpoint (no config.json), "
                              f"and not a registry name: {e}") from None
+        raise
+
+
+def resolve_adapter(name_or_path: str | os.PathLike, *, home: str | os.PathLike | None = None) -> Path:
+    """A LoRA adapter directory for `name_or_path`: a directory with adapter_config.json, else a registry
+    adapter (materialized and leased, as `resolve_model` does). ValueError otherwise."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return path
+    registry = Registry(home)
+    try:
+        info = registry.show(str(name_or_path))
+    except RegistryError:
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory but not a LoRA adapter (no adapter_config.json)") from None
+        raise ValueError(f"{str(name_or_path)!r} is neither an adapter directory (with adapter_config.json) nor a "
+                         f"registry adapter; {registry.known_models_hint()}") from None
+    if info.adapter_of is None:
+        raise ValueError(f"{info.ref} is a full model, not a LoRA adapter; pass it as --model")
+    return _materialize_leased(registry, info.ref)
+
+
+def adapter_base_of(name_or_path: str | os.PathLike, *, home: str | os.PathLike | None = None) -> str | None:
+    """The base a registry adapter names (None for a directory or anything else)."""
+    if Path(name_or_path).expanduser().is_dir():
+        return None
+    try:
+        return Registry(home).show(str(name_or_path)).adapter_of
+    except RegistryError:
+        return None
+
+
+def _materialize_leased(registry: Registry, ref: str) -> Path:
+    """`ref`'s directory, materialized and leased for the life of the process."""
+    key = (str(registry.home), ":".join(parse_name(ref)))
+    fresh = key not in _leases
+    if fresh:
+        _leases[key] = registry.lease(ref)  # before materializing: a remove cannot slip in between
+    try:
+        return registry.materialize(ref)
+    except BaseException:
+        if fresh:
+            _leases.pop(key).release()
         raise
 
 

@@ -39,6 +39,7 @@ from typing import Any
 
 from . import index
 from .blobs import BlobStore, hash_file
+from .adapters import ADAPTER_TYPE, adapter_info, is_adapter_dir
 from .checkpoint_info import inspect_checkpoint
 
 DEFAULT_TAG = "latest"
@@ -98,6 +99,11 @@ class ModelInfo:
     @property
     def ref(self) -> str:
         return f"{self.name}:{self.tag}"
+
+    @property
+    def adapter_of(self) -> str | None:
+        """The base model (NAME:TAG) of a LoRA adapter entry; None for a full model."""
+        return self.metadata.get("adapter_of") if self.model_type == ADAPTER_TYPE else None
 
 
 def default_home() -> Path:
@@ -196,16 +202,29 @@ class Registry:
 
     # ------------------------------------------------------------------ writing
     def import_dir(self, path: str | os.PathLike, name: str, *, source_run: str | None = None,
-                   eval_score: float | None = None, metadata: dict[str, Any] | None = None) -> ModelInfo:
+                   eval_score: float | None = None, metadata: dict[str, Any] | None = None,
+                   base: str | None = None) -> ModelInfo:
         """Copy the checkpoint directory `path` into the store as `name` (NAME[:TAG]); an existing
         NAME:TAG is replaced atomically and the blobs only it used are deleted.
+
+        A LoRA adapter directory (adapter_config.json, no config.json) is stored as a small model that
+        names its base (adapters.py): `base` (NAME[:TAG] in this registry), by default the adapter
+        config's base_model_name_or_path.
 
         source_run / eval_score default to qiusuo.json's `run_dir` / `eval`; `metadata` is merged
         over qiusuo.json's content."""
         name, tag = parse_name(name)
         path = Path(path)
-        info = inspect_checkpoint(path)
-        files = _checkpoint_files(path)
+        if is_adapter_dir(path):
+            info, files = adapter_info(self, path, base)
+            if info["metadata"]["adapter_of"] == f"{name}:{tag}":
+                raise RegistryError(f"an adapter cannot replace its own base {name}:{tag}; import it under another "
+                                    "name or tag")
+        elif base is not None:
+            raise RegistryError(f"--base is for LoRA adapter directories; {path} has no {'adapter_config.json'}")
+        else:
+            info = inspect_checkpoint(path)
+            files = _checkpoint_files(path)
         meta = {**info["metadata"], **(metadata or {})}
         try:
             meta_json = json.dumps(meta, sort_keys=True)
@@ -281,6 +300,10 @@ class Registry:
         name, tag = parse_name(ref)
         if not self.db_path.exists():
             raise self._unknown(f"{name}:{tag}")
+        users = [m.ref for m in self.list() if m.adapter_of == f"{name}:{tag}"]
+        if users:
+            raise RegistryError(f"cannot remove {name}:{tag}: it is the base of the adapter(s) {', '.join(users)}; "
+                                "remove them first")
         with self._unused(name, tag, "remove"), self._connect() as conn:
             with index.transaction(conn):
                 released = self._delete_row(conn, name, tag)

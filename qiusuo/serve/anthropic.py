@@ -155,7 +155,7 @@ def _display(req: MessagesRequest) -> str:
 
 # ---------------------------------------------------------------------- routes
 def _served(state: ServerState, name: str) -> str:
-    if name != state.config.served_model_name:
+    if name != state.config.served_model_name and name not in state.lora_names:  # an adapter by its own name
         raise AnthropicError(404, f"model: {name!r} not found; this server serves "
                                   f"{state.config.served_model_name!r}")
     return name

@@ -88,7 +88,10 @@ def create_app(engine: EngineSource, *, served_model_name: str, engine_process: 
         entry = {"id": config.served_model_name, "object": "model", "created": created, "owned_by": "qiusuo"}
         if state.engine is not None:
             entry["max_model_len"] = state.max_model_len
-        return {"object": "list", "data": [entry]}
+        # each LoRA adapter is a model of its own whose parent is the base (vLLM's listing)
+        adapters = [{**entry, "id": name, "root": name, "parent": config.served_model_name}
+                    for name in state.lora_names]
+        return {"object": "list", "data": [entry, *adapters]}
 
     @app.get("/metrics")
     async def metrics():

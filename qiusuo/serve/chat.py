@@ -108,7 +108,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, prompt_ids:
     `api`: the surface it came through (the `qiusuo:api_requests` label)."""
     arrival = time.monotonic() if arrival is None else arrival
     state.ready()
-    state.check_model(req.model)
+    adapter = state.check_model(req.model)
     if prompt_ids is None:
         prompt_ids = render_prompt(state, req)
     if not prompt_ids:
@@ -132,7 +132,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, prompt_ids:
     budget = thinking_budget(state, req.thinking_budget, req.reasoning_effort)
     state.admit(req.n)
     er = EngineRequest(state, new_id("chatcmpl"), prompt_ids, params, budget, arrival,
-                       answer_reserve(max_tokens, state.config.answer_reserve_tokens))
+                       answer_reserve(max_tokens, state.config.answer_reserve_tokens), lora_name=adapter)
     er.tool_parser = parser
     await start_all([er])
     state.metrics.api_requests.labels(state.config.served_model_name, api).inc()

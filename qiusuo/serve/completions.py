@@ -48,7 +48,7 @@ def prompts_ids(state: ServerState, prompt: Any, n: int) -> list[list[int]]:
 async def create_completion(state: ServerState, req: CompletionRequest, raw: Request) -> Response:
     arrival = time.monotonic()
     state.ready()
-    state.check_model(req.model)
+    adapter = state.check_model(req.model)
     all_ids = prompts_ids(state, req.prompt, req.n)
     k = req.logprobs
     structured = structured_outputs(state, req)
@@ -58,7 +58,8 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     if structured is not None:
         state.metrics.structured_requests.labels(state.config.served_model_name, structured.kind).inc()
     rid = new_id("cmpl")
-    ers = [EngineRequest(state, f"{rid}-{i}", ids, p, None, arrival) for i, (ids, p) in enumerate(zip(all_ids, params))]
+    ers = [EngineRequest(state, f"{rid}-{i}", ids, p, None, arrival, lora_name=adapter)
+           for i, (ids, p) in enumerate(zip(all_ids, params))]
     await start_all(ers)
     state.metrics.api_requests.labels(state.config.served_model_name, "openai_completions").inc()
     created = int(time.time())

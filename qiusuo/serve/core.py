@@ -46,6 +46,7 @@ class AddRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    lora_name: str | None = None  # the LoRA adapter it runs with (None: the base)
 
 
 @dataclass
@@ -113,6 +114,7 @@ class Ready:
     max_model_len: int
     vocab_size: int
     stats: dict[str, Any]
+    lora_names: list[str] = field(default_factory=list)  # the LoRA adapters it serves on the base
 
 
 @dataclass
@@ -192,7 +194,8 @@ class EngineCore:
 
     def _add(self, cmd: AddRequest) -> None:
         try:
-            self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, add_special_tokens=False)
+            self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, add_special_tokens=False,
+                                    lora_request=cmd.lora_name)
         except ValueError as e:
             self.errors.append((cmd.request_id, str(e)))
             return
@@ -221,7 +224,8 @@ def run_engine_core(source: Any, cmds: queue.SimpleQueue, emit: Callable[[Any], 
     try:
         engine = source if is_engine(source) else source()
         engine = getattr(engine, "llm_engine", engine)  # an offline `LLM` wraps one
-        ready = Ready(engine.tokenizer, engine.max_model_len, engine.model.config.vocab_size, engine.stats())
+        ready = Ready(engine.tokenizer, engine.max_model_len, engine.model.config.vocab_size, engine.stats(),
+                      engine.list_loras())
     except Exception as e:  # the client reports it (/health, and `qiusuo serve` exits with it)
         log.debug("the engine could not be loaded", exc_info=True)
         emit(LoadFailed(f"{type(e).__name__}: {e}"))

@@ -72,6 +72,7 @@ class EngineCoreClient:
         self.tokenizer = None  # known once ready
         self.max_model_len = 0
         self.vocab_size = 0
+        self.lora_names: list[str] = []  # the adapters the engine serves (`model` names besides the base)
         self.snapshot = EngineSnapshot()
         self.dead: BaseException | None = None  # set for good: nothing will serve again
         self.num_restarts = 0
@@ -107,7 +108,7 @@ class EngineCoreClient:
     # ------------------------------------------------------------------ requests (event loop)
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                thinking_budget: int | None = None, opened_by_prompt: bool = False,
-               answer_reserve: int = 0) -> RequestStream:
+               answer_reserve: int = 0, lora_name: str | None = None) -> RequestStream:
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
         if self._closing or not self._is_ready:
@@ -116,7 +117,7 @@ class EngineCoreClient:
         params = with_thinking_budget(params, thinking_budget, self.tokenizer, opened_by_prompt, answer_reserve)
         self._requests[request_id] = stream
         try:
-            self._send(AddRequest(request_id, prompt_ids, params))
+            self._send(AddRequest(request_id, prompt_ids, params, lora_name))
         except OSError as e:  # the child is gone and we have not read its EOF yet: that fails the rest
             del self._requests[request_id]
             stream.fail(EngineDeadError(f"the engine process is gone: {e!r}"))
@@ -141,6 +142,7 @@ class EngineCoreClient:
 
     def _on_ready(self, msg: Ready) -> None:
         self.tokenizer, self.max_model_len, self.vocab_size = msg.tokenizer, msg.max_model_len, msg.vocab_size
+        self.lora_names = list(msg.lora_names)
         self.snapshot = EngineSnapshot.from_stats(msg.stats)
         self._is_ready, self._failure = True, None
         self._ready_since = time.monotonic()

@@ -36,10 +36,14 @@ def canonical(name: str) -> str:
 
 
 def resolve_name(state: ServerState, name: str) -> str:
-    """The served model's name (what `start_chat` checks) for an Ollama-style `name`, or a 404."""
+    """The served model's name (what `start_chat` checks) for an Ollama-style `name`, or a 404. A LoRA
+    adapter (`--lora-modules`) is a model of its own, by its name (`tiny:sql`; `sql` is `sql:latest`)."""
     served = state.config.served_model_name
     if name == served or canonical(name) == canonical(served):
         return served
+    for adapter in state.lora_names:
+        if name == adapter or canonical(name) == canonical(adapter):
+            return adapter
     raise OllamaError(404, f"model '{name}' not found; this server serves '{canonical(served)}'")
 
 

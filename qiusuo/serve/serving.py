@@ -88,10 +88,21 @@ class ServerState:
                               code="engine_restarting", headers={"Retry-After": str(self.config.retry_after_s)})
         return self.engine
 
-    def check_model(self, name: str) -> None:
-        if name != self.config.served_model_name:
-            raise OpenAIError(404, f"The model `{name}` does not exist; this server serves "
-                              f"`{self.config.served_model_name}`.", param="model", code="model_not_found")
+    @property
+    def lora_names(self) -> list[str]:
+        """The LoRA adapters served on the base (`qiusuo serve --lora-modules`), known once the engine is ready."""
+        return self.engine.lora_names if self.engine is not None else []
+
+    def check_model(self, name: str) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the base model); 404 for any other name.
+        An adapter is asked for by its own name, as in vLLM (`--lora-modules NAME=PATH`)."""
+        if name == self.config.served_model_name:
+            return None
+        if name in self.lora_names:
+            return name
+        served = ", ".join(f"`{n}`" for n in [self.config.served_model_name, *self.lora_names])
+        raise OpenAIError(404, f"The model `{name}` does not exist; this server serves {served}.", param="model",
+                          code="model_not_found")
 
     def admit(self, num_seqs: int, num_requests: int = 1) -> None:
         """Reserve `num_seqs` waiting places (every sample of every prompt is a row of the engine's batch)
@@ -130,12 +141,13 @@ class EngineRequest:
     """One engine request from admission to its last output: queue bookkeeping, metrics, abort."""
 
     def __init__(self, state: ServerState, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 thinking_budget: int | None, arrival: float, answer_reserve: int = 0):
+                 thinking_budget: int | None, arrival: float, answer_reserve: int = 0, lora_name: str | None = None):
         """`answer_reserve` > 0: a think block still open when only that many tokens of max_tokens are
         left is closed, so the answer gets them (chat routes; raw completions pass 0)."""
         self.state, self.request_id, self.prompt_ids = state, request_id, prompt_ids
         self.params, self.thinking_budget, self.arrival = params, thinking_budget, arrival
         self.answer_reserve = answer_reserve
+        self.lora_name = lora_name  # the LoRA adapter it runs with (None: the base)
         self.opened_by_prompt = prompt_opens_think(prompt_ids, getattr(state.tokenizer, "think_start_id", None),
                                                    getattr(state.tokenizer, "think_end_id", None))
         # The same limit the engine enforces (core_client builds it from the same arguments): it tells
@@ -155,7 +167,7 @@ class EngineRequest:
         engine = self.state.ready()
         try:
             self._stream = engine.submit(self.request_id, self.prompt_ids, self.params, self.thinking_budget,
-                                         self.opened_by_prompt, self.answer_reserve)
+                                         self.opened_by_prompt, self.answer_reserve, self.lora_name)
             self._submitted = True
             await self._stream.accepted()
         except ValueError as e:
