@@ -130,7 +130,81 @@ def test_deepseek2_file_has_llama_cpp_names_and_keys(tmp_path):
     assert shapes["blk.1.ffn_gate_exps.weight"] == (D, I, E)
     assert shapes["blk.1.ffn_down_exps.weight"] == (I, D, E)
     assert "blk.1.exp_probs_b.bias" in shapes and "blk.0.ffn_gate.weight" in shapes
-    assert not any(name.startswith(f"blk.{cfg.num_hidden_layers}.") for name in shapes)  # MTP skipped
+    assert fields["deepseek2.block_count"] == cfg.num_hidden_layers + len(model.mtp)  # MTP kept (below)
+
+
+def _converter_view(hf: dict[str, torch.Tensor], block: int, cfg) -> dict[str, np.ndarray]:
+    """One HF block's tensors as llama.cpp's deepseek2 converter writes them: names from gguf-py's own
+    HF -> GGUF map (DEEPSEEK2's, and for the MTP-only tensors the map GLM-4.5's converter uses), experts
+    stacked, kv_b_proj split with k_b transposed. (RoPE rows need no permutation: rope_interleave=True.)"""
+    n = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    maps = [gguf.get_tensor_name_map(arch, n) for arch in (gguf.MODEL_ARCH.DEEPSEEK2, gguf.MODEL_ARCH.GLM4_MOE)]
+    prefix = f"model.layers.{block}."
+    experts: dict[str, list] = {}
+    out = {}
+    for name, t in sorted(hf.items()):
+        if not name.startswith(prefix):
+            continue
+        if ".mlp.experts." in name:  # model.layers.B.mlp.experts.E.gate_proj.weight
+            head, e, proj, _ = name.rsplit(".", 3)
+            experts.setdefault(f"{head}.{proj}.weight", []).append((int(e), t))
+            continue
+        if name.endswith("kv_b_proj.weight"):
+            H, N, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+            k_b, v_b = t.view(H, N + V, -1).split([N, V], dim=1)
+            out[f"blk.{block}.attn_k_b.weight"] = k_b.transpose(1, 2).numpy()
+            out[f"blk.{block}.attn_v_b.weight"] = v_b.numpy()
+            continue
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias")
+        gguf_name = next(filter(None, (m.get_name(name, try_suffixes=(".weight", ".bias")) for m in maps)))
+        out[gguf_name] = t.numpy()
+    for name, ts in experts.items():
+        out[maps[0].get_name(name, try_suffixes=(".weight",))] = torch.stack([t for _, t in sorted(ts)]).numpy()
+    return out
+
+
+def test_deepseek2_file_keeps_the_mtp_layer_as_llama_cpp_nextn_block(tmp_path, make_checkpoint):
+    """Every tensor of the checkpoint's MTP layer is in the file, named, shaped and valued as the converter
+    writes them; `--no-mtp` leaves the main model alone."""
+    from safetensors.torch import load_file
+
+    from qiusuo.cli import main
+    from qiusuo.model import load_model
+
+    ckpt = make_checkpoint("tiny-moe", seed=0)
+    hf = load_file(ckpt / "model.safetensors")  # the checkpoint as written: the oracle
+    cfg = load_model(ckpt)[0].config
+    L = cfg.num_hidden_layers
+    assert cfg.num_nextn_predict_layers == 1 and cfg.rope_interleave
+    assert main(["export", "gguf", "--model", str(ckpt), "--out", str(tmp_path / "m.gguf"), "--dtype", "f32"]) == 0
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert r.fields["deepseek2.block_count"].contents() == L + 1
+    assert r.fields["deepseek2.nextn_predict_layers"].contents() == 1
+    written = {t.name: t for t in r.tensors if t.name.startswith(f"blk.{L}.")}
+    expected = _converter_view(hf, L, cfg)
+    assert set(written) == set(expected)
+    nextn = {_name_of(kind, L) for kind in (gguf.MODEL_TENSOR.NEXTN_EH_PROJ, gguf.MODEL_TENSOR.NEXTN_ENORM,
+                                             gguf.MODEL_TENSOR.NEXTN_HNORM, gguf.MODEL_TENSOR.NEXTN_EMBED_TOKENS,
+                                             gguf.MODEL_TENSOR.NEXTN_SHARED_HEAD_HEAD,
+                                             gguf.MODEL_TENSOR.NEXTN_SHARED_HEAD_NORM)}
+    assert nextn <= set(written) and f"blk.{L}.ffn_gate_exps.weight" in written
+    for name, t in written.items():
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32, name
+        assert np.array_equal(np.asarray(t.data).reshape(expected[name].shape), expected[name]), name
+        assert tuple(int(x) for x in t.shape) == expected[name].shape[::-1], name  # ggml order
+    # the main blocks are unchanged by the MTP block: same tensors as without it
+    assert main(["export", "gguf", "--model", str(ckpt), "--out", str(tmp_path / "n.gguf"), "--dtype", "f32",
+                 "--no-mtp"]) == 0
+    r2 = gguf.GGUFReader(tmp_path / "n.gguf")
+    assert r2.fields["deepseek2.block_count"].contents() == L
+    assert "deepseek2.nextn_predict_layers" not in r2.fields
+    main_only = {t.name: np.asarray(t.data) for t in r2.tensors}
+    assert set(main_only) == {t.name for t in r.tensors} - set(written)
+    assert all(np.array_equal(main_only[t.name], np.asarray(t.data)) for t in r.tensors if t.name in main_only)
+
+
+def _name_of(kind, bid):
+    return gguf.TENSOR_NAMES[kind].format(bid=bid) + ".weight"
 
 
 @pytest.mark.parametrize("field,overrides", [
@@ -211,6 +285,29 @@ def test_llama_cpp_greedy_tokens_equal_ours(tmp_path, preset, dtype):
     theirs = llama_greedy(llama(path), ps)
     for p, a, b in zip(ps, ours, theirs):
         assert a == b, f"prompt {tok.decode(p)!r}: qiusuo {tok.decode(a)!r} != llama.cpp {tok.decode(b)!r}"
+
+
+def test_llama_cpp_reads_the_mtp_block_as_nextn_and_runs_the_main_model_unchanged(tmp_path):
+    """The MTP block loads as llama.cpp's nextn layer (counted apart from the main layers) and changes
+    nothing it computes: logits equal to the file without it, to ours, and the same greedy tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, tok = fitted_model("tiny-moe")
+    ps = prompts(tok)
+    ours = qiusuo_greedy(model, tok, ps)
+    ids = ps[0] + ours[0][:8]
+    logits = {}
+    for mtp in (True, False):
+        llm = llama(export_gguf(model, tok, tmp_path / f"m{mtp}.gguf", dtype="f32", mtp=mtp), logits_all=True)
+        assert llama_cpp.llama_model_n_layer(llm.model) == model.config.num_hidden_layers
+        assert llama_cpp.llama_model_n_layer_nextn(llm.model) == (len(model.mtp) if mtp else 0)
+        llm.eval(ids)
+        logits[mtp] = np.asarray(llm.scores[: len(ids)]).copy()
+        if mtp:
+            assert llama_greedy(llm, ps) == ours
+    assert np.array_equal(logits[True], logits[False])
+    with torch.no_grad():
+        mine = model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(logits[True] - mine).max() <= 1e-5 * np.abs(mine).max()
 
 
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weight type of the matrices; norms and routers stay f32 (default: f16; an adapter: f32 or "
                         "f16, default f32)")
     g.add_argument("--name", default=None, help="general.name in the file (default: the model's name)")
+    g.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep DeepSeek-V3's MTP layers as llama.cpp's nextn blocks (after the main blocks; "
+                        "llama.cpp loads the file either way and does not run them); --no-mtp drops them")
     g.set_defaults(func=export_gguf)
 
     m = formats.add_parser("merged", help="fold a LoRA adapter (PEFT layout) into its base: a full checkpoint")
@@ -55,9 +58,10 @@ def export_gguf(args) -> int:
     path = resolve_model(args.model)
     model, tokenizer = load_model(path)
     name = args.name or Path(str(args.model).split(":")[0]).name or "qiusuo"
-    out = export(model, tokenizer, args.out, dtype=dtype, name=name)
+    out = export(model, tokenizer, args.out, dtype=dtype, name=name, mtp=args.mtp)
     size = out.stat().st_size
-    print(f"wrote {out} ({size / 2**20:.1f} MiB, {dtype}, {model.config.model_type})")
+    mtp = f", {len(model.mtp)} MTP layer(s)" if args.mtp and len(model.mtp) else ""
+    print(f"wrote {out} ({size / 2**20:.1f} MiB, {dtype}, {model.config.model_type}{mtp})")
     return 0
 
 

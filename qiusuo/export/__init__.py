@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def export_gguf(model: Any, tokenizer: Any, path: Any, dtype: str = "f16", name: str = "qiusuo"):
+def export_gguf(model: Any, tokenizer: Any, path: Any, dtype: str = "f16", name: str = "qiusuo", mtp: bool = True):
     """See `qiusuo.export.gguf_file.export_gguf`."""
     try:
         from .gguf_file import export_gguf as _export
@@ -17,7 +17,7 @@ def export_gguf(model: Any, tokenizer: Any, path: Any, dtype: str = "f16", name:
         if e.name != "gguf":
             raise
         raise ValueError("GGUF export needs the `gguf` package: pip install 'qiusuo[gguf]'") from None
-    return _export(model, tokenizer, path, dtype=dtype, name=name)
+    return _export(model, tokenizer, path, dtype=dtype, name=name, mtp=mtp)
 
 
 def export_lora_gguf(model: Any, adapter_dir: Any, path: Any, dtype: str = "f32", name: str = "qiusuo-lora"):

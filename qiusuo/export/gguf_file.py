@@ -10,9 +10,18 @@ llama-cpp-python 0.3.36:
   `LlamaModel.permute` does);
 - `deepseek_v3` -> `deepseek2`: MLA with `kv_b_proj` split into `attn_k_b` (transposed) and
   `attn_v_b` (llama.cpp absorbs them), experts stacked as `ffn_{gate,up,down}_exps`, the
-  correction bias as `exp_probs_b.bias`, MTP layers skipped (llama.cpp does not read them for
-  deepseek2). `q_lora_rank` is written as 0 when queries are uncompressed: llama.cpp requires
-  the key except for DeepSeek-V2-Lite's layer counts, and reads 0 as "use attn_q".
+  correction bias as `exp_probs_b.bias`, MTP layers as below. `q_lora_rank` is written as 0 when
+  queries are uncompressed: llama.cpp requires the key except for DeepSeek-V2-Lite's layer counts,
+  and reads 0 as "use attn_q".
+
+MTP depths (`num_nextn_predict_layers`) are kept by default, as llama.cpp's converter writes them
+for GLM-4.5 (`Glm4MoeModel`; its DeepSeek-V3 path still drops them, `skip_mtp`): depth k is block
+`num_hidden_layers + k` with a normal block's tensors plus `nextn.{eh_proj,enorm,hnorm,
+shared_head_norm}` and copies of the embedding and head (`nextn.embed_tokens`,
+`nextn.shared_head_head`), `block_count` counts them and `nextn_predict_layers` says how many.
+The llama.cpp vendored by llama-cpp-python 0.3.36 loads such a deepseek2 file (n_layer =
+block_count - nextn_predict_layers) and leaves the MTP tensors unused ("model has unused tensor
+... -- ignoring"): same logits, a larger file. `mtp=False` (`--no-mtp`) writes the main model only.
 
 Configurations llama.cpp cannot represent are refused by `check_gguf_support` with the config
 field named, before any file is written.
@@ -135,21 +144,41 @@ def _moe(moe, i: int) -> Iterator[tuple[str, torch.Tensor]]:
         yield from _mlp(moe.shared_experts, i, T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_DOWN_SHEXP)
 
 
-def gguf_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, tensor in PyTorch layout) for every tensor llama.cpp reads; MTP layers are skipped."""
+def _block(layer, cfg, i: int, moe: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    yield _name(T.ATTN_NORM, i), layer.input_layernorm.weight
+    if cfg.is_deepseek:
+        yield from _mla_attention(layer.self_attn, cfg, i)
+    else:
+        yield from _dense_attention(layer.self_attn, i, llama=cfg.model_type == "llama")
+    yield _name(T.FFN_NORM, i), layer.post_attention_layernorm.weight
+    yield from _moe(layer.mlp, i) if moe else _mlp(layer.mlp, i)
+
+
+def _nextn(model, layer, i: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """An MTP depth's own tensors, named as gguf-py maps the HF checkpoint's `model.layers.{i}.*`
+    (the embedding and head are the copies DeepSeek's checkpoints store in every MTP layer)."""
+    yield _name(T.NEXTN_EH_PROJ, i), layer.eh_proj.weight  # (D, 2D): input [enorm(emb); hnorm(h)]
+    yield _name(T.NEXTN_ENORM, i), layer.enorm.weight
+    yield _name(T.NEXTN_HNORM, i), layer.hnorm.weight
+    yield _name(T.NEXTN_SHARED_HEAD_NORM, i), layer.shared_head.norm.weight
+    yield _name(T.NEXTN_EMBED_TOKENS, i), model.model.embed_tokens.weight
+    yield _name(T.NEXTN_SHARED_HEAD_HEAD, i), model.output_weight
+
+
+def gguf_tensors(model, mtp: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor in PyTorch layout) for every tensor llama.cpp reads; with `mtp`, also the MTP
+    depths as blocks `num_hidden_layers + k` (a normal block's tensors plus the `nextn.*` ones)."""
     cfg = model.config
     yield _name(T.TOKEN_EMBD), model.model.embed_tokens.weight
     for i, layer in enumerate(model.model.layers):
-        yield _name(T.ATTN_NORM, i), layer.input_layernorm.weight
-        if cfg.is_deepseek:
-            yield from _mla_attention(layer.self_attn, cfg, i)
-        else:
-            yield from _dense_attention(layer.self_attn, i, llama=cfg.model_type == "llama")
-        yield _name(T.FFN_NORM, i), layer.post_attention_layernorm.weight
-        yield from _moe(layer.mlp, i) if cfg.is_moe_layer(i) else _mlp(layer.mlp, i)
+        yield from _block(layer, cfg, i, cfg.is_moe_layer(i))
     yield _name(T.OUTPUT_NORM), model.model.norm.weight
     if model.lm_head is not None:  # tied: llama.cpp falls back to token_embd
         yield _name(T.OUTPUT), model.lm_head.weight
+    for k, layer in enumerate(model.mtp if mtp else ()):
+        i = cfg.num_hidden_layers + k
+        yield from _block(layer, cfg, i, bool(cfg.n_routed_experts))
+        yield from _nextn(model, layer, i)
 
 
 def _encode(name: str, t: torch.Tensor, qtype: gguf.GGMLQuantizationType, output: bool = False
@@ -168,8 +197,10 @@ def _encode(name: str, t: torch.Tensor, qtype: gguf.GGMLQuantizationType, output
 
 
 # ---------------------------------------------------------------------- metadata
-def _add_hparams(w: gguf.GGUFWriter, cfg) -> None:
-    w.add_block_count(cfg.num_hidden_layers)
+def _add_hparams(w: gguf.GGUFWriter, cfg, n_mtp: int = 0) -> None:
+    w.add_block_count(cfg.num_hidden_layers + n_mtp)  # MTP blocks counted, as the converter does for GLM-4.5
+    if n_mtp:
+        w.add_nextn_predict_layers(n_mtp)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
@@ -212,8 +243,10 @@ def _add_hparams(w: gguf.GGUFWriter, cfg) -> None:
                              else gguf.ExpertGatingFuncType.SOFTMAX)
 
 
-def export_gguf(model, tokenizer, path: str | os.PathLike, dtype: str = "f16", name: str = "qiusuo") -> Path:
-    """Write `model` (+ `tokenizer`) as a GGUF file llama.cpp loads. Refuses unsupported configs."""
+def export_gguf(model, tokenizer, path: str | os.PathLike, dtype: str = "f16", name: str = "qiusuo",
+                mtp: bool = True) -> Path:
+    """Write `model` (+ `tokenizer`) as a GGUF file llama.cpp loads. Refuses unsupported configs.
+    `mtp`: keep the MTP depths (DeepSeek-V3) as blocks `num_hidden_layers + k`; see the module docstring."""
     if dtype not in FILE_TYPES:
         raise ValueError(f"dtype={dtype!r}: use one of {', '.join(FILE_TYPES)}")
     if tokenizer is None:
@@ -228,11 +261,11 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, dtype: str = "f16", n
     try:
         writer.add_name(name)
         writer.add_file_type(file_type)
-        _add_hparams(writer, cfg)
+        _add_hparams(writer, cfg, len(model.mtp) if mtp else 0)
         add_tokenizer(writer, tokenizer, cfg.vocab_size)
         with torch.no_grad():
             output = _name(T.OUTPUT) if model.lm_head is not None else _name(T.TOKEN_EMBD)
-            for tensor_name, t in gguf_tensors(model):
+            for tensor_name, t in gguf_tensors(model, mtp=mtp):
                 data, raw = _encode(tensor_name, t, qtype, output=tensor_name == output)
                 writer.add_tensor(tensor_name, data, raw_dtype=raw)
         writer.write_header_to_file()
