@@ -179,11 +179,17 @@ def test_serve_lora_modules_through_the_openai_client(chain, merged_dirs, tmp_pa
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # `tiny:sql` is served from the registry (its entry gives /api/tags a size), `poet` from its directory
+    from qiusuo.registry import Registry
+
+    registry = Registry(tmp_path / "home")
+    registry.import_dir(base, "tiny")
+    sql = registry.import_dir(adapters["sql"], "tiny:sql", base="tiny")
     env = {**os.environ, "QIUSUO_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "qiusuo", "serve", "--model", str(base), "--served-model-name",
                              "tiny", "--port", str(port), "--threads", "1", "--log-level", "warning",
-                             "--lora-modules", f"tiny:sql={adapters['sql']}", f"poet={adapters['poet']}"],
+                             "--lora-modules", "tiny:sql=tiny:sql", f"poet={adapters['poet']}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -232,6 +238,17 @@ def test_serve_lora_modules_through_the_openai_client(chain, merged_dirs, tmp_pa
             client.chat.completions.create(model="tiny:nope", messages=[{"role": "user", "content": "hi"}])
         err = e.value.response.json()["error"]
         assert err["code"] == "model_not_found" and err["param"] == "model" and "tiny:sql" in err["message"]
+        # Ollama's /api/tags lists the adapters too, the base as their parent, by names its routes take
+        ollama = pytest.importorskip("ollama")
+        o = ollama.Client(host=url, timeout=60)
+        tags = {m.model: m for m in o.list().models}
+        assert list(tags) == ["tiny:latest", "tiny:sql", "poet:latest"]
+        assert tags["tiny:latest"].details.parent_model == ""
+        assert tags["tiny:sql"].details.parent_model == tags["poet:latest"].details.parent_model == "tiny:latest"
+        assert tags["poet:latest"].details.family == tags["tiny:latest"].details.family
+        assert len({m.digest for m in tags.values()}) == 3
+        assert tags["tiny:sql"].size == sql.size > 0 and tags["poet:latest"].size == 0  # poet: not in the registry
+        assert o.chat(model="poet:latest", messages=msg, options=opts).message.content == chat["poet"]
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0

@@ -110,9 +110,26 @@ def _listed(state: ServerState) -> dict[str, Any]:
     return {k: v for k, v in model_entry(state).items() if not k.startswith("_")}
 
 
+def adapter_entry(state: ServerState, adapter: str, base: dict[str, Any]) -> dict[str, Any]:
+    """A LoRA adapter (`--lora-modules`) as /api/tags lists a model made FROM the base with an ADAPTER:
+    its own name, the base's details with the base as `parent_model`; size and digest are the registry
+    adapter's when it has one by that name, else 0 and a digest of the name."""
+    name = canonical(adapter)
+    info = _registry_info(name)
+    if info is not None and not info.adapter_of:
+        info = None  # a full model that happens to share the name is not this adapter
+    files = sorted(f.digest for f in info.files) if info is not None else [name]
+    modified = datetime.fromtimestamp(info.created if info is not None else state.started, timezone.utc)
+    return {"name": name, "model": name, "modified_at": modified.isoformat().replace("+00:00", "Z"),
+            "size": info.size if info is not None else 0,
+            "digest": hashlib.sha256("\n".join(files).encode()).hexdigest(),
+            "details": {**base["details"], "parent_model": base["name"]}}
+
+
 def tags(state: ServerState) -> dict[str, Any]:
-    """GET /api/tags: the served model."""
-    return {"models": [_listed(state)]}
+    """GET /api/tags: the served model, then each LoRA adapter served on it."""
+    base = _listed(state)
+    return {"models": [base, *(adapter_entry(state, a, base) for a in state.lora_names)]}
 
 
 def show(state: ServerState, req: ShowRequest) -> dict[str, Any]:
