@@ -488,3 +488,24 @@ def test_int8pack_on_an_unaligned_weight(offset, N, M):
     m = Int8Weight(view, scale, kernel="int8pack")
     x = torch.randn(M, K)
     torch.testing.assert_close(m(x), x @ m.dequantize().T, atol=0.05, rtol=0.02)
+
+
+def test_export_quantized_command_writes_a_checkpoint_the_engine_loads(make_checkpoint, tmp_path, capsys):
+    """`qiusuo export quantized`: a float checkpoint in, a quantized checkpoint out whose tokens are
+    LLM(src, quantization=...)'s; writing over the source is refused."""
+    import json
+
+    from qiusuo.cli import main
+    from qiusuo.engine import LLM
+
+    src = make_checkpoint("tiny-dense")
+    out = tmp_path / "int4"
+    assert main(["export", "quantized", "--model", str(src), "--out", str(out), "--quantize", "int4",
+                 "--int4-group-size", "64"]) == 0
+    assert "int4, groups of 64" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["mode"] == "int4" and config["quantization_config"]["group_size"] == 64
+    want = _greedy_tokens(LLM(str(src), quantization="int4", int4_group_size=64, kv_cache_bytes=8 << 20))
+    assert _greedy_tokens(LLM(str(out), kv_cache_bytes=8 << 20)) == want
+    assert main(["export", "quantized", "--model", str(src), "--out", str(src), "--quantize", "int8"]) != 0
+    assert "source checkpoint" in capsys.readouterr().err
