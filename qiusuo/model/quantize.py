@@ -35,7 +35,10 @@ kernel launch and two activation casts, so 7 calls per layer become 4.
 A quantized model saves as it is (`save_model`: the low-bit tensors under their module names and a
 `quantization_config` in config.json) and loads back without quantizing again (`load_model` builds
 the structure with `quantize_model` on the meta device, then `load_quantized_state` assigns the
-file's tensors); docs/quantized-checkpoints.md is the format.
+file's tensors); docs/quantized-checkpoints.md is the format. A float checkpoint is quantized as
+it loads (`load_model(path, quantization=...)`, which `LLM` uses): matrices one at a time, in row
+chunks of `_QUANTIZE_CHUNK_BYTES`, each chunk's memory-mapped pages dropped once read (`release`),
+so loading peaks near the quantized size, not the float one.
 """
 
 from __future__ import annotations
