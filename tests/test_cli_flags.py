@@ -90,11 +90,12 @@ def test_no_flag_was_renamed(command):
 
 
 def test_flags_map_to_the_right_fields():
-    args = build_parser().parse_args(["serve", "--model", "m", "--quantize", "int4", "--threads", "3",
+    args = build_parser().parse_args(["serve", "--model", "m", "--quantize", "int8-dynamic", "--threads", "3",
                                       "--thinking-budget", "7", "--compile-mode", "max-autotune",
                                       "--no-enable-prefix-caching", "--int4-group-size", "64"])
-    assert (args.quantization, args.num_threads, args.default_thinking_budget) == ("int4", 3, 7)
-    with pytest.raises(ValueError, match="compile with quantization='int4' is not supported"):
+    assert (args.quantization, args.num_threads, args.default_thinking_budget) == ("int8-dynamic", 3, 7)
+    assert args.int4_group_size == 64
+    with pytest.raises(ValueError, match="compile with quantization='int8-dynamic' is not supported"):
         engine_options(args)
     args.quantization = None
     options = engine_options(args)
@@ -149,7 +150,7 @@ def test_the_python_api_gives_the_same_error(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("kwargs, rule", [
     (dict(compile=1), "compile=1 is not allowed"),  # by type: 1 == True, but it is a mistake
     (dict(dtype=None), "dtype=None"),
-    (dict(quantization="int4", compile=True), "not supported yet"),  # int8 (weight-only) compiles
+    (dict(quantization="int8-dynamic", compile=True), "not supported"),  # int8 and int4 (weight-only) compile
     (dict(max_num_batched_tokens=0), "max_num_batched_tokens"),
 ])  # fmt: skip
 def test_engine_config_checks(kwargs, rule):

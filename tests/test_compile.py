@@ -85,9 +85,9 @@ def test_compile_is_refused_where_it_would_be_wrong(make_checkpoint):
     model, tok = _model("tiny-dense")
     with pytest.raises(ValueError, match="live module"):
         LLM(model, tok, compile=True)
-    for mode in ("int8-dynamic", "int4"):  # int8 (weight-only) compiles: test_compiled_int8_engine_...
-        with pytest.raises(ValueError, match="quantization"):
-            LLM(str(make_checkpoint()), compile=True, quantization=mode)
+    # int8 and int4 (weight-only) compile: test_compiled_weight_only_engine_...
+    with pytest.raises(ValueError, match="quantization"):
+        LLM(str(make_checkpoint()), compile=True, quantization="int8-dynamic")
 
 
 @pytest.mark.timeout(600)
@@ -159,14 +159,17 @@ def test_no_recompile_in_steady_state_decoding(tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_compiled_int8_engine_keeps_int8_weights_and_generates_the_eager_int8_tokens(tmp_path, monkeypatch):
-    """compile + weight-only int8: the frozen graph holds the int8 matrices themselves (freezing
-    folds only ops whose inputs are all weights, and `_weight_int8pack_mm` takes the activations
-    too), the tokens are eager int8's, and steady-state decoding compiles no new graph."""
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_weight_only_engine_keeps_low_bit_weights_and_generates_the_eager_tokens(mode, tmp_path,
+                                                                                           monkeypatch):
+    """compile + weight-only int8 / int4: the frozen graph holds the low-bit matrices themselves
+    (freezing folds only ops whose inputs are all weights, and `_weight_int8pack_mm` /
+    `_weight_int4pack_mm_for_cpu` take the activations too), the tokens are the eager engine's of
+    the same mode, and steady-state decoding compiles no new graph."""
     import torch._inductor.freezing as freezing
     from torch._dynamo.utils import counters
 
-    from qiusuo.model.quantize import Int8Weight
+    from qiusuo.model.quantize import Int4Weight, Int8Weight
 
     frozen: list[tuple[torch.dtype, tuple[int, ...]]] = []
     real_freeze = freezing.freeze
@@ -181,11 +184,16 @@ def test_compiled_int8_engine_keeps_int8_weights_and_generates_the_eager_int8_to
     monkeypatch.setattr(freezing, "freeze", recording_freeze)
     model, tok = _model("tiny-dense")
     save_model(model, tok, tmp_path)
-    kw = dict(num_threads=1, kv_cache_bytes=16 << 20, max_num_seqs=16, quantization="int8")
+    kw = dict(num_threads=1, kv_cache_bytes=16 << 20, max_num_seqs=16, quantization=mode)
     fast, slow = LLM(str(tmp_path), compile=True, **kw), LLM(str(tmp_path), **kw)
-    weights = {tuple(m.qweight.shape) for m in slow.llm_engine.model.modules() if isinstance(m, Int8Weight)}
-    matrices = [(dt, shape) for dt, shape in frozen if shape in weights]
-    assert matrices and {dt for dt, _ in matrices} == {torch.int8}, matrices  # no float copy of a weight
+    modules = list(slow.llm_engine.model.modules())
+    int8 = {tuple(m.qweight.shape) for m in modules if isinstance(m, Int8Weight)}  # int4: the int8 head
+    int4 = {m.shape: tuple(m._packed.shape) for m in modules if isinstance(m, Int4Weight)}
+    assert bool(int4) == (mode == "int4")
+    floats = {shape for shape in int4} | {shape for shape in int8}  # a float copy would have the (N, K) shape
+    low = {(torch.int8, s) for s in int8} | {(torch.uint8, s) for s in int4.values()}
+    assert low <= set(frozen), (low, frozen)  # the graph holds the low-bit matrices
+    assert not [(dt, s) for dt, s in frozen if dt.is_floating_point and s in floats], frozen  # and no float copy
     graphs = counters["stats"]["unique_graphs"]
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)  # crosses block boundaries
     for n in (1, 3, 16, 2, 9, 1):

@@ -389,3 +389,123 @@ def test_int4_packing_in_row_chunks_is_the_whole_matrix_packed():
     assert torch.equal(m._packed, whole)
     x = torch.randn(3, 256)
     assert rel_max_err(m(x), x @ m.dequantize().T) < 0.02  # bf16 activations in the kernel
+
+
+@pytest.mark.parametrize("mode,dtype", [("int8", "float32"), ("int4", "float32"), ("int8-dynamic", "bfloat16"),
+                                        ("int4", "bfloat16")])
+def test_quantizing_load_is_the_loaded_model_quantized(mode, dtype, make_checkpoint, tmp_path, monkeypatch):
+    """load_model(path, quantization=mode) quantizes matrix by matrix as it loads (float or bf16 files);
+    every stored tensor and the logits equal quantize_model on the fully loaded float model. Row
+    chunks of 7 at K=128 (monkeypatched) check that chunked quantization is the whole matrix's."""
+    import qiusuo.model.quantize as qz
+    from qiusuo.model import load_model, save_model
+    from qiusuo.model.quantize import quantized_state_dict
+
+    src = make_checkpoint("tiny-dense")
+    if dtype == "bfloat16":
+        model, tok = load_model(src)
+        src = save_model(model.to_dtype(torch.bfloat16), tok, tmp_path / "bf16")
+    want, _ = load_model(src)
+    quantize_model(want, mode)
+    monkeypatch.setattr(qz, "_QUANTIZE_CHUNK_BYTES", 4 * 128 * 7)  # 7 rows of K=128
+    got, _ = load_model(src, quantization=mode)
+    a, b = quantized_state_dict(want), quantized_state_dict(got)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])] == []
+    assert all(t.dtype in (torch.float32, torch.int8, torch.uint8) for t in b.values())
+    ids = torch.tensor([[1, 5, 9, 30, 44, 7]])
+    assert torch.equal(want(ids), got(ids))
+
+
+def test_quantizing_load_refuses_bad_options(make_checkpoint):
+    from qiusuo.model import load_model
+
+    src = make_checkpoint("tiny-dense")
+    with pytest.raises(ValueError, match="int3"):
+        load_model(src, quantization="int3")
+    with pytest.raises(ValueError, match="float32"):
+        load_model(src, dtype="bfloat16", quantization="int8")
+
+
+_QUANTIZING_PEAK_RSS_CHILD = """
+import json, sys
+import torch
+from qiusuo.model import load_model
+from qiusuo.model.quantize import quantized_state_dict
+def status(key):
+    line = next(x for x in open("/proc/self/status") if x.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+path, warm, mode = sys.argv[1:]
+load_model(warm, quantization=mode)  # lazy imports and first-use allocations are not the load's
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
+before = status("VmRSS")
+model, _ = load_model(path, quantization=mode)
+peak = status("VmHWM")
+weights = sum(t.numel() * t.element_size() for t in quantized_state_dict(model).values())
+kernel = sum(t.numel() * t.element_size() for m in model.modules()
+             for t in (getattr(m, "_packed", None), getattr(m, "_scales_zeros", None)) if isinstance(t, torch.Tensor))
+print(json.dumps({"growth": peak - before, "weights": weights, "kernel_copies": kernel}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED"), reason="needs madvise (Linux)")
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_load_peak_rss_is_the_quantized_weights(mode, make_checkpoint, tmp_path):
+    """Issue 15's memory rule when a float checkpoint is quantized as it loads: peak RSS growth within
+    1.2x the quantized weights (+ int4's kernel copy), where the float file is 4x the int8 weights
+    (loading it whole first, as LLM(path, quantization=) did, grew by ~5.8x at the SmolLM2-135M shape).
+    Fresh process; the peak is reset just before loading (Linux's clear_refs). glibc's mmap threshold
+    is pinned, as in the test above: unpinned, int4's kernel-packing transients leave heap holes
+    (measured 1.20x here, 1.08x at the SmolLM2-135M shape, where int8 is 1.11x either way)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    src = make_checkpoint("tiny-dense", hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                          num_attention_heads=8, num_key_value_heads=2)
+    warm = make_checkpoint("tiny-dense")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    proc = subprocess.run([sys.executable, "-c", _QUANTIZING_PEAK_RSS_CHILD, str(src), str(warm), mode],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (src / "model.safetensors").stat().st_size > 3 * got["weights"]  # the float file dwarfs the result
+    assert got["growth"] <= 1.2 * (got["weights"] + got["kernel_copies"]), got
+
+
+@pytest.mark.parametrize("offset", [0, 8, 56])
+@pytest.mark.parametrize("N, M", [(266, 1), (256, 5)])
+def test_int8pack_on_an_unaligned_weight(offset, N, M):
+    """A memory-mapped int8 matrix is only 8-byte aligned; `_weight_int8pack_mm` crashed (SIGSEGV) on
+    such a weight on an AVX512 CPU (N=266 at M=1, every N at M >= 3; so did LLM(<quantized checkpoint>)).
+    Int8Weight keeps its own aligned copy then, and the result is the dequantized matmul's."""
+    K = 128
+    q, scale = quantize_per_channel(torch.randn(N, K, generator=torch.Generator().manual_seed(0)))
+    buf = torch.zeros(N * K + 64, dtype=torch.int8)
+    view = buf[offset:offset + N * K].view(N, K)
+    view.copy_(q)
+    m = Int8Weight(view, scale, kernel="int8pack")
+    x = torch.randn(M, K)
+    torch.testing.assert_close(m(x), x @ m.dequantize().T, atol=0.05, rtol=0.02)
+
+
+def test_export_quantized_command_writes_a_checkpoint_the_engine_loads(make_checkpoint, tmp_path, capsys):
+    """`qiusuo export quantized`: a float checkpoint in, a quantized checkpoint out whose tokens are
+    LLM(src, quantization=...)'s; writing over the source is refused."""
+    import json
+
+    from qiusuo.cli import main
+    from qiusuo.engine import LLM
+
+    src = make_checkpoint("tiny-dense")
+    out = tmp_path / "int4"
+    assert main(["export", "quantized", "--model", str(src), "--out", str(out), "--quantize", "int4",
+                 "--int4-group-size", "64"]) == 0
+    assert "int4, groups of 64" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["mode"] == "int4" and config["quantization_config"]["group_size"] == 64
+    want = _greedy_tokens(LLM(str(src), quantization="int4", int4_group_size=64, kv_cache_bytes=8 << 20))
+    assert _greedy_tokens(LLM(str(out), kv_cache_bytes=8 << 20)) == want
+    assert main(["export", "quantized", "--model", str(src), "--out", str(src), "--quantize", "int8"]) != 0
+    assert "source checkpoint" in capsys.readouterr().err

@@ -1,7 +1,10 @@
-"""`qiusuo export gguf|merged`: a checkpoint for other runtimes, or an adapter folded into its base.
+"""`qiusuo export gguf|quantized|merged`: a checkpoint for other runtimes, a quantized checkpoint, or an
+adapter folded into its base.
 
 `export gguf` writes a GGUF file for llama.cpp / Ollama, or with `--adapter` a LoRA adapter GGUF that
-llama.cpp applies on the exported base (`--lora`). `export merged` is one command from a LoRA
+llama.cpp applies on the exported base (`--lora`). `export quantized` writes the same checkpoint with int8
+or int4 weights in qiusuo's quantized checkpoint format (docs/quantized-checkpoints.md), which `LLM(path)`
+and every engine command load without quantizing again. `export merged` is one command from a LoRA
 adapter (PEFT's layout) to a plain full checkpoint: it sits under `export` because, like `gguf`, it
 reads a model and writes a standalone artifact for whatever runs next (serve, eval, transformers,
 another export), and it keeps `--model` / `--out` meaning what they mean there (PEFT's name for the
@@ -11,11 +14,14 @@ operation is `merge_and_unload`).
 from __future__ import annotations
 
 import argparse
+import typing
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a checkpoint for other runtimes (GGUF for llama.cpp / Ollama), or "
-                                      "merge a LoRA adapter into a full checkpoint")
+    from qiusuo.engine.config import Int4GroupSize, Quantization
+
+    p = sub.add_parser("export", help="export a checkpoint for other runtimes (GGUF for llama.cpp / Ollama), as a "
+                                      "quantized qiusuo checkpoint, or merge a LoRA adapter into a full checkpoint")
     formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
     g = formats.add_parser("gguf", help="write a GGUF file (llama/qwen2 dense, deepseek2 for MLA + MoE)")
     g.add_argument("--model", default=None, help="checkpoint directory or registry name (NAME[:TAG]); with "
@@ -32,6 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep DeepSeek-V3's MTP layers as llama.cpp's nextn blocks (after the main blocks; "
                         "llama.cpp loads the file either way and does not run them); --no-mtp drops them")
     g.set_defaults(func=export_gguf)
+    q = formats.add_parser("quantized", help="write a quantized qiusuo checkpoint (int8 / int4 weights) that "
+                                             "loads without quantizing again (docs/quantized-checkpoints.md)")
+    q.add_argument("--model", required=True, help="float checkpoint directory or registry name (NAME[:TAG])")
+    q.add_argument("--out", required=True, help="checkpoint directory to write (replaced if it exists)")
+    # the engine's names and choices (EngineConfig.quantization's --quantize, --int4-group-size)
+    q.add_argument("--quantize", dest="quantization", required=True, choices=typing.get_args(Quantization),
+                   help="int8 per channel, int8-dynamic (8-bit activations too at run time), int4 in groups")
+    q.add_argument("--int4-group-size", type=int, default=32, choices=typing.get_args(Int4GroupSize),
+                   help="weights per int4 scale and zero point (default: 32)")
+    q.set_defaults(func=export_quantized)
 
     m = formats.add_parser("merged", help="fold a LoRA adapter (PEFT layout) into its base: a full checkpoint")
     m.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + "
@@ -99,4 +115,26 @@ def export_merged(args) -> int:
     adapter, base = _adapter_and_base(args)
     out = merge_adapter(base, adapter, args.out)
     print(f"wrote {out} ({base} + adapter {args.adapter}, merged)")
+    return 0
+
+
+def export_quantized(args) -> int:
+    from pathlib import Path
+
+    from qiusuo.model import load_model, save_model
+    from qiusuo.model.checkpoint import read_metadata
+    from qiusuo.registry import resolve_model
+
+    path = Path(resolve_model(args.model))
+    out = Path(args.out)
+    if out.resolve() == path.resolve():
+        raise ValueError(f"--out {out} is the source checkpoint; write the quantized one to another directory")
+    # quantized as it loads, one matrix at a time (peak RSS ~ the quantized weights)
+    model, tokenizer = load_model(path, quantization=args.quantization, int4_group_size=args.int4_group_size)
+    meta = {**read_metadata(path), "quantized_from": str(path)}
+    save_model(model, tokenizer, out, metadata=meta)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    group = f", groups of {args.int4_group_size}" if args.quantization == "int4" else ""
+    print(f"wrote {out} ({size / 2**20:.1f} MiB of weights, {args.quantization}{group}); "
+          f"load it with LLM({str(out)!r}) or --model {out}")
     return 0

@@ -19,6 +19,8 @@ DType = Literal["auto", "float32", "bfloat16"]
 Quantization = Literal["int8", "int8-dynamic", "int4"]
 Int4GroupSize = Literal[32, 64, 128]
 SPECULATIVE_METHODS = ("mtp",)
+# Weight-only modes whose kernels take the activations: the compiled graph keeps their packed weights (compiled.py)
+COMPILABLE_QUANTIZATION = (None, "int8", "int4")
 
 
 @dataclass
@@ -94,10 +96,10 @@ class EngineConfig:
 
     def __post_init__(self):
         check_choices(self)
-        if self.compile and self.quantization not in (None, "int8"):
-            raise ValueError(f"compile with quantization={self.quantization!r} is not supported yet (fbgemm's "
-                             "prepacked int8-dynamic weights are opaque to torch.compile; int4 under compile is "
-                             "untested); use quantization='int8' (weight-only) with compile, or no compile")
+        if self.compile and self.quantization not in COMPILABLE_QUANTIZATION:
+            raise ValueError(f"compile with quantization={self.quantization!r} is not supported (fbgemm's "
+                             "prepacked int8-dynamic weights are opaque to torch.compile); use quantization='int8' "
+                             "or 'int4' (weight-only) with compile, or no compile")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size}: must be >= 1 (16 is a good default)")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:

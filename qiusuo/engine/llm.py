@@ -44,13 +44,12 @@ class LLM:
         if not live:
             from qiusuo.model import load_model
 
+            # quantization= quantizes as it loads, one matrix at a time (the float weights are never
+            # resident whole: peak RSS ~ the quantized weights)
             model, loaded_tokenizer = load_model(model, device=config.device,
-                                                 dtype="float32" if dtype == "auto" else dtype)
+                                                 dtype="float32" if dtype == "auto" else dtype,
+                                                 quantization=quantization, int4_group_size=int4_group_size)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
-            if quantization:
-                from qiusuo.model.quantize import quantize_model
-
-                quantize_model(model, quantization, int4_group_size)
         elif engine_kwargs.get("lora_modules"):
             raise ValueError("lora_modules apply to checkpoints LLM loads itself (serving adapters rewires the "
                              "model's linear layers); a live module trains its own adapter (qiusuo.model.lora)")

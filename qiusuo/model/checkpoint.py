@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -218,8 +218,9 @@ def index_shard_files(path: Path) -> list[str]:
     return files
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory (single file or sharded); clear errors when corrupt."""
+def read_safetensors(path: str | os.PathLike, maps: list | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (single file or sharded); clear errors when corrupt.
+    `maps`, if given, receives each file's memory map (`FileMap`)."""
     path = Path(path)
     index = path / INDEX_NAME
     if index.exists():
@@ -234,7 +235,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if not fpath.exists():
             raise FileNotFoundError(f"{fpath} is listed in {INDEX_NAME} but does not exist")
         try:
-            tensors.update(mmap_safetensors(fpath))
+            tensors.update(mmap_safetensors(fpath, maps))
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise ValueError(f"{fpath} is truncated or corrupt ({e}); re-save or re-download the checkpoint") from None
     return tensors
@@ -245,7 +246,67 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool}
 
 
-def mmap_safetensors(fpath: Path) -> dict[str, torch.Tensor]:
+class FileMap:
+    """A checkpoint file's private memory map, and `release` to drop the pages of a tensor viewing it.
+
+    Pages of a file map that were only read are the page cache's, counted in the process's RSS
+    while mapped; `madvise(MADV_DONTNEED)` unmaps them (a later read maps them again from the file,
+    whose bytes never change: the map is private). `load_model(path, quantization=...)` releases
+    each float matrix once it is quantized, so the float weights are never resident whole."""
+
+    def __init__(self, mm):
+        self.mm = mm
+        self.base = torch.frombuffer(mm, dtype=torch.uint8).data_ptr() if len(mm) else 0
+
+    def release(self, t: torch.Tensor) -> bool:
+        """Drop the whole pages under t if t views this map (not its first and last partial page,
+        which other tensors may share). False if t is not in this map (e.g. a copy)."""
+        import mmap
+
+        start = t.data_ptr() - self.base
+        end = start + t.numel() * t.element_size()
+        if not t.is_contiguous() or start < 0 or end > len(self.mm) or not hasattr(self.mm, "madvise"):
+            return False
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, end // page * page
+        if hi > lo:
+            self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        return True
+
+
+def release_pages(maps: list[FileMap], trim_every: int = 4 << 20) -> Callable[[torch.Tensor], None]:
+    """A `release` for quantize_model: drops t's pages from whichever of `maps` it views (else nothing:
+    a copy is freed when its last reference goes).
+
+    Every `trim_every` bytes released it also asks glibc to hand its freed heap back (malloc_trim):
+    after the first large free glibc serves chunk-sized transients from its heap and keeps the holes
+    they leave between the quantized tensors, ~+25% of the weights at the SmolLM2-135M shape (peak
+    RSS growth 172 MB for 129 MB of int8 weights without, measured; tests/test_quantize.py)."""
+    trim = _malloc_trim()
+    released = 0
+
+    def release(t: torch.Tensor) -> None:
+        nonlocal released
+        if any(m.release(t) for m in maps):
+            released += t.numel() * t.element_size()
+            if trim is not None and released >= trim_every:
+                trim(0)
+                released = 0
+    return release
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where there is none (macOS, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def mmap_safetensors(fpath: Path, maps: list | None = None) -> dict[str, torch.Tensor]:
     """The tensors of one .safetensors file as views of a private memory map of it: no copy is read
     into memory, pages come from the page cache as they are touched, and a tensor written in place
     gets private copies of its pages (the file never changes). Loading then holds the weights once
@@ -262,6 +323,8 @@ def mmap_safetensors(fpath: Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"header length {n} exceeds the file")
         header = json.loads(f.read(n))
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
+    if maps is not None and len(mm):
+        maps.append(FileMap(mm))
     base = 8 + n
     out: dict[str, torch.Tensor] = {}
     for name, info in header.items():
@@ -292,10 +355,15 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = "float32",
+    quantization: str | None = None,
+    int4_group_size: int = 32,
 ) -> tuple[Transformer, Any]:
     """Load an HF checkpoint directory -> (model in eval mode, tokenizer or None).
 
     dtype: the compute dtype (default float32; None keeps the checkpoint's torch_dtype).
+    quantization: None, or a `qiusuo.model.quantize` mode to quantize a float checkpoint into as it
+    loads, one matrix at a time (peak RSS ~ the quantized weights, not the float ones); a quantized
+    checkpoint of that mode loads as it is, of another mode is refused.
     Loading is strict: missing, unexpected or mis-shaped weights raise a ValueError naming them.
     """
     path = Path(path)
@@ -311,6 +379,12 @@ def load_model(
     qc = json.loads((path / "config.json").read_text()).get("quantization_config")
     if qc is not None:
         model = _load_quantized(path, cfg, qc, torch.device(device), dtype)
+        if quantization:
+            from .quantize import quantize_model
+
+            quantize_model(model, quantization, int4_group_size)  # the same mode: nothing; another: ValueError
+    elif quantization:
+        model = _load_float_quantized(path, cfg, torch.device(device), dtype, quantization, int4_group_size)
     else:
         model = _load_float(path, cfg, torch.device(device), dtype)
     tokenizer = None
@@ -336,7 +410,10 @@ def _load_quantized(path: Path, cfg: ModelConfig, qc: Any, device: torch.device,
     with torch.device("meta"):
         model = Transformer(cfg)
         quantize_model(model, mode, group_size)
-    load_quantized_state(model, read_safetensors(path), source=str(path))
+    maps: list[FileMap] = []
+    state = read_safetensors(path, maps)
+    load_quantized_state(model, state, source=str(path), release=release_pages(maps))
+    del state
     _materialize_buffers(model, device)
     return model.eval()
 
@@ -349,8 +426,47 @@ def _materialize_buffers(model: Transformer, device: torch.device) -> None:
     model.init_buffers()
 
 
+def _load_float_quantized(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, mode: str,
+                          group_size: int) -> Transformer:
+    """A float checkpoint quantized while it loads: the file's tensors are assigned as they are
+    (memory-mapped views, any float dtype), each matrix is quantized in row chunks and its pages
+    released as soon as they are read (`FileMap.release`), then the float parts left (norms, biases,
+    what quantize_model keeps in float) are cast to float32. Peak RSS is the quantized weights plus
+    one chunk, not the float weights plus the quantized ones (tests/test_quantize.py)."""
+    from .quantize import MODES, Int4Weight, Int8Weight, quantize_model
+
+    if mode not in MODES:
+        raise ValueError(f"quantization {mode!r}: use one of {MODES}")
+    if device.type != "cpu":
+        raise ValueError(f"quantization runs on the CPU only (its kernels are CPU kernels), not {device}")
+    if dtype != torch.float32:
+        raise ValueError(f"dtype={dtype}: a quantized model computes in float32; use dtype='float32' (or 'auto')")
+    maps: list[FileMap] = []
+    state = from_hf_state_dict(read_safetensors(path, maps), cfg)
+    model = _assign_state(cfg, state, device, cast=False)
+    del state
+    small = [t for t in model.parameters() if t.dim() == 1 and t.dtype != torch.float32]
+    for t in small:  # norms and biases first: the quantized embedding's rows take the norm's dtype
+        t.data = t.data.float()
+    quantize_model(model, mode, group_size, release=release_pages(maps))
+    for module in model.modules():  # what stays in float (kv_b_proj, routers), in the file's dtype so far
+        if isinstance(module, (Int8Weight, Int4Weight)):
+            continue  # scales made in float32 by quantizing; the kernels' own bf16 copies are bf16 by design
+        for t in [*module._parameters.values(), *module._buffers.values()]:
+            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+    _materialize_buffers(model, device)
+    return model.eval()
+
+
 def _load_float(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
-    state = from_hf_state_dict(read_safetensors(path), cfg)
+    model = _assign_state(cfg, from_hf_state_dict(read_safetensors(path), cfg), device, cast=True)
+    _materialize_buffers(model, device)
+    return model.to_dtype(dtype).eval()
+
+
+def _assign_state(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device, cast: bool) -> Transformer:
+    """A `Transformer` built on the meta device with the checkpoint's tensors assigned (checked first)."""
     if cfg.is_deepseek and cfg.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in state):
         # transformers writes num_nextn_predict_layers=1 but no MTP weights; MTP is optional at
         # inference, so load the main model alone (a partial MTP layer still fails below).
@@ -370,10 +486,9 @@ def _load_float(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch
             )
     # The checkpoint's tensors become the parameters (assign=True: no second copy; on the CPU they
     # stay views of the file's memory map until written), cast only where the dtype differs.
-    state = {k: v.to(device=device, dtype=expected[k].dtype) for k, v in state.items()}  # fp32 as built; to_dtype casts
+    state = {k: v.to(device=device, dtype=expected[k].dtype if cast else v.dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    _materialize_buffers(model, device)
-    return model.to_dtype(dtype).eval()
+    return model
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -35,7 +35,10 @@ kernel launch and two activation casts, so 7 calls per layer become 4.
 A quantized model saves as it is (`save_model`: the low-bit tensors under their module names and a
 `quantization_config` in config.json) and loads back without quantizing again (`load_model` builds
 the structure with `quantize_model` on the meta device, then `load_quantized_state` assigns the
-file's tensors); docs/quantized-checkpoints.md is the format.
+file's tensors); docs/quantized-checkpoints.md is the format. A float checkpoint is quantized as
+it loads (`load_model(path, quantization=...)`, which `LLM` uses): matrices one at a time, in row
+chunks of `_QUANTIZE_CHUNK_BYTES`, each chunk's memory-mapped pages dropped once read (`release`),
+so loading peaks near the quantized size, not the float one.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import functools
 import platform
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +59,7 @@ MODES = ("int8", "int8-dynamic", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
 DEFAULT_INT4_GROUP_SIZE = 32  # llama.cpp q4_0's block: matched precision
 _INT8PACK_K_MULTIPLE = 16  # _weight_int8pack_mm segfaults for other K (torch 2.13, measured)
+_INT8PACK_ALIGN = 64  # bytes; it segfaults on weights at 8 mod 16 (Int8Weight.prepare_kernel), 64 to be safe
 _SKIP = ("kv_b_proj",)
 
 
@@ -81,11 +86,36 @@ def int8_kernel(mode: str = "int8") -> str:
 
 
 # ---------------------------------------------------------------------- int8
-def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (..., N, K) float -> int8 (..., N, K), scales (..., N) fp32 with w ~ q * scale[..., None]."""
-    w = w.detach().float()
-    scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+Release = Callable[[torch.Tensor], None]
+# Float bytes of a weight quantized at a time (whole rows): the transients (a float32 copy of a bf16
+# chunk, |w|, w / scale) are of one chunk, not of the matrix, so loading peaks near the quantized size.
+_QUANTIZE_CHUNK_BYTES = 256 << 10
+
+
+def _quantize_row_chunks(N: int, K: int) -> list[slice]:
+    return _row_chunks(N, max(1, _QUANTIZE_CHUNK_BYTES // (4 * K)))
+
+
+def quantize_per_channel(w: torch.Tensor, release: Release | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (..., N, K) float -> int8 (..., N, K), scales (..., N) fp32 with w ~ q * scale[..., None].
+
+    A 2-D w is quantized `_QUANTIZE_CHUNK_BYTES` of rows at a time (rows are independent, so the result
+    is the whole matrix's); `release(rows_of_w)` is called on each chunk once it is read (the
+    loader drops a memory-mapped source's pages there: `load_model(path, quantization=...)`)."""
+    if w.dim() != 2:
+        w = w.detach().float()
+        scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
+        return torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
+    N, K = w.shape
+    q, scale = torch.empty(N, K, dtype=torch.int8, device=w.device), torch.empty(N, device=w.device)
+    for rows in _quantize_row_chunks(N, K):
+        chunk = w[rows].detach().float()
+        s = chunk.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
+        q[rows] = torch.round(chunk / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[rows] = s
+        del chunk
+        if release is not None:
+            release(w[rows])
     return q, scale
 
 
@@ -102,9 +132,10 @@ class Int8Weight(nn.Module):
             self.kernel = "dequant"
         self.prepare_kernel()
 
-    def prepare_kernel(self) -> None:
+    def prepare_kernel(self, release: Release | None = None) -> None:
         """The kernel's derived state (fbgemm's packed weight, bf16 scales) from qweight and scale:
-        after building and after a quantized checkpoint's tensors are assigned. Not on meta tensors."""
+        after building and after a quantized checkpoint's tensors are assigned. Not on meta tensors.
+        `release(old_qweight)` is called if qweight is replaced by an aligned copy (below)."""
         self._packed = None
         if self.qweight.is_meta:
             return
@@ -115,6 +146,15 @@ class Int8Weight(nn.Module):
                 qt = torch._make_per_channel_quantized_tensor(self.qweight, self.scale.double(), zero, 0)
             self._packed = torch.ops.quantized.linear_prepack(qt, None)
         elif self.kernel == "int8pack":
+            if self.qweight.device.type == "cpu" and self.qweight.data_ptr() % _INT8PACK_ALIGN:
+                # _weight_int8pack_mm segfaults on a weight that is not 16-byte aligned (torch 2.13, an
+                # AVX512 CPU: offset 8 crashes at M >= 3 for every N tried, and at M = 1 for N = 266;
+                # offsets 16, 32, 64 do not; measured). A memory-mapped checkpoint's tensors are only
+                # 8-byte aligned, so such a matrix gets its own aligned copy (the loader then drops
+                # the mapped pages: peak RSS stays the weights once).
+                old, self.qweight = self.qweight, self.qweight.clone()
+                if release is not None:
+                    release(old)
             self.register_buffer("scale_bf16", self.scale.to(torch.bfloat16), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,16 +187,42 @@ def quantize_int4_groupwise(w: torch.Tensor, group_size: int) -> tuple[torch.Ten
     return q.view(N, K), scale, zero
 
 
-class Int4Weight(nn.Module):
-    """One (N, K) weight in group-wise int4; `forward(x) = x @ W.T` on the packed int4 CPU kernel."""
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) integers in [0, 15] -> (N, K/2) uint8, column 2j in the low nibble, 2j+1 in the high."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
+
+def quantize_int4_packed(w: torch.Tensor, group_size: int,
+                         release: Release | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_int4_groupwise` with q already nibble-packed (N, K/2) uint8, `_QUANTIZE_CHUNK_BYTES`
+    of rows at a time (the int32 q and the float transients exist for one chunk); `release` as in
+    `quantize_per_channel`."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"int4 group size {group_size} does not divide K={K}; use one of {INT4_GROUP_SIZES} that does")
+    packed = torch.empty(N, K // 2, dtype=torch.uint8, device=w.device)
+    scale, zero = (torch.empty(N, K // group_size, device=w.device) for _ in range(2))
+    for rows in _quantize_row_chunks(N, K):
+        q, scale[rows], zero[rows] = quantize_int4_groupwise(w[rows], group_size)
+        packed[rows] = pack_nibbles(q)
+        if release is not None:
+            release(w[rows])
+    return packed, scale, zero
+
+
+class Int4Weight(nn.Module):
+    """One (N, K) weight in group-wise int4; `forward(x) = x @ W.T` on the packed int4 CPU kernel.
+
+    q is (N, K) in [0, 15], or (N, K/2) uint8 already nibble-packed with `packed=True`."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                 packed: bool = False):
         super().__init__()
         self.group_size = group_size
-        N, K = q.shape
+        N, K = q.shape[0], q.shape[1] * (2 if packed else 1)
         self.shape = (N, K)
         # Two 4-bit values per byte, row-major (even column in the low nibble): half an int8 tensor's bytes.
-        self.register_buffer("qweight", (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8))
+        self.register_buffer("qweight", q.contiguous() if packed else pack_nibbles(q))
         self.register_buffer("scales", scale.float().contiguous())  # (N, K/g)
         self.register_buffer("zeros", zero.float().contiguous())  # (N, K/g)
         self.prepare_kernel()
@@ -169,7 +235,7 @@ class Int4Weight(nn.Module):
             return
         if self.kernel == "int4pack":
             # In row chunks: the kernel packs each block of rows on its own (blocks of 64 or fewer), so
-            # chunks of 1024 rows pack the same bytes while the int32 input the op wants (8x the packed
+            # chunks of 256 rows pack the same bytes while the int32 input the op wants (8x the packed
             # bytes) exists for one chunk at a time, not the whole matrix (peak RSS while loading).
             # The kept tensors are allocated before the transient ones, so that the next matrix's
             # transients reuse the freed space rather than leave holes under kept tensors.
@@ -201,19 +267,30 @@ class Int4Weight(nn.Module):
         return y.view(*x.shape[:-1], N)
 
 
-_INT4PACK_ROW_CHUNK = 1024  # a multiple of the int4 CPU kernel's row block
+_INT4PACK_ROW_CHUNK = 256  # a multiple of the int4 CPU kernel's row block (64); 2 MB of int32 at K=2048
 
 
 def _row_chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def make_weight(w: torch.Tensor, mode: str, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> nn.Module:
+def make_weight(w: torch.Tensor | list[torch.Tensor], mode: str, group_size: int = DEFAULT_INT4_GROUP_SIZE,
+                release: Release | None = None) -> nn.Module:
+    """The quantized weight of w (N, K), or of several (N_i, K) stacked along N: each part is
+    quantized on its own and the results stacked (rows are quantized independently, so this is
+    the stacked matrix quantized, without a float copy of it)."""
+    parts = w if isinstance(w, list) else [w]
     if mode in ("int8", "int8-dynamic"):
-        return Int8Weight(*quantize_per_channel(w), kernel=int8_kernel(mode))
+        q, scale = _cat([quantize_per_channel(p, release) for p in parts])
+        return Int8Weight(q, scale, kernel=int8_kernel(mode))
     if mode == "int4":
-        return Int4Weight(*quantize_int4_groupwise(w, group_size), group_size)
+        return Int4Weight(*_cat([quantize_int4_packed(p, group_size, release) for p in parts]), group_size,
+                          packed=True)
     raise ValueError(f"quantization {mode!r}: use one of {MODES}")
+
+
+def _cat(parts: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    return parts[0] if len(parts) == 1 else tuple(torch.cat(ts) for ts in zip(*parts))
 
 
 # ---------------------------------------------------------------------- modules
@@ -221,13 +298,12 @@ class QuantizedLinear(nn.Module):
     """An `nn.Linear` (or several sharing an input, fused along N) with int8 or int4 weights; biases stay in floating point."""
 
     def __init__(self, linear: nn.Linear | list[nn.Linear], mode: str = "int8",
-                 group_size: int = DEFAULT_INT4_GROUP_SIZE):
+                 group_size: int = DEFAULT_INT4_GROUP_SIZE, release: Release | None = None):
         super().__init__()
         parts = linear if isinstance(linear, list) else [linear]
         self.in_features, self.mode = parts[0].in_features, mode
         self.out_features = sum(p.out_features for p in parts)
-        weight = torch.cat([p.weight.detach() for p in parts]) if len(parts) > 1 else parts[0].weight
-        self.weight_q = make_weight(weight, mode, group_size)
+        self.weight_q = make_weight([p.weight for p in parts], mode, group_size, release)
         biases = [p.bias for p in parts]
         if all(b is None for b in biases):
             self.bias = None
@@ -247,11 +323,12 @@ class QuantizedLinear(nn.Module):
 class QuantizedEmbedding(nn.Module):
     """The token embedding as an int8 table with one scale per row; `table` doubles as the output head when tied."""
 
-    def __init__(self, embedding: nn.Embedding, kernel: str = "int8pack"):
+    def __init__(self, embedding: nn.Embedding, kernel: str = "int8pack", release: Release | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = embedding.weight.shape
-        self.dtype = embedding.weight.dtype
-        self.table = Int8Weight(*quantize_per_channel(embedding.weight), kernel=kernel)
+        self.dtype = dtype or embedding.weight.dtype  # of the looked-up rows
+        self.table = Int8Weight(*quantize_per_channel(embedding.weight, release), kernel=kernel)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         q, scale = self.table.qweight[input_ids], self.table.scale[input_ids]  # (..., D), (...)
@@ -264,11 +341,13 @@ class QuantizedEmbedding(nn.Module):
 class QuantizedExperts(Experts):
     """Stacked routed experts with int8/int4 weights; routing and grouping are `Experts`'."""
 
-    def __init__(self, experts: Experts, mode: str = "int8", group_size: int = DEFAULT_INT4_GROUP_SIZE):
+    def __init__(self, experts: Experts, mode: str = "int8", group_size: int = DEFAULT_INT4_GROUP_SIZE,
+                 release: Release | None = None):
         nn.Module.__init__(self)
         self.num_experts = experts.num_experts
-        self.gate_up = nn.ModuleList(make_weight(w, mode, group_size) for w in experts.gate_up_proj)  # (2I, D) each
-        self.down = nn.ModuleList(make_weight(w, mode, group_size) for w in experts.down_proj)  # (D, I) each
+        self.gate_up = nn.ModuleList(make_weight(w, mode, group_size, release)
+                                     for w in experts.gate_up_proj)  # (2I, D) each
+        self.down = nn.ModuleList(make_weight(w, mode, group_size, release) for w in experts.down_proj)  # (D, I) each
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up[e](x).chunk(2, -1)
@@ -276,11 +355,14 @@ class QuantizedExperts(Experts):
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = DEFAULT_INT4_GROUP_SIZE) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = DEFAULT_INT4_GROUP_SIZE,
+                   release: Release | None = None) -> nn.Module:
     """Replace the decoder's linear layers and stacked experts with quantized ones, in place.
 
     The model is for inference afterwards (eval mode; no gradients flow into low-bit weights).
-    Returns `model` for chaining.
+    Returns `model` for chaining. Matrices are quantized one at a time, in row chunks, and
+    `release(float_rows)` is called on each chunk once it has been read: `load_model(path,
+    quantization=...)` drops the file pages there, so loading never holds the float weights whole.
     """
     if mode not in MODES:
         raise ValueError(f"quantization {mode!r}: use one of {MODES} (int8: per-channel, int4: group-wise)")
@@ -293,24 +375,29 @@ def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = DEFAU
         raise ValueError(f"the model is already quantized ({have['mode']}, group size {have['group_size']}); "
                          f"re-quantizing it as {mode} would compound the rounding: load the float checkpoint, "
                          "or drop quantization= to use it as it is")
-    layers = list(model.model.layers) + list(getattr(model, "mtp", []))
-    for layer in layers:
-        for parent in list(layer.modules()):
-            _fuse(parent, mode, group_size)
-            for child_name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and child_name not in _SKIP:
-                    gs = group_size if child.in_features % group_size == 0 else INT4_GROUP_SIZES[0]
-                    if mode == "int4" and child.in_features % gs:
-                        continue  # no group size divides K: this matrix stays in floating point
-                    setattr(parent, child_name, QuantizedLinear(child, mode, gs))
-                elif isinstance(child, Experts) and not isinstance(child, QuantizedExperts):
-                    setattr(parent, child_name, QuantizedExperts(child, mode, group_size))
-    _quantize_embedding_and_head(model, mode)
+    for layer in list(model.model.layers) + list(getattr(model, "mtp", [])):
+        quantize_layer(layer, mode, group_size, release)
+    _quantize_embedding_and_head(model, mode, release)
     model.quantization_config = quantization_config(mode, group_size)
     return model.eval()
 
 
-def _fuse(parent: nn.Module, mode: str, group_size: int) -> None:
+@torch.no_grad()
+def quantize_layer(layer: nn.Module, mode: str, group_size: int, release: Release | None = None) -> None:
+    """One decoder (or MTP) layer's linear layers and experts, in place (`quantize_model`'s step)."""
+    for parent in list(layer.modules()):
+        _fuse(parent, mode, group_size, release)
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child_name not in _SKIP:
+                gs = group_size if child.in_features % group_size == 0 else INT4_GROUP_SIZES[0]
+                if mode == "int4" and child.in_features % gs:
+                    continue  # no group size divides K: this matrix stays in floating point
+                setattr(parent, child_name, QuantizedLinear(child, mode, gs, release))
+            elif isinstance(child, Experts) and not isinstance(child, QuantizedExperts):
+                setattr(parent, child_name, QuantizedExperts(child, mode, group_size, release))
+
+
+def _fuse(parent: nn.Module, mode: str, group_size: int, release: Release | None = None) -> None:
     """q/k/v of a GQA `Attention` and gate/up of an `MLP` -> one QuantizedLinear each (the parts are dropped)."""
     from .attention import Attention
     from .layers import MLP
@@ -327,23 +414,23 @@ def _fuse(parent: nn.Module, mode: str, group_size: int) -> None:
         gs = group_size if K % group_size == 0 else INT4_GROUP_SIZES[0]
         if mode == "int4" and K % gs:
             continue  # stays in floating point, unfused, as quantize_model leaves such a matrix
-        setattr(parent, fused_name, QuantizedLinear(parts, mode, gs))
+        setattr(parent, fused_name, QuantizedLinear(parts, mode, gs, release))
         for n in names:
             setattr(parent, n, None)
 
 
-def _quantize_embedding_and_head(model: nn.Module, mode: str) -> None:
+def _quantize_embedding_and_head(model: nn.Module, mode: str, release: Release | None = None) -> None:
     """int8 embedding table and output head (the same table when tied), on the mode's int8 kernel."""
     emb = model.model.embed_tokens
     if not isinstance(emb, nn.Embedding) or emb.weight.shape[-1] % _INT8PACK_K_MULTIPLE:
         return  # a hidden size int8pack cannot take: the head would dequantize per call, slower than fp32
     kernel = int8_kernel(mode) if mode != "int4" else "int8pack"
+    dtype = model.model.norm.weight.dtype  # the model's float dtype (a loader's table may still be the file's)
+    model.model.embed_tokens = QuantizedEmbedding(emb, kernel, release, dtype)
     if model.lm_head is None:  # tied
-        model.model.embed_tokens = QuantizedEmbedding(emb, kernel)
         model.output_head = model.model.embed_tokens.table
     else:
-        model.model.embed_tokens = QuantizedEmbedding(emb, kernel)
-        model.output_head = Int8Weight(*quantize_per_channel(model.lm_head.weight), kernel=kernel)
+        model.output_head = Int8Weight(*quantize_per_channel(model.lm_head.weight, release), kernel=kernel)
         model.lm_head = None  # the fp32 copy is not read any more (`Transformer.logits` uses output_head)
 
 
@@ -401,7 +488,8 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                         release: Release | None = None) -> None:
     """Assign a quantized checkpoint's tensors to `model`, a float `Transformer` built on the meta device
     and quantized there (`quantize_model` on meta tensors builds the structure and nothing else).
 
@@ -425,11 +513,14 @@ def load_quantized_state(model: nn.Module, state: dict[str, torch.Tensor], sourc
     full.update({alias: state[name] for alias, name in aliases.items() if name in state})
     model.load_state_dict(full, strict=True, assign=True)
     for m in model.modules():
-        if isinstance(m, (Int8Weight, Int4Weight)):
+        if isinstance(m, Int8Weight):
+            m.prepare_kernel(release)
+        elif isinstance(m, Int4Weight):
             m.prepare_kernel()
 
 
 __all__ = ["quantize_model", "QuantizedLinear", "QuantizedExperts", "QuantizedEmbedding", "Int8Weight", "Int4Weight",
-           "quantize_per_channel", "quantize_int4_groupwise", "cpu_has_native_bf16", "int8_kernel", "MODES",
+           "quantize_per_channel", "quantize_int4_groupwise", "quantize_int4_packed", "quantize_layer",
+           "cpu_has_native_bf16", "int8_kernel", "MODES",
            "quantization_config", "check_quantization_config", "quantized_state_dict", "load_quantized_state",
            "is_quantized"]
