@@ -107,3 +107,22 @@ class DigitsTask:
             r = sum(c.isdigit() for c in t) / len(t) if t else 0.0
             out.append(Score(reward=r, format=float(bool(t)), accuracy=float(r == 1.0), parsed_answer=None))
         return out
+
+
+def assert_greedy_equal_up_to_ties(got: list[list[int]], reference, tol: float = 0.01) -> None:
+    """Greedy token ids `got` equal the reference outputs' ids, except that a sequence may leave them at a
+    near-tie of the reference: where it first differs, its token must be one of the reference's top
+    logprobs there, within `tol` nats of the reference's chosen token (two kernels that round differently
+    break a tie differently; after that the continuations are of different prefixes, so are not compared).
+    `reference`: RequestOutputs generated with `SamplingParams(temperature=0, logprobs=k)`, k >= 2."""
+    for i, (ids, out) in enumerate(zip(got, reference, strict=True)):
+        comp = out.outputs[0]
+        want = list(comp.token_ids)
+        j = next((j for j, (a, b) in enumerate(zip(ids, want)) if a != b), None)
+        if j is None:
+            assert len(ids) == len(want), (i, ids, want)
+            continue
+        top = {t: lp.logprob for t, lp in comp.logprobs[j].items()}
+        assert ids[j] in top, f"sequence {i} token {j}: {ids[j]} is not among the reference's top {sorted(top)}"
+        gap = top[want[j]] - top[ids[j]]
+        assert gap <= tol, f"sequence {i} token {j}: {ids[j]} is {gap:.4f} nats below the reference's {want[j]}"

@@ -15,7 +15,7 @@ from qiusuo.engine import LLM, SamplingParams
 from qiusuo.model import build_model, save_model
 from qiusuo.model.cache import DynamicCache
 
-from helpers import randomize_
+from helpers import assert_greedy_equal_up_to_ties, randomize_
 
 torch.set_num_threads(1)
 
@@ -196,8 +196,12 @@ def test_compiled_weight_only_engine_keeps_low_bit_weights_and_generates_the_eag
     assert not [(dt, s) for dt, s in frozen if dt.is_floating_point and s in floats], frozen  # and no float copy
     graphs = counters["stats"]["unique_graphs"]
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)  # crosses block boundaries
+    scored = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=5)
     for n in (1, 3, 16, 2, 9, 1):
         batch = [[3 + i] * (1 + 7 * i % 20) for i in range(n)]  # 1- to 20-token prompts
         got = [o.outputs[0].token_ids for o in fast.generate(batch, greedy)]
-        assert got == [o.outputs[0].token_ids for o in slow.generate(batch, greedy)]
+        # on AVX512 the compiled graph's int8 GEMM (inductor's own kernel) and eager's packed kernel round
+        # differently, by up to ~0.02 in a logprob on these random weights (splits met at 0.0156 nats):
+        # equal tokens, or a split at a near-tie of the eager logits
+        assert_greedy_equal_up_to_ties(got, slow.generate(batch, scored), tol=0.05)
     assert counters["stats"]["unique_graphs"] == graphs, "steady-state int8 decoding recompiled the decode graph"
