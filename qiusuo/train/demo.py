@@ -74,7 +74,9 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from qiusuo.train.grpo import GRPO
+    from qiusuo.eval.routing import greedy_rows, routing_report
     from qiusuo.eval.served import evaluate_served
+    from qiusuo.model import load_model
     from qiusuo.train.evaluate import evaluate
     from qiusuo.train.pretrain import Pretrain
 
@@ -113,6 +115,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     problems = grpo.task.generate(cfg.eval_problems, seed=EVAL_SEED, split="test")
     print(f"[2/4] evaluating the base on {len(problems)} held-out problems")
     before = evaluate(grpo.llm, grpo.task, problems, samples=cfg.eval_samples, seed=EVAL_SEED)
+    base_rows = greedy_rows(grpo.llm, grpo.task, problems) if grpo.model.moe_layers() else None  # MoE: routing
     print(f"[3/4] GRPO: {cfg.grpo_steps} steps x {cfg.prompts_per_step} prompts x G={cfg.group_size}, T=1, "
           f"lr {cfg.grpo_lr:g}, beta 0, reward 1 if right else 0.1 if well-formed")
     t = time.perf_counter()
@@ -123,6 +126,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print("[4/4] evaluating the RL model on the same held-out problems")
     after = evaluate(grpo.llm, grpo.task, problems, samples=cfg.eval_samples, seed=EVAL_SEED)
     model_dir = out / "grpo" / "final"
+    routing = None if base_rows is None else routing_report(
+        load_model(out / "pretrain" / "final", device=cfg.device)[0], grpo.model, base_rows,
+        greedy_rows(grpo.llm, grpo.task, problems))
     print("      and through the chat API of a real server (/v1/chat/completions, greedy), as a client would")
     served = evaluate_served(model_dir, grpo.task, problems, route="chat", max_tokens=48, engine_process=False,
                              num_threads=thread_choice["grpo"]["threads"])
@@ -136,7 +142,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
         "cpu_seconds_per_point": round(cpu / gain, 2) if gain > 0 else None,
         "peak_rss_mb": peak_rss_mb(), "pretrain_seconds": round(pretrain_s, 1), "grpo_seconds": round(grpo_s, 1),
-        "decides_to_think_step": think_step(curves),
+        "decides_to_think_step": think_step(curves), "routing": routing,
         "model": str(model_dir), "config": asdict(cfg), "curves": curves,
     }
     report["registered"] = register_model(model_dir, report)
@@ -191,6 +197,18 @@ def think_step(curves: list[dict[str, Any]], threshold: float = 0.1) -> int | No
     if not rates or rates[0] < threshold:
         return None
     return next((c["step"] for c, r in zip(curves, rates) if r < threshold), None)
+
+
+def describe_routing(r: dict[str, Any]) -> str:
+    """The MoE routing figures (qiusuo.eval.routing) in three lines."""
+    def per_layer(xs, fmt):
+        return " / ".join(format(x, fmt) for x in xs)
+    return (f"MoE routing on the greedy held-out completions (MoE layers {per_layer(r['moe_layers'], 'd')}):\n"
+            f"  expert load max/mean per layer: base {per_layer(r['balance_before'], '.2f')} -> "
+            f"RL {per_layer(r['balance_after'], '.2f')} (1.00 is even, {r['balance_max']:.2f} all on K experts)\n"
+            f"  tokens whose top-k expert set changed, base vs RL on the same tokens: "
+            f"{per_layer(r['changed_on_before'], '.1%')} (base's completions), "
+            f"{per_layer(r['changed_on_after'], '.1%')} (RL model's)")
 
 
 def register_model(path: Path, report: dict[str, Any]) -> str | None:
@@ -267,6 +285,8 @@ def print_summary(report: dict[str, Any]) -> None:
           f"CPU-seconds per accuracy point gained: {per_point if per_point is not None else 'n/a (no gain)'}")
     print(f"torch threads: pretraining {describe_threads(choice['pretrain'])}; "
           f"GRPO {describe_threads(choice['grpo'])}")
+    if report.get("routing"):
+        print(describe_routing(report["routing"]))
     step = report["decides_to_think_step"]
     if report["config"]["quick"]:
         print("\n(--quick: a smoke run with a few steps per stage; run without it for the real recipe)")
