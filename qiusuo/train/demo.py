@@ -33,7 +33,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import GRPOConfig, PretrainConfig
+from qiusuo.fields import check_choices
+
+from .config import GRPOConfig, ImportanceSamplingLevel, PretrainConfig
 
 EVAL_SEED = 1234  # the held-out problems: the same before and after RL
 
@@ -55,6 +57,11 @@ class DemoConfig:
     prompts_per_step: int = field(default=16, metadata={"help": "GRPO prompts per step"})
     group_size: int = field(default=8, metadata={"help": "GRPO samples per prompt"})
     grpo_lr: float = field(default=1e-4, metadata={"help": "GRPO learning rate (5e-4 collapsed in the prototype)"})
+    importance_sampling_level: ImportanceSamplingLevel = field(default="token", metadata={
+        "help": "GRPO importance ratio per token, or per sequence (GSPO); the two differ only off-policy, "
+                "i.e. with --minibatches > 1"})
+    minibatches: int = field(default=1, metadata={
+        "help": "GRPO optimizer steps per batch of rollouts (> 1: every minibatch after the first is off-policy)"})
     eval_problems: int = field(default=500, metadata={"help": "held-out problems evaluated before and after"})
     eval_samples: int = field(default=2, metadata={"help": "T=1 samples per held-out problem for pass@1"})
     quick: bool = field(default=False, metadata={"help": "a few steps of each stage (CI smoke run, no real gain)"})
@@ -64,10 +71,14 @@ class DemoConfig:
         if self.quick:
             self.pretrain_steps, self.pretrain_batch, self.grpo_steps = 12, 16, 3
             self.prompts_per_step, self.group_size, self.eval_problems = 4, 4, 24
+        check_choices(self)
         for name in ("pretrain_steps", "pretrain_batch", "grpo_steps", "prompts_per_step", "eval_problems",
-                     "eval_samples"):
+                     "eval_samples", "minibatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.prompts_per_step % self.minibatches:  # checked here, not after pretraining in GRPOConfig
+            raise ValueError(f"--prompts-per-step {self.prompts_per_step} is not divisible by --minibatches "
+                             f"{self.minibatches}; minibatches hold whole groups, so pick a divisor")
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0 (0: measured), got {self.threads}")
 
@@ -110,14 +121,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     curves: list[dict[str, Any]] = []
     grpo_cfg = GRPOConfig(model=str(out / "pretrain" / "final"), out=str(out / "grpo"), steps=cfg.grpo_steps,
-                          prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size, lr=cfg.grpo_lr, **common)
+                          prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size, lr=cfg.grpo_lr,
+                          importance_sampling_level=cfg.importance_sampling_level, minibatches=cfg.minibatches,
+                          **common)
     grpo = GRPO(grpo_cfg, on_step=lambda step, m: curves.append({"step": step + 1, **m}))
     problems = grpo.task.generate(cfg.eval_problems, seed=EVAL_SEED, split="test")
     print(f"[2/4] evaluating the base on {len(problems)} held-out problems")
     before = evaluate(grpo.llm, grpo.task, problems, samples=cfg.eval_samples, seed=EVAL_SEED)
     base_rows = greedy_rows(grpo.llm, grpo.task, problems) if grpo.model.moe_layers() else None  # MoE: routing
     print(f"[3/4] GRPO: {cfg.grpo_steps} steps x {cfg.prompts_per_step} prompts x G={cfg.group_size}, T=1, "
-          f"lr {cfg.grpo_lr:g}, beta 0, reward 1 if right else 0.1 if well-formed")
+          f"lr {cfg.grpo_lr:g}, beta 0, reward 1 if right else 0.1 if well-formed"
+          + (f", {cfg.minibatches} minibatches, {cfg.importance_sampling_level}-level ratios"
+             if cfg.minibatches > 1 or cfg.importance_sampling_level != "token" else ""))
     t = time.perf_counter()
     grpo.run()
     grpo_s = time.perf_counter() - t
