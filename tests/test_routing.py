@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import randomize_
 
-from qiusuo.eval.routing import greedy_rows, load_balance, routed_experts, routing_change, routing_report
+from qiusuo.eval.routing import describe_routing, greedy_rows, load_balance, routed_experts, routing_change, routing_report
 from qiusuo.model import Transformer, preset
 
 VOCAB = 50
@@ -99,6 +99,8 @@ def test_routing_report_and_greedy_rows_on_a_live_engine():
     assert report["moe_layers"] == [1, 2, 3] and report["tokens"] == {"before": int(mask.sum()),
                                                                     "after": int(mask.sum())}
     assert report["changed_on_before"][:2] == [0.0, 0.0] and report["balance_after"][2] == 4.0
+    text = describe_routing(report)
+    assert "(MoE layers 1 / 2 / 3)" in text and "/ 4.00 (1.00 is even, 4.00 all on K experts)" in text, text
 
 
 def test_a_dense_model_has_no_routing_to_measure():

@@ -121,4 +121,16 @@ def routing_report(base, tuned, base_rows: tuple[torch.Tensor, torch.Tensor],
     }
 
 
-__all__ = ["greedy_rows", "load_balance", "routed_experts", "routing_change", "routing_report"]
+def describe_routing(r: dict[str, Any]) -> str:
+    """`routing_report`'s figures in three lines (what `qiusuo demo` prints on an MoE preset)."""
+    def per_layer(xs, fmt):
+        return " / ".join(format(x, fmt) for x in xs)
+    return (f"MoE routing on the greedy held-out completions (MoE layers {per_layer(r['moe_layers'], 'd')}):\n"
+            f"  expert load max/mean per layer: base {per_layer(r['balance_before'], '.2f')} -> "
+            f"RL {per_layer(r['balance_after'], '.2f')} (1.00 is even, {r['balance_max']:.2f} all on K experts)\n"
+            f"  tokens whose top-k expert set changed, base vs RL on the same tokens: "
+            f"{per_layer(r['changed_on_before'], '.1%')} (base's completions), "
+            f"{per_layer(r['changed_on_after'], '.1%')} (RL model's)")
+
+
+__all__ = ["describe_routing", "greedy_rows", "load_balance", "routed_experts", "routing_change", "routing_report"]

@@ -15,6 +15,10 @@ time, then sharpening its steps. (An earlier mix blurted *right* answers: a base
 3-digit addition in one shot then blurted well, and the gain shrank from +62 to +32 points on
 another machine with the same seed.)
 
+On an MoE preset (`--preset tiny-moe`) the report adds `routing` (qiusuo/eval/routing.py): each MoE
+layer's max/mean expert load on the greedy held-out completions before and after GRPO, and the share
+of tokens whose top-k expert set the RL stage changed, teacher-forced on the same completions.
+
 What RL does here, said plainly: it does not teach arithmetic. GRPO selects the worked-out path
 (the empty-think rate falls, completions grow) and then sharpens the steps. The gain is capped by
 what pretraining put in.
@@ -214,18 +218,6 @@ def think_step(curves: list[dict[str, Any]], threshold: float = 0.1) -> int | No
     return next((c["step"] for c, r in zip(curves, rates) if r < threshold), None)
 
 
-def describe_routing(r: dict[str, Any]) -> str:
-    """The MoE routing figures (qiusuo.eval.routing) in three lines."""
-    def per_layer(xs, fmt):
-        return " / ".join(format(x, fmt) for x in xs)
-    return (f"MoE routing on the greedy held-out completions (MoE layers {per_layer(r['moe_layers'], 'd')}):\n"
-            f"  expert load max/mean per layer: base {per_layer(r['balance_before'], '.2f')} -> "
-            f"RL {per_layer(r['balance_after'], '.2f')} (1.00 is even, {r['balance_max']:.2f} all on K experts)\n"
-            f"  tokens whose top-k expert set changed, base vs RL on the same tokens: "
-            f"{per_layer(r['changed_on_before'], '.1%')} (base's completions), "
-            f"{per_layer(r['changed_on_after'], '.1%')} (RL model's)")
-
-
 def register_model(path: Path, report: dict[str, Any]) -> str | None:
     """Import the model into the local registry (QIUSUO_HOME) as qiusuo-demo:seedN, if it is available."""
     try:
@@ -301,6 +293,8 @@ def print_summary(report: dict[str, Any]) -> None:
     print(f"torch threads: pretraining {describe_threads(choice['pretrain'])}; "
           f"GRPO {describe_threads(choice['grpo'])}")
     if report.get("routing"):
+        from qiusuo.eval.routing import describe_routing
+
         print(describe_routing(report["routing"]))
     step = report["decides_to_think_step"]
     if report["config"]["quick"]:
