@@ -30,6 +30,35 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path, monkeypatch)
     choice = report["thread_choice"]  # --threads 1: fixed, and every step ran at 1 thread
     assert report["threads"] == 1 and choice["mode"] == "fixed"
     assert choice["pretrain"]["steps_at"] == {"1": 12} and choice["grpo"]["steps_at"] == {"1": 3}
+    assert report["routing"] is None  # a dense preset: no experts to measure
+
+
+@pytest.mark.slow
+def test_quick_moe_demo_reports_routing_and_passes_gspo_to_grpo(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QIUSUO_HOME", str(tmp_path / "home"))
+    from qiusuo.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--preset", "tiny-moe", "--out", str(out), "--threads", "1", "--no-progress",
+                 "--importance-sampling-level", "sequence", "--minibatches", "2"]) == 0
+    grpo = json.loads((out / "grpo" / "config.json").read_text())["config"]
+    assert grpo["importance_sampling_level"] == "sequence" and grpo["minibatches"] == 2
+    routing = json.loads((out / "report.json").read_text())["routing"]
+    assert routing["moe_layers"] == [1, 2, 3] and routing["tokens"]["before"] > 0, routing
+    for key in ("balance_before", "balance_after"):
+        assert all(1.0 <= x <= routing["balance_max"] for x in routing[key]), routing
+    for key in ("changed_on_before", "changed_on_after"):
+        assert all(0.0 <= x <= 1.0 for x in routing[key]), routing
+    assert "tokens whose top-k expert set changed" in capsys.readouterr().out
+
+
+def test_demo_rejects_bad_gspo_settings_before_pretraining():
+    from qiusuo.train.demo import DemoConfig
+
+    with pytest.raises(ValueError, match="importance_sampling_level|importance-sampling-level"):
+        DemoConfig(importance_sampling_level="tokens")
+    with pytest.raises(ValueError, match="--minibatches 3"):
+        DemoConfig(minibatches=3)  # 16 prompts do not split into 3 minibatches of whole groups
 
 
 def test_demo_threads_default_to_measured_and_reject_negatives():

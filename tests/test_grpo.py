@@ -202,6 +202,19 @@ def test_grpo_variants_run_and_report(tmp_path, base_ckpt, flags):
         assert rows[-1]["kl"] > 0
 
 
+def test_grpo_on_moe_logs_the_expert_load(tmp_path, make_checkpoint):
+    """An MoE policy's step metrics carry the router's max/mean expert load (the trainer's bias update
+    sees it after every optimizer step), counted over the trunk's layers only: >= 1, never 0."""
+    import json
+
+    from qiusuo.train.grpo import GRPO
+
+    moe = str(make_checkpoint("tiny-moe", num_hidden_layers=2))
+    GRPO(grpo_cfg(tmp_path, moe, filter_zero_variance=False), task=DigitsTask()).run()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(1.0 <= r["moe_load_max_over_mean"] <= r["moe_load_worst"] <= 4.0 for r in rows), rows
+
+
 def test_zero_variance_groups_are_kept_with_the_filter_off(tmp_path, base_ckpt):
     """--no-filter-zero-variance keeps every group in the update (as TRL does); the default drops
     the ones whose rewards are all equal. A random base on DigitsTask mostly scores 0 everywhere."""

@@ -155,6 +155,22 @@ def test_bias_update_balances_a_skewed_router():
     assert after < 1.5 and after < before / 2, (before, after)
 
 
+def test_router_load_stats_skip_layers_that_saw_no_tokens():
+    """A forward without the MTP loss (GRPO's log-probs) routes no token through the MTP head's MoE:
+    the reported max/mean load is the trunk's, not pulled down by that layer's 0 / 0."""
+    model = Transformer(preset("tiny-moe", vocab_size=VOCAB)).train()
+    assert len(model.moe_layers()) == 4 and len(model.mtp) == 1  # MoE in trunk layers 1-3 and the MTP head
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (2, 16)))  # the trunk only
+    trunk = [m.expert_load.clone() for m in model.moe_layers()[:3]]
+    assert all(x.sum() > 0 for x in trunk) and model.moe_layers()[3].expert_load.sum() == 0
+    stats = model.update_router_bias()
+    ratios = [float(x.max() / x.mean()) for x in trunk]
+    assert stats["moe_load_max_over_mean"] == pytest.approx(sum(ratios) / 3)
+    assert stats["moe_load_worst"] == pytest.approx(max(ratios))
+    assert model.update_router_bias() == {}  # nothing routed since the last update
+
+
 def test_sequence_balance_loss_is_differentiable():
     model = Transformer(preset("tiny-moe", vocab_size=VOCAB, aux_loss_alpha=1e-2)).train()
     out = model.compute_loss(torch.randint(0, VOCAB, (2, 12)))

@@ -254,6 +254,11 @@ class Transformer(nn.Module):
         if reduce is not None:
             loads = reduce(loads)
         ratios = [m.update_bias(gamma, load)["max_over_mean"] for m, load in zip(layers, loads)]
+        # Only layers that saw tokens: an MTP head's MoE gets none from a forward without the MTP loss
+        # (GRPO's log-probs), and its 0 / 0 would pull the mean down.
+        ratios = [r for r, load in zip(ratios, loads) if load.sum() > 0]
+        if not ratios:
+            return {}
         return {"moe_load_max_over_mean": sum(ratios) / len(ratios), "moe_load_worst": max(ratios)}
 
 

@@ -18,6 +18,10 @@ time, then sharpening its steps. (An earlier mix blurted *right* answers: a base
 3-digit addition in one shot then blurted well, and the gain shrank from +62 to +32 points on
 another machine with the same seed.)
 
+On an MoE preset (`--preset tiny-moe`) the report adds `routing` (qiusuo/eval/routing.py): each MoE
+layer's max/mean expert load on the greedy held-out completions before and after GRPO, and the share
+of tokens whose top-k expert set the RL stage changed, teacher-forced on the same completions.
+
 What RL does here, said plainly: it does not teach arithmetic. GRPO selects the worked-out path
 (the empty-think rate falls, completions grow) and then sharpens the steps. The gain is capped by
 what pretraining put in.
@@ -36,7 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import GRPOConfig, PretrainConfig
+from qiusuo.fields import check_choices
+
+from .config import GRPOConfig, ImportanceSamplingLevel, PretrainConfig
 
 EVAL_SEED = 1234  # the held-out problems: the same before and after RL
 
@@ -58,6 +64,11 @@ class DemoConfig:
     prompts_per_step: int = field(default=16, metadata={"help": "GRPO prompts per step"})
     group_size: int = field(default=8, metadata={"help": "GRPO samples per prompt"})
     grpo_lr: float = field(default=1e-4, metadata={"help": "GRPO learning rate (5e-4 collapsed in the prototype)"})
+    importance_sampling_level: ImportanceSamplingLevel = field(default="token", metadata={
+        "help": "GRPO importance ratio per token, or per sequence (GSPO); the two differ only off-policy, "
+                "i.e. with --minibatches > 1"})
+    minibatches: int = field(default=1, metadata={
+        "help": "GRPO optimizer steps per batch of rollouts (> 1: every minibatch after the first is off-policy)"})
     eval_problems: int = field(default=500, metadata={"help": "held-out problems evaluated before and after"})
     eval_samples: int = field(default=2, metadata={"help": "T=1 samples per held-out problem for pass@1"})
     difficulty: str = field(default="", metadata={
@@ -78,10 +89,14 @@ class DemoConfig:
             self.prompts_per_step, self.group_size, self.eval_problems = 4, 4, 24
         if self.quick:
             self.transfer_problems = min(self.transfer_problems, 24)
+        check_choices(self)
         for name in ("pretrain_steps", "pretrain_batch", "grpo_steps", "prompts_per_step", "eval_problems",
-                     "eval_samples", "transfer_problems", "transfer_max_tokens"):
+                     "eval_samples", "minibatches", "transfer_problems", "transfer_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.prompts_per_step % self.minibatches:  # checked here, not after pretraining in GRPOConfig
+            raise ValueError(f"--prompts-per-step {self.prompts_per_step} is not divisible by --minibatches "
+                             f"{self.minibatches}; minibatches hold whole groups, so pick a divisor")
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0 (0: measured), got {self.threads}")
         if self.transfer_difficulty < 0:
@@ -91,7 +106,9 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from qiusuo.train.grpo import GRPO
+    from qiusuo.eval.routing import greedy_rows, routing_report
     from qiusuo.eval.served import evaluate_served
+    from qiusuo.model import load_model
     from qiusuo.train.evaluate import evaluate
     from qiusuo.train.pretrain import Pretrain
 
@@ -125,7 +142,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     curves: list[dict[str, Any]] = []
     grpo_cfg = GRPOConfig(model=str(out / "pretrain" / "final"), out=str(out / "grpo"), steps=cfg.grpo_steps,
-                          prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size, lr=cfg.grpo_lr, **common)
+                          prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size, lr=cfg.grpo_lr,
+                          importance_sampling_level=cfg.importance_sampling_level, minibatches=cfg.minibatches,
+                          **common)
     grpo = GRPO(grpo_cfg, on_step=lambda step, m: curves.append({"step": step + 1, **m}))
     problems = grpo.task.generate(cfg.eval_problems, seed=EVAL_SEED, split="test")
     harder = transfer_problems(grpo.task, cfg)
@@ -137,8 +156,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if transfer:
         transfer["before"] = evaluate(grpo.llm, grpo.task, harder, samples=cfg.eval_samples, seed=EVAL_SEED,
                                       max_tokens=cfg.transfer_max_tokens)
+    base_rows = greedy_rows(grpo.llm, grpo.task, problems) if grpo.model.moe_layers() else None  # MoE: routing
     print(f"[3/4] GRPO: {cfg.grpo_steps} steps x {cfg.prompts_per_step} prompts x G={cfg.group_size}, T=1, "
-          f"lr {cfg.grpo_lr:g}, beta 0, reward 1 if right else 0.1 if well-formed")
+          f"lr {cfg.grpo_lr:g}, beta 0, reward 1 if right else 0.1 if well-formed"
+          + (f", {cfg.minibatches} minibatches, {cfg.importance_sampling_level}-level ratios"
+             if cfg.minibatches > 1 or cfg.importance_sampling_level != "token" else ""))
     t = time.perf_counter()
     grpo.run()
     grpo_s = time.perf_counter() - t
@@ -152,6 +174,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         transfer["gain_points"] = {k: round(100 * (transfer["after"][k] - transfer["before"][k]), 2)
                                    for k in ("accuracy", "pass1")}
     model_dir = out / "grpo" / "final"
+    routing = None if base_rows is None else routing_report(
+        load_model(out / "pretrain" / "final", device=cfg.device)[0], grpo.model, base_rows,
+        greedy_rows(grpo.llm, grpo.task, problems))
     print("      and through the chat API of a real server (/v1/chat/completions, greedy), as a client would")
     served = evaluate_served(model_dir, grpo.task, problems, route="chat", max_tokens=48, engine_process=False,
                              num_threads=thread_choice["grpo"]["threads"])
@@ -166,7 +191,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "cpu_seconds_per_point": round(cpu / gain, 2) if gain > 0 else None,
         "peak_rss_mb": peak_rss_mb(), "pretrain_seconds": round(pretrain_s, 1), "grpo_seconds": round(grpo_s, 1),
         "transfer": transfer,
-        "decides_to_think_step": think_step(curves),
+        "decides_to_think_step": think_step(curves), "routing": routing,
         "model": str(model_dir), "config": asdict(cfg), "curves": curves,
     }
     report["registered"] = register_model(model_dir, report)
@@ -315,6 +340,10 @@ def print_summary(report: dict[str, Any]) -> None:
           f"CPU-seconds per accuracy point gained: {per_point if per_point is not None else 'n/a (no gain)'}")
     print(f"torch threads: pretraining {describe_threads(choice['pretrain'])}; "
           f"GRPO {describe_threads(choice['grpo'])}")
+    if report.get("routing"):
+        from qiusuo.eval.routing import describe_routing
+
+        print(describe_routing(report["routing"]))
     step = report["decides_to_think_step"]
     if report["config"]["quick"]:
         print("\n(--quick: a smoke run with a few steps per stage; run without it for the real recipe)")

@@ -130,7 +130,11 @@ class PolicyUpdate:
                     for k in ("clip_fraction", "kl", "ratio_mean"):
                         stats[k].append(getattr(out, k))
                     stats["loss"].append(float(out.loss.detach()))
-                stats["grad_norm"].append(self.trainer.optimizer_step()["grad_norm"])
+                step = self.trainer.optimizer_step()
+                stats["grad_norm"].append(step["grad_norm"])
+                for k in ("moe_load_max_over_mean", "moe_load_worst"):  # MoE: expert balance on this update's tokens
+                    if k in step:
+                        stats.setdefault(k, []).append(step[k])
         result = {k: sum(v) / len(v) for k, v in stats.items() if v}
         result["entropy"] = entropy if entropy is not None else 0.0
         return result
