@@ -38,3 +38,46 @@ def test_demo_threads_default_to_measured_and_reject_negatives():
     line = describe_threads({"threads": 2, "candidates": [1, 2], "measured_first": True,
                              "first_measurement": {"1": 1.6e-4, "2": 0.9e-4}, "rechecks": 1, "switches": 0})
     assert line == "2 (measured: 1 -> 0.160 ms/token, 2 -> 0.090 ms/token; 1 re-check(s), 0 switch(es))"
+
+
+def test_demo_budgets_default_per_task_and_explicit_flags_win():
+    from qiusuo.train.demo import DemoConfig
+
+    arithmetic = DemoConfig()  # the arithmetic recipe's figures, unchanged
+    assert (arithmetic.task, arithmetic.pretrain_steps, arithmetic.grpo_steps, arithmetic.max_tokens) == \
+        ("arithmetic", 500, 70, 48)
+    countdown = DemoConfig(task="countdown")
+    assert (countdown.pretrain_steps, countdown.grpo_steps, countdown.max_tokens) == (600, 60, 96)
+    assert countdown.pretrain_batch == arithmetic.pretrain_batch  # not per task: the shared default
+    explicit = DemoConfig(task="countdown", pretrain_steps=500, grpo_steps=70, max_tokens=48)
+    assert (explicit.pretrain_steps, explicit.grpo_steps, explicit.max_tokens) == (500, 70, 48)
+    with pytest.raises(ValueError, match="--task"):
+        DemoConfig(task="chess")
+    with pytest.raises(ValueError, match="--max-tokens"):
+        DemoConfig(task="countdown", max_tokens=0)
+
+
+def test_demo_countdown_flags_from_the_command_line():
+    from qiusuo.cli import build_parser
+    from qiusuo.cli.flags import config_from_args
+    from qiusuo.train.demo import DemoConfig
+
+    args = build_parser().parse_args(["demo", "--task", "countdown", "--grpo-steps", "70"])
+    cfg = config_from_args(DemoConfig, args)
+    assert (cfg.task, cfg.grpo_steps, cfg.pretrain_steps) == ("countdown", 70, 600)
+
+
+@pytest.mark.slow
+def test_quick_countdown_demo_reports_retries_and_verifies(tmp_path, monkeypatch):
+    monkeypatch.setenv("QIUSUO_HOME", str(tmp_path / "home"))
+    from qiusuo.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--task", "countdown", "--quick", "--out", str(out), "--threads", "1", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "countdown" and report["config"]["max_tokens"] == 96
+    for side in ("before", "after"):
+        for key in ("retry_rate", "greedy_retry_rate", "retries", "verify_rate", "greedy_verify_rate"):
+            assert 0 <= report[side][key] <= (1 if key != "retries" else 1e9), (side, key)
+    assert report["registered"] == "qiusuo-demo-countdown:seed0"
+    assert len(report["curves"]) == 3 and "completion_len" in report["curves"][0]
