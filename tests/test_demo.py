@@ -44,13 +44,14 @@ def test_demo_budgets_default_per_task_and_explicit_flags_win():
     from qiusuo.train.demo import DemoConfig
 
     arithmetic = DemoConfig()  # the arithmetic recipe's figures, unchanged
-    assert (arithmetic.task, arithmetic.pretrain_steps, arithmetic.grpo_steps, arithmetic.max_tokens) == \
-        ("arithmetic", 500, 70, 48)
+    assert (arithmetic.task, arithmetic.pretrain_steps, arithmetic.grpo_steps, arithmetic.max_tokens,
+            arithmetic.p_slip) == ("arithmetic", 500, 70, 48, 0.3)
     countdown = DemoConfig(task="countdown")
-    assert (countdown.pretrain_steps, countdown.grpo_steps, countdown.max_tokens) == (600, 60, 96)
+    assert (countdown.pretrain_steps, countdown.grpo_steps, countdown.max_tokens, countdown.p_slip) == \
+        (800, 120, 128, 0.0)
     assert countdown.pretrain_batch == arithmetic.pretrain_batch  # not per task: the shared default
-    explicit = DemoConfig(task="countdown", pretrain_steps=500, grpo_steps=70, max_tokens=48)
-    assert (explicit.pretrain_steps, explicit.grpo_steps, explicit.max_tokens) == (500, 70, 48)
+    explicit = DemoConfig(task="countdown", pretrain_steps=500, grpo_steps=70, max_tokens=48, p_slip=0.3)
+    assert (explicit.pretrain_steps, explicit.grpo_steps, explicit.max_tokens, explicit.p_slip) == (500, 70, 48, 0.3)
     with pytest.raises(ValueError, match="--task"):
         DemoConfig(task="chess")
     with pytest.raises(ValueError, match="--max-tokens"):
@@ -64,7 +65,7 @@ def test_demo_countdown_flags_from_the_command_line():
 
     args = build_parser().parse_args(["demo", "--task", "countdown", "--grpo-steps", "70"])
     cfg = config_from_args(DemoConfig, args)
-    assert (cfg.task, cfg.grpo_steps, cfg.pretrain_steps) == ("countdown", 70, 600)
+    assert (cfg.task, cfg.grpo_steps, cfg.pretrain_steps) == ("countdown", 70, 800)
 
 
 @pytest.mark.slow
@@ -75,7 +76,7 @@ def test_quick_countdown_demo_reports_retries_and_verifies(tmp_path, monkeypatch
     out = tmp_path / "demo"
     assert main(["demo", "--task", "countdown", "--quick", "--out", str(out), "--threads", "1", "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["task"] == "countdown" and report["config"]["max_tokens"] == 96
+    assert report["task"] == "countdown" and report["config"]["max_tokens"] == 128
     for side in ("before", "after"):
         for key in ("retry_rate", "greedy_retry_rate", "retries", "verify_rate", "greedy_verify_rate"):
             assert 0 <= report[side][key] <= (1 if key != "retries" else 1e9), (side, key)

@@ -42,13 +42,13 @@ EVAL_SEED = 1234  # the held-out problems: the same before and after RL
 # its traces are ~2.5x longer (failed tries, a verify line), so it pretrains on fewer, longer rows and
 # gives completions room to retry.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "arithmetic": dict(pretrain_steps=500, grpo_steps=70, max_tokens=48),
-    "countdown": dict(pretrain_steps=600, grpo_steps=60, max_tokens=96),
+    "arithmetic": dict(pretrain_steps=500, grpo_steps=70, max_tokens=48, p_slip=0.3),
+    "countdown": dict(pretrain_steps=800, grpo_steps=120, max_tokens=128, p_slip=0.0),
 }
 # The task each demo builds (qiusuo.tasks.get options; template "compact" for all).
 TASK_OPTIONS: dict[str, dict[str, Any]] = {
     "arithmetic": {},
-    "countdown": dict(operands=3, max_number=10, max_target=100, tries=2, verify=0.5),
+    "countdown": dict(operands=3, max_number=10, max_target=100, tries=3, verify=0.25),
 }
 
 
@@ -64,14 +64,17 @@ class DemoConfig:
         "help": "arithmetic (3-digit addition) or countdown (TinyZero's task: 3 numbers from 1-10, + - * /, a "
                 "target <= 100; its worked solutions write failed tries before the DFS's solution)"})
     pretrain_steps: int | None = field(default=None, metadata={
-        "help": "pretraining steps (default: arithmetic 500, ~0.5 s each at 1 thread; countdown 600)"})
+        "help": "pretraining steps (default: arithmetic 500, ~0.5 s each at 1 thread; countdown 800)"})
     pretrain_batch: int = field(default=68, metadata={"help": "pretraining sequences per step"})
     blurt_rows: float | None = field(default=0.25, metadata={
         "help": "share of pretraining rows drawn as blurts, importance-weighted to keep the 60% blurt objective "
                 "(pretrain --blurt-rows; 68 rows at 0.25 hold the 51 scratchpads of 128 unweighted rows)"})
-    grpo_steps: int | None = field(default=None, metadata={"help": "GRPO steps (default: arithmetic 70, countdown 60)"})
+    grpo_steps: int | None = field(default=None, metadata={"help": "GRPO steps (default: arithmetic 70, countdown 120)"})
     max_tokens: int | None = field(default=None, metadata={
-        "help": "most new tokens per completion, in GRPO and both evaluations (default: arithmetic 48, countdown 96)"})
+        "help": "most new tokens per completion, in GRPO and both evaluations (default: arithmetic 48, countdown 128)"})
+    p_slip: float | None = field(default=None, metadata={
+        "help": "share of worked solutions with a slip (pretrain --p-slip; default: arithmetic 0.3, countdown 0: "
+                "a slip claims the target after a miss, which teaches a searcher to stop where it should retry)"})
     prompts_per_step: int = field(default=16, metadata={"help": "GRPO prompts per step"})
     group_size: int = field(default=8, metadata={"help": "GRPO samples per prompt"})
     grpo_lr: float = field(default=1e-4, metadata={"help": "GRPO learning rate (5e-4 collapsed in the prototype)"})
@@ -93,6 +96,8 @@ class DemoConfig:
                      "eval_samples", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.p_slip <= 1:
+            raise ValueError(f"--p-slip must be in [0, 1], got {self.p_slip}")
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0 (0: measured), got {self.threads}")
 
@@ -117,6 +122,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     pre_cfg = PretrainConfig(out=str(out / "pretrain"), preset=cfg.preset, task=cfg.task, steps=cfg.pretrain_steps,
                              batch_size=cfg.pretrain_batch, blurt_rows=cfg.blurt_rows,
+                             p_slip=cfg.p_slip,
                              warmup_steps=min(50, max(0, cfg.pretrain_steps // 10)), **common)
     print(f"[1/4] pretraining {cfg.preset} on {cfg.task}: {cfg.pretrain_steps} steps x {cfg.pretrain_batch} "
           f"({pre_cfg.p_direct:.0%} blurted guesses, right only by chance; {1 - pre_cfg.p_direct:.0%} scratchpads, "
