@@ -82,3 +82,18 @@ def test_quick_countdown_demo_reports_retries_and_verifies(tmp_path, monkeypatch
             assert 0 <= report[side][key] <= (1 if key != "retries" else 1e9), (side, key)
     assert report["registered"] == "qiusuo-demo-countdown:seed0"
     assert len(report["curves"]) == 3 and "completion_len" in report["curves"][0]
+
+
+def test_smoke_caps_the_per_task_budgets_and_never_raise_them(monkeypatch):
+    from qiusuo.cli import build_parser
+    from qiusuo.cli.common import apply_smoke
+    from qiusuo.cli.flags import config_from_args
+    from qiusuo.train.demo import DemoConfig
+
+    monkeypatch.setenv("QIUSUO_SMOKE", "1")
+    # an unset --max-tokens stays per task: arithmetic's 48 is under the cap (64), so lowering it would raise it
+    for task, max_tokens in (("countdown", 128), ("arithmetic", 48)):
+        args = build_parser().parse_args(["demo", "--task", task])
+        apply_smoke(args)
+        cfg = config_from_args(DemoConfig, args)
+        assert (cfg.pretrain_steps, cfg.grpo_steps, cfg.max_tokens) == (12, 3, max_tokens), task

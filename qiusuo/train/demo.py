@@ -19,6 +19,13 @@ What RL does here, said plainly: it does not teach arithmetic. GRPO selects the 
 (the empty-think rate falls, completions grow) and then sharpens the steps. The gain is capped by
 what pretraining put in.
 
+Countdown (--task countdown, TinyZero's task on 3 numbers from 1-10, target <= 100): the same shape.
+60% blurted guesses (a random combination of the given numbers, right ~9% of the time by chance), 40%
+searches: 0-3 failed tries, each restarting from the numbers, then the DFS's solution and in a quarter of
+them a verify line (qiusuo/tasks/countdown.py). No slips: a slip claims the target after a miss, which
+teaches a searcher to stop where it should retry. GRPO selects the search, and the model then retries
+more often than its data did; `search_stats` counts retries and verifies before and after.
+
 Threads (--threads 0, the default): each training stage times its first steps at 1 and 2 threads
 and keeps the faster, re-checking later (qiusuo.runtime.ThreadTuner); report.json records it.
 """
@@ -31,7 +38,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .config import GRPOConfig, PretrainConfig
 
@@ -60,7 +67,7 @@ class DemoConfig:
     threads: int = field(default=0, metadata={"help": "torch threads (0: measured: each stage times its first "
                                                        "steps at 1 and 2 threads and keeps the faster)"})
     preset: str = field(default="tiny-dense", metadata={"help": "model preset of the base"})
-    task: str = field(default="arithmetic", metadata={
+    task: Literal["arithmetic", "countdown"] = field(default="arithmetic", metadata={
         "help": "arithmetic (3-digit addition) or countdown (TinyZero's task: 3 numbers from 1-10, + - * /, a "
                 "target <= 100; its worked solutions write failed tries before the DFS's solution)"})
     pretrain_steps: int | None = field(default=None, metadata={
