@@ -89,3 +89,61 @@ def test_the_transfer_set_is_one_step_harder_and_never_a_trained_level():
         DemoConfig(transfer_difficulty=-1)
     with pytest.raises(ValueError, match="--difficulty"):
         DemoConfig(difficulty="3,x")
+
+def test_demo_budgets_default_per_task_and_explicit_flags_win():
+    from qiusuo.train.demo import DemoConfig
+
+    arithmetic = DemoConfig()  # the arithmetic recipe's figures, unchanged
+    assert (arithmetic.task, arithmetic.pretrain_steps, arithmetic.grpo_steps, arithmetic.max_tokens,
+            arithmetic.p_slip) == ("arithmetic", 500, 70, 48, 0.3)
+    countdown = DemoConfig(task="countdown")
+    assert (countdown.pretrain_steps, countdown.grpo_steps, countdown.max_tokens, countdown.p_slip) == \
+        (800, 120, 128, 0.0)
+    assert countdown.pretrain_batch == arithmetic.pretrain_batch  # not per task: the shared default
+    explicit = DemoConfig(task="countdown", pretrain_steps=500, grpo_steps=70, max_tokens=48, p_slip=0.3)
+    assert (explicit.pretrain_steps, explicit.grpo_steps, explicit.max_tokens, explicit.p_slip) == (500, 70, 48, 0.3)
+    with pytest.raises(ValueError, match="--task"):
+        DemoConfig(task="chess")
+    with pytest.raises(ValueError, match="--max-tokens"):
+        DemoConfig(task="countdown", max_tokens=0)
+
+
+def test_demo_countdown_flags_from_the_command_line():
+    from qiusuo.cli import build_parser
+    from qiusuo.cli.flags import config_from_args
+    from qiusuo.train.demo import DemoConfig
+
+    args = build_parser().parse_args(["demo", "--task", "countdown", "--grpo-steps", "70"])
+    cfg = config_from_args(DemoConfig, args)
+    assert (cfg.task, cfg.grpo_steps, cfg.pretrain_steps) == ("countdown", 70, 800)
+
+
+@pytest.mark.slow
+def test_quick_countdown_demo_reports_retries_and_verifies(tmp_path, monkeypatch):
+    monkeypatch.setenv("QIUSUO_HOME", str(tmp_path / "home"))
+    from qiusuo.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--task", "countdown", "--quick", "--out", str(out), "--threads", "1", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "countdown" and report["config"]["max_tokens"] == 128
+    for side in ("before", "after"):
+        for key in ("retry_rate", "greedy_retry_rate", "retries", "verify_rate", "greedy_verify_rate"):
+            assert 0 <= report[side][key] <= (1 if key != "retries" else 1e9), (side, key)
+    assert report["registered"] == "qiusuo-demo-countdown:seed0"
+    assert len(report["curves"]) == 3 and "completion_len" in report["curves"][0]
+
+
+def test_smoke_caps_the_per_task_budgets_and_never_raise_them(monkeypatch):
+    from qiusuo.cli import build_parser
+    from qiusuo.cli.common import apply_smoke
+    from qiusuo.cli.flags import config_from_args
+    from qiusuo.train.demo import DemoConfig
+
+    monkeypatch.setenv("QIUSUO_SMOKE", "1")
+    # an unset --max-tokens stays per task: arithmetic's 48 is under the cap (64), so lowering it would raise it
+    for task, max_tokens in (("countdown", 128), ("arithmetic", 48)):
+        args = build_parser().parse_args(["demo", "--task", task])
+        apply_smoke(args)
+        cfg = config_from_args(DemoConfig, args)
+        assert (cfg.pretrain_steps, cfg.grpo_steps, cfg.max_tokens) == (12, 3, max_tokens), task

@@ -209,6 +209,64 @@ def test_countdown_solutions(operands):
             assert task.score(p, task.solution(p, rng, style)).reward == reward, (p.question, style)
 
 
+def test_countdown_search_traces_write_failed_tries_then_the_solution():
+    from qiusuo.tasks.countdown import search
+
+    plain, searching = tasks.get("countdown"), tasks.get("countdown", tries=2, verify=1.0, max_number=10,
+                                                         max_target=100)
+    rng = random.Random(0)
+    problems = plain.generate(30, seed=3)
+    # without the options the traces are those of before them (and draw nothing from rng)
+    for p in problems:
+        expression, steps = search(p.metadata["numbers"], p.metadata["target"])
+        assert plain.solution(p, rng, "scratchpad") == c(",".join(steps), expression)
+    assert rng.random() == random.Random(0).random()
+    stats = []
+    for p in searching.generate(40, seed=3):
+        for style, reward in (("scratchpad", 1.0), ("slip", 0.1)):
+            text = searching.solution(p, rng, style)
+            assert searching.score(p, text).reward == reward, (p.question, style, text)
+            counted = searching.search_stats(text, p)
+            lines = text.split("<think>")[1].split("</think>")[0].split(";")
+            assert counted["attempts"] + counted["verifies"] == len(lines), text
+            assert counted["retries"] == counted["attempts"] - 1, text  # each failed try is followed by a restart
+            stats.append(counted)
+    assert {s["retries"] for s in stats} == {0, 1, 2}  # 0..tries failed tries
+    assert any(s["verifies"] for s in stats)
+    with pytest.raises(ValueError, match="tries"):
+        tasks.get("countdown", tries=-1)
+    with pytest.raises(ValueError, match="verify"):
+        tasks.get("countdown", verify=1.5)
+
+
+def test_countdown_guess_is_a_random_combination_of_the_given_numbers():
+    task = tasks.get("countdown", max_number=10, max_target=100)
+    rng = random.Random(0)
+    for p in task.generate(30, seed=4):
+        answer = task.score(p, task.guess(p, rng)).parsed_answer
+        assert sorted(evaluate(answer).numbers) == sorted(p.metadata["numbers"]), answer
+
+
+@pytest.mark.parametrize("think,expected", [
+    ("3+7=10,10*9=90", (1, 0, 0)),  # one attempt, no retry
+    ("3*7=21,21+9=30", (1, 0, 0)),  # right first time
+    ("3+7=10,10+9=19;3*7=21,21+9=30", (2, 1, 0)),  # failed, restarted from the numbers
+    ("3+7=10,10+9=19;3*7=21,21+9=30;(3*7)+9=30", (2, 1, 1)),  # and verified
+    ("3+7=10,10+9=19;7*9=63,63-3=60;3*7=21,21+9=30", (3, 2, 0)),  # two retries
+    ("3+7=10,10+9=19;10*9=90", (2, 0, 0)),  # backtracks one step (not from the numbers): not a retry
+    ("3*7=21,21+9=30;3+7=10,10+9=19", (2, 0, 0)),  # the first attempt did not fail: no retry after it
+    ("3*7+9=30", (0, 0, 1)),  # a verify alone
+    ("", (0, 0, 0)),
+])
+def test_countdown_search_stats_counts_retries_and_verifies(think, expected):
+    from qiusuo.tasks.countdown import search_stats
+
+    got = search_stats(c(think, "(3*7)+9"), [3, 7, 9], 30)
+    assert (got["attempts"], got["retries"], got["verifies"]) == expected
+    # an unclosed think block (a truncated completion) is counted up to its end
+    assert search_stats("<think>" + think, [3, 7, 9], 30) == got
+
+
 # --- linear equations ------------------------------------------------------------------------
 def test_linear_equations_scoring():
     task = tasks.get("linear_equations", unknowns=2)

@@ -42,6 +42,8 @@ def apply_smoke(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
     lowered = {}
     for name, cap in SMOKE_CAPS.items():
         value = getattr(args, name, None)
+        if value is None and hasattr(args, name) and cap < min(_per_task_defaults(name), default=cap):
+            value = min(_per_task_defaults(name))  # unset: the demo's per-task default, above the cap whatever the task
         if isinstance(value, int) and not isinstance(value, bool) and value > cap:
             setattr(args, name, cap)
             lowered[name] = (value, cap)
@@ -50,6 +52,13 @@ def apply_smoke(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
         print(f"qiusuo: QIUSUO_SMOKE is set: budgets lowered for a smoke run ({caps}); the figures mean nothing",
               file=sys.stderr)
     return lowered
+
+
+def _per_task_defaults(name: str) -> list[int]:
+    """The values an unset (None) demo budget flag stands for, one per task (qiusuo.train.demo.TASK_DEFAULTS)."""
+    from qiusuo.train.demo import TASK_DEFAULTS  # light: dataclasses and the train configs
+
+    return [d[name] for d in TASK_DEFAULTS.values() if name in d]
 
 
 # --- first-run problems: the messages README's Troubleshooting section quotes (tools/troubleshooting.py) -------

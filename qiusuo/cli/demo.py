@@ -11,8 +11,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "demo",
-        help="R1-Zero in miniature: pretrain a tiny base on arithmetic, GRPO it, compare on held-out problems",
-        description="Pretrain a tiny model on arithmetic worked solutions, evaluate it on held-out problems, "
+        help="R1-Zero in miniature: pretrain a tiny base on arithmetic (or countdown), GRPO it, compare on "
+        "held-out problems",
+        description="Pretrain a tiny model on arithmetic (--task countdown: Countdown) worked solutions, evaluate it "
+        "on held-out problems, "
         "train it with GRPO on answer-only rewards, evaluate again, and print a before/after table. "
         "Writes OUT/report.json and OUT/grpo_curves.png.",
     )

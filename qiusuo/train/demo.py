@@ -26,6 +26,13 @@ What RL does here, said plainly: it does not teach arithmetic. GRPO selects the 
 (the empty-think rate falls, completions grow) and then sharpens the steps. The gain is capped by
 what pretraining put in.
 
+Countdown (--task countdown, TinyZero's task on 3 numbers from 1-10, target <= 100): the same shape.
+60% blurted guesses (a random combination of the given numbers, right ~9% of the time by chance), 40%
+searches: 0-3 failed tries, each restarting from the numbers, then the DFS's solution and in a quarter of
+them a verify line (qiusuo/tasks/countdown.py). No slips: a slip claims the target after a miss, which
+teaches a searcher to stop where it should retry. GRPO selects the search, and the model then retries
+more often than its data did; `search_stats` counts retries and verifies before and after.
+
 Threads (--threads 0, the default): each training stage times its first steps at 1 and 2 threads
 and keeps the faster, re-checking later (qiusuo.runtime.ThreadTuner); report.json records it.
 """
@@ -38,13 +45,27 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from qiusuo.fields import check_choices
 
 from .config import GRPOConfig, ImportanceSamplingLevel, PretrainConfig
 
 EVAL_SEED = 1234  # the held-out problems: the same before and after RL
+
+# Per-task defaults of the budget fields left unset (None); an explicit flag wins. Arithmetic's are the
+# figures the module docstring describes. Countdown (TinyZero's task, 3 numbers from 1-10, target <= 100):
+# its traces are ~2.5x longer (failed tries, a verify line), so it pretrains on fewer, longer rows and
+# gives completions room to retry.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "arithmetic": dict(pretrain_steps=500, grpo_steps=70, max_tokens=48, p_slip=0.3, transfer_max_tokens=64),
+    "countdown": dict(pretrain_steps=800, grpo_steps=120, max_tokens=128, p_slip=0.0, transfer_max_tokens=192),
+}
+# The task each demo builds (qiusuo.tasks.get options; template "compact" for all).
+TASK_OPTIONS: dict[str, dict[str, Any]] = {
+    "arithmetic": {},
+    "countdown": dict(operands=3, max_number=10, max_target=100, tries=3, verify=0.25),
+}
 
 
 @dataclass
@@ -55,12 +76,21 @@ class DemoConfig:
     threads: int = field(default=0, metadata={"help": "torch threads (0: measured: each stage times its first "
                                                        "steps at 1 and 2 threads and keeps the faster)"})
     preset: str = field(default="tiny-dense", metadata={"help": "model preset of the base"})
-    pretrain_steps: int = field(default=500, metadata={"help": "pretraining steps (~0.5 s each at 1 thread)"})
+    task: Literal["arithmetic", "countdown"] = field(default="arithmetic", metadata={
+        "help": "arithmetic (3-digit addition) or countdown (TinyZero's task: 3 numbers from 1-10, + - * /, a "
+                "target <= 100; its worked solutions write failed tries before the DFS's solution)"})
+    pretrain_steps: int | None = field(default=None, metadata={
+        "help": "pretraining steps (default: arithmetic 500, ~0.5 s each at 1 thread; countdown 800)"})
     pretrain_batch: int = field(default=68, metadata={"help": "pretraining sequences per step"})
     blurt_rows: float | None = field(default=0.25, metadata={
         "help": "share of pretraining rows drawn as blurts, importance-weighted to keep the 60% blurt objective "
                 "(pretrain --blurt-rows; 68 rows at 0.25 hold the 51 scratchpads of 128 unweighted rows)"})
-    grpo_steps: int = field(default=70, metadata={"help": "GRPO steps"})
+    grpo_steps: int | None = field(default=None, metadata={"help": "GRPO steps (default: arithmetic 70, countdown 120)"})
+    max_tokens: int | None = field(default=None, metadata={
+        "help": "most new tokens per completion, in GRPO and both evaluations (default: arithmetic 48, countdown 128)"})
+    p_slip: float | None = field(default=None, metadata={
+        "help": "share of worked solutions with a slip (pretrain --p-slip; default: arithmetic 0.3, countdown 0: "
+                "a slip claims the target after a miss, which teaches a searcher to stop where it should retry)"})
     prompts_per_step: int = field(default=16, metadata={"help": "GRPO prompts per step"})
     group_size: int = field(default=8, metadata={"help": "GRPO samples per prompt"})
     grpo_lr: float = field(default=1e-4, metadata={"help": "GRPO learning rate (5e-4 collapsed in the prototype)"})
@@ -76,14 +106,21 @@ class DemoConfig:
                 "operand lengths); empty: the task's default. GRPO and the held-out set stay at the task's default"})
     transfer_difficulty: int = field(default=4, metadata={
         "help": "difficulty of a second held-out set, one step harder than training (4-digit operands for the "
-                "3-digit demo), evaluated before and after RL to measure transfer; 0: off"})
+                "3-digit arithmetic demo, 4 numbers for the 3-number countdown demo), evaluated before and after "
+                "RL to measure transfer; 0: off"})
     transfer_problems: int = field(default=300, metadata={"help": "problems in the harder held-out set"})
-    transfer_max_tokens: int = field(default=64, metadata={
-        "help": "most new tokens per completion on the harder set (a 4-digit scratchpad is longer)"})
+    transfer_max_tokens: int | None = field(default=None, metadata={
+        "help": "most new tokens per completion on the harder set (default: arithmetic 64, countdown 192: its "
+                "solutions are longer)"})
     quick: bool = field(default=False, metadata={"help": "a few steps of each stage (CI smoke run, no real gain)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self):
+        if self.task not in TASK_DEFAULTS:
+            raise ValueError(f"--task must be one of {', '.join(TASK_DEFAULTS)}, got {self.task!r}")
+        for name, value in TASK_DEFAULTS[self.task].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.quick:
             self.pretrain_steps, self.pretrain_batch, self.grpo_steps = 12, 16, 3
             self.prompts_per_step, self.group_size, self.eval_problems = 4, 4, 24
@@ -91,9 +128,11 @@ class DemoConfig:
             self.transfer_problems = min(self.transfer_problems, 24)
         check_choices(self)
         for name in ("pretrain_steps", "pretrain_batch", "grpo_steps", "prompts_per_step", "eval_problems",
-                     "eval_samples", "minibatches", "transfer_problems", "transfer_max_tokens"):
+                     "eval_samples", "max_tokens", "minibatches", "transfer_problems", "transfer_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.p_slip <= 1:
+            raise ValueError(f"--p-slip must be in [0, 1], got {self.p_slip}")
         if self.prompts_per_step % self.minibatches:  # checked here, not after pretraining in GRPOConfig
             raise ValueError(f"--prompts-per-step {self.prompts_per_step} is not divisible by --minibatches "
                              f"{self.minibatches}; minibatches hold whole groups, so pick a divisor")
@@ -121,18 +160,21 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(f"qiusuo demo: seed {cfg.seed}, torch threads {threads}, load average {load:.1f}, device {cfg.device}")
     wall0, cpu0 = time.perf_counter(), time.process_time()
     common = dict(seed=cfg.seed, device=cfg.device, threads=cfg.threads, progress=cfg.progress)
+    task = demo_task(cfg)
+    trace_stats = getattr(task, "search_stats", None)  # Countdown's retry / verify counter
 
-    pre_cfg = PretrainConfig(out=str(out / "pretrain"), preset=cfg.preset, steps=cfg.pretrain_steps,
+    pre_cfg = PretrainConfig(out=str(out / "pretrain"), preset=cfg.preset, task=cfg.task, steps=cfg.pretrain_steps,
                              batch_size=cfg.pretrain_batch, blurt_rows=cfg.blurt_rows, difficulty=cfg.difficulty,
+                             p_slip=cfg.p_slip,
                              warmup_steps=min(50, max(0, cfg.pretrain_steps // 10)), **common)
-    print(f"[1/4] pretraining {cfg.preset} on arithmetic: {cfg.pretrain_steps} steps x {cfg.pretrain_batch} "
+    print(f"[1/4] pretraining {cfg.preset} on {cfg.task}: {cfg.pretrain_steps} steps x {cfg.pretrain_batch} "
           f"({pre_cfg.p_direct:.0%} blurted guesses, right only by chance; {1 - pre_cfg.p_direct:.0%} scratchpads, "
           f"{pre_cfg.p_slip:.0%} of them with a slip)")
     if pre_cfg.blurt_rows is not None:
         print(f"      blurts drawn as {pre_cfg.blurt_rows:.0%} of the rows, each weighted {pre_cfg.blurt_weight():.2f} "
               f"so that the loss keeps the {pre_cfg.p_direct:.0%} mix")
     t = time.perf_counter()
-    pretrain = Pretrain(pre_cfg)
+    pretrain = Pretrain(pre_cfg, task=task)
     pretrain.run()
     pretrain_s = time.perf_counter() - t
     thread_choice = {"mode": "measured" if cfg.threads == 0 else "fixed", "load_average_at_start": round(load, 2),
@@ -144,18 +186,19 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     grpo_cfg = GRPOConfig(model=str(out / "pretrain" / "final"), out=str(out / "grpo"), steps=cfg.grpo_steps,
                           prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size, lr=cfg.grpo_lr,
                           importance_sampling_level=cfg.importance_sampling_level, minibatches=cfg.minibatches,
-                          **common)
-    grpo = GRPO(grpo_cfg, on_step=lambda step, m: curves.append({"step": step + 1, **m}))
+                          task=cfg.task, max_tokens=cfg.max_tokens, **common)
+    grpo = GRPO(grpo_cfg, task=task, on_step=lambda step, m: curves.append({"step": step + 1, **m}))
     problems = grpo.task.generate(cfg.eval_problems, seed=EVAL_SEED, split="test")
     harder = transfer_problems(grpo.task, cfg)
     print(f"[2/4] evaluating the base on {len(problems)} held-out problems"
           + (f" and {len(harder)} harder ones (difficulty {cfg.transfer_difficulty}, not trained on)" if harder else ""))
-    before = evaluate(grpo.llm, grpo.task, problems, samples=cfg.eval_samples, seed=EVAL_SEED)
+    before = evaluate(grpo.llm, grpo.task, problems, samples=cfg.eval_samples, seed=EVAL_SEED,
+                      max_tokens=cfg.max_tokens, trace_stats=trace_stats)
     transfer = {"difficulty": cfg.transfer_difficulty, "problems": len(harder),
                 "max_tokens": cfg.transfer_max_tokens} if harder else None
     if transfer:
         transfer["before"] = evaluate(grpo.llm, grpo.task, harder, samples=cfg.eval_samples, seed=EVAL_SEED,
-                                      max_tokens=cfg.transfer_max_tokens)
+                                      max_tokens=cfg.transfer_max_tokens, trace_stats=trace_stats)
     base_rows = greedy_rows(grpo.llm, grpo.task, problems) if grpo.model.moe_layers() else None  # MoE: routing
     print(f"[3/4] GRPO: {cfg.grpo_steps} steps x {cfg.prompts_per_step} prompts x G={cfg.group_size}, T=1, "
           f"lr {cfg.grpo_lr:g}, beta 0, reward 1 if right else 0.1 if well-formed"
@@ -167,10 +210,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     thread_choice["grpo"] = thread_summary(grpo.trainer, grpo_cfg.threads)
     print(f"      threads: {describe_threads(thread_choice['grpo'])}")
     print("[4/4] evaluating the RL model on the same held-out problems")
-    after = evaluate(grpo.llm, grpo.task, problems, samples=cfg.eval_samples, seed=EVAL_SEED)
+    after = evaluate(grpo.llm, grpo.task, problems, samples=cfg.eval_samples, seed=EVAL_SEED,
+                     max_tokens=cfg.max_tokens, trace_stats=trace_stats)
     if transfer:
         transfer["after"] = evaluate(grpo.llm, grpo.task, harder, samples=cfg.eval_samples, seed=EVAL_SEED,
-                                     max_tokens=cfg.transfer_max_tokens)
+                                     max_tokens=cfg.transfer_max_tokens, trace_stats=trace_stats)
         transfer["gain_points"] = {k: round(100 * (transfer["after"][k] - transfer["before"][k]), 2)
                                    for k in ("accuracy", "pass1")}
     model_dir = out / "grpo" / "final"
@@ -178,13 +222,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         load_model(out / "pretrain" / "final", device=cfg.device)[0], grpo.model, base_rows,
         greedy_rows(grpo.llm, grpo.task, problems))
     print("      and through the chat API of a real server (/v1/chat/completions, greedy), as a client would")
-    served = evaluate_served(model_dir, grpo.task, problems, route="chat", max_tokens=48, engine_process=False,
+    served = evaluate_served(model_dir, grpo.task, problems, route="chat", max_tokens=cfg.max_tokens,
+                             engine_process=False,
                              num_threads=thread_choice["grpo"]["threads"])
 
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     gain = 100 * (after["accuracy"] - before["accuracy"])
     report = {
-        "seed": cfg.seed, "threads": thread_choice["pretrain"]["threads"], "thread_choice": thread_choice,
+        "task": cfg.task, "task_options": TASK_OPTIONS[cfg.task], "seed": cfg.seed, "threads": thread_choice["pretrain"]["threads"], "thread_choice": thread_choice,
         "before": before, "after": after, "after_chat_api": served,
         "gain_points": {"accuracy": round(gain, 2), "pass1": round(100 * (after["pass1"] - before["pass1"]), 2)},
         "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
@@ -196,7 +241,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     }
     report["registered"] = register_model(model_dir, report)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    report["plot"] = plot_curves(curves, out / "grpo_curves.png", before, after)
+    report["plot"] = plot_curves(curves, out / "grpo_curves.png", before, after, task=cfg.task)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print_summary(report)
     return report
@@ -212,6 +257,13 @@ def transfer_problems(task, cfg: DemoConfig) -> list:
         raise ValueError(f"--transfer-difficulty {cfg.transfer_difficulty} is a level the pretraining corpus "
                          f"contains ({','.join(map(str, trained))}): it would not measure transfer")
     return task.generate(cfg.transfer_problems, seed=EVAL_SEED, split="test", difficulty=cfg.transfer_difficulty)
+
+
+def demo_task(cfg: DemoConfig):
+    """The task the demo pretrains and trains on: `cfg.task` with its TASK_OPTIONS, compact prompts."""
+    from qiusuo.tasks import get
+
+    return get(cfg.task, template="compact", **TASK_OPTIONS[cfg.task])
 
 
 def thread_summary(trainer, configured: int) -> dict[str, Any]:
@@ -267,7 +319,8 @@ def register_model(path: Path, report: dict[str, Any]) -> str | None:
     except ImportError:
         print("(qiusuo.registry is not available: the model is saved but not registered)")
         return None
-    name = f"qiusuo-demo:seed{report['seed']}"
+    task = report.get("task", "arithmetic")
+    name = f"qiusuo-demo{'' if task == 'arithmetic' else '-' + task}:seed{report['seed']}"
     try:
         Registry().import_dir(path, name, source_run=str(path.parent), eval_score=report["after"]["accuracy"],
                               metadata={"demo": {k: report[k] for k in ("before", "after", "seed")}})
@@ -277,7 +330,8 @@ def register_model(path: Path, report: dict[str, Any]) -> str | None:
     return name
 
 
-def plot_curves(curves: list[dict[str, Any]], path: Path, before: dict, after: dict) -> str | None:
+def plot_curves(curves: list[dict[str, Any]], path: Path, before: dict, after: dict,
+                task: str = "arithmetic") -> str | None:
     """Reward, batch accuracy, completion length and empty-think rate over GRPO steps."""
     if not curves:
         return None
@@ -301,7 +355,7 @@ def plot_curves(curves: list[dict[str, Any]], path: Path, before: dict, after: d
                         color="tab:red")
     for ax in axes[1]:
         ax.set_xlabel("GRPO step")
-    fig.suptitle(f"GRPO on arithmetic: held-out greedy accuracy {before['accuracy']:.0%} -> {after['accuracy']:.0%}, "
+    fig.suptitle(f"GRPO on {task}: held-out greedy accuracy {before['accuracy']:.0%} -> {after['accuracy']:.0%}, "
                  f"T=1 pass@1 {before['pass1']:.0%} -> {after['pass1']:.0%}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -319,6 +373,12 @@ def print_summary(report: dict[str, Any]) -> None:
             ("accuracy when blurting / working (T=1)",
              f"{b['direct_accuracy']:.0%} / {b['scratchpad_accuracy']:.0%}",
              f"{a['direct_accuracy']:.0%} / {a['scratchpad_accuracy']:.0%}")]
+    if "retry_rate" in b:  # the task counts its search (Countdown: qiusuo.tasks.countdown.search_stats)
+        rows += [("completions that retry (T=1 / greedy)", f"{b['retry_rate']:.0%} / {b['greedy_retry_rate']:.0%}",
+                  f"{a['retry_rate']:.0%} / {a['greedy_retry_rate']:.0%}"),
+                 ("retries per completion (T=1)", f"{b['retries']:.2f}", f"{a['retries']:.2f}"),
+                 ("completions that verify (T=1 / greedy)", f"{b['verify_rate']:.0%} / {b['greedy_verify_rate']:.0%}",
+                  f"{a['verify_rate']:.0%} / {a['greedy_verify_rate']:.0%}")]
     served = report.get("after_chat_api")
     if served is not None:
         rows.insert(1, ("  same, through /v1/chat/completions", "", f"{served['accuracy']:.1%}"))
@@ -347,6 +407,11 @@ def print_summary(report: dict[str, Any]) -> None:
     step = report["decides_to_think_step"]
     if report["config"]["quick"]:
         print("\n(--quick: a smoke run with a few steps per stage; run without it for the real recipe)")
+    elif report.get("task", "arithmetic") != "arithmetic":
+        print(f"\nWhat RL did: the base blurted a guess {b['empty_think_rate']:.0%} of the time at T=1 (a random "
+              f"combination of the numbers, right {b['direct_accuracy']:.0%} of the time) and searched otherwise; "
+              f"GRPO rewarded only right answers ({a['empty_think_rate']:.0%} blurts after"
+              + (f", below 10% from step {step}" if step else "") + ").")
     else:
         print("\nWhat RL did: it did not teach arithmetic. The base blurted an answer "
               f"{b['empty_think_rate']:.0%} of the time at T=1 ({b.get('greedy_empty_think_rate', 0):.0%} of its greedy "
