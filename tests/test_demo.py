@@ -95,7 +95,7 @@ def test_demo_budgets_default_per_task_and_explicit_flags_win():
 
     arithmetic = DemoConfig()  # the arithmetic recipe's figures, unchanged
     assert (arithmetic.task, arithmetic.pretrain_steps, arithmetic.grpo_steps, arithmetic.max_tokens,
-            arithmetic.p_slip) == ("arithmetic", 500, 70, 48, 0.3)
+            arithmetic.p_slip) == ("arithmetic", 700, 70, 48, 0.3)
     countdown = DemoConfig(task="countdown")
     assert (countdown.pretrain_steps, countdown.grpo_steps, countdown.max_tokens, countdown.p_slip) == \
         (800, 120, 128, 0.0)
