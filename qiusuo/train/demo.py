@@ -54,10 +54,10 @@ from .config import GRPOConfig, ImportanceSamplingLevel, PretrainConfig
 EVAL_SEED = 1234  # the held-out problems: the same before and after RL
 
 # Per-task defaults of the budget fields left unset (None); an explicit flag wins. Arithmetic's are the
-# figures the module docstring describes; 700 pretraining steps, not 500: on an AVX512 machine 500 left seed
-# 2's scratchpads right 24% of the time and its T=1 gain at +25 (700: 66%, +57). Countdown (TinyZero's task, 3 numbers from 1-10, target <= 100):
-# its traces are ~2.5x longer (failed tries, a verify line), so it pretrains on fewer, longer rows and
-# gives completions room to retry.
+# figures the module docstring describes; 700 pretraining steps, not 500: on an AVX512 machine 500 left
+# seed 2's scratchpads right 24% of the time and its T=1 gain at +25 (700: 66%, +57). Countdown
+# (TinyZero's task, 3 numbers from 1-10, target <= 100): its traces are ~2.5x longer (failed tries, a
+# verify line), so it pretrains on fewer, longer rows and gives completions room to retry.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "arithmetic": dict(pretrain_steps=700, grpo_steps=70, max_tokens=48, p_slip=0.3, transfer_max_tokens=64),
     "countdown": dict(pretrain_steps=800, grpo_steps=120, max_tokens=128, p_slip=0.0, transfer_max_tokens=192),
