@@ -126,3 +126,22 @@ def assert_greedy_equal_up_to_ties(got: list[list[int]], reference, tol: float =
         assert ids[j] in top, f"sequence {i} token {j}: {ids[j]} is not among the reference's top {sorted(top)}"
         gap = top[want[j]] - top[ids[j]]
         assert gap <= tol, f"sequence {i} token {j}: {ids[j]} is {gap:.4f} nats below the reference's {want[j]}"
+
+
+def wait_healthy(proc, url: str, timeout: float = 120.0) -> None:
+    """Wait for a `qiusuo serve` subprocess at `url` to answer /health with 200; fail with its output if it
+    exits first, or when `timeout` seconds pass."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "the server did not become healthy"
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import randomize_
+from helpers import randomize_, wait_healthy
 
 from qiusuo.cli import main
 from qiusuo.model import build_model, load_model, save_model
@@ -167,7 +167,6 @@ def test_serve_lora_modules_through_the_openai_client(chain, merged_dirs, tmp_pa
     import socket
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     import httpx
@@ -193,15 +192,7 @@ def test_serve_lora_modules_through_the_openai_client(chain, merged_dirs, tmp_pa
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.stdout.read().decode()
+        wait_healthy(proc, url)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         listed = {m.id: m for m in client.models.list().data}
         assert set(listed) == {"tiny", "tiny:sql", "poet"}

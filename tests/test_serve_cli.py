@@ -17,11 +17,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from helpers import wait_healthy
 
 from qiusuo.cli.serve import api_key, load_engine
 
@@ -124,16 +124,7 @@ def test_serve_reads_the_key_from_a_file_and_keeps_it_out_of_ps(checkpoint, tmp_
                   "tiny", "--api-key-file", str(tmp_path / "key"), "--log-level", "warning", home=tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the server did not become healthy"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(proc, url)
         assert key not in _cmdlines()  # neither the API process nor its engine process shows it
         body = {"model": "tiny", "messages": MSG, "max_tokens": 2}
         assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 401
