@@ -374,7 +374,9 @@ def test_quantized_load_peak_rss_is_the_weights_once(mode, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert mode == "int4" or got["kernel_copies"] == 0
-    assert got["growth"] <= 1.2 * weights + got["kernel_copies"], (got, weights)
+    # + 8 MiB of allocator slack (int4's unpacking transients left 3.8 MB over 1.0x in one CI run): a float
+    # copy of these matrices would be ~90 MB, so the bound still tells "once" from "twice"
+    assert got["growth"] <= 1.2 * weights + got["kernel_copies"] + (8 << 20), (got, weights)
 
 
 def test_int4_packing_in_row_chunks_is_the_whole_matrix_packed():
@@ -471,7 +473,7 @@ def test_quantizing_load_peak_rss_is_the_quantized_weights(mode, make_checkpoint
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (src / "model.safetensors").stat().st_size > 3 * got["weights"]  # the float file dwarfs the result
-    assert got["growth"] <= 1.2 * (got["weights"] + got["kernel_copies"]), got
+    assert got["growth"] <= 1.2 * (got["weights"] + got["kernel_copies"]) + (8 << 20), got  # slack: as above
 
 
 @pytest.mark.parametrize("offset", [0, 8, 56])
@@ -479,15 +481,19 @@ def test_quantizing_load_peak_rss_is_the_quantized_weights(mode, make_checkpoint
 def test_int8pack_on_an_unaligned_weight(offset, N, M):
     """A memory-mapped int8 matrix is only 8-byte aligned; `_weight_int8pack_mm` crashed (SIGSEGV) on
     such a weight on an AVX512 CPU (N=266 at M=1, every N at M >= 3; so did LLM(<quantized checkpoint>)).
-    Int8Weight keeps its own aligned copy then, and the result is the dequantized matmul's."""
+    Int8Weight keeps its own aligned copy then: the result is the aligned weight's, bit for bit, and the
+    dequantized matmul's up to the kernel's bf16 activations."""
     K = 128
-    q, scale = quantize_per_channel(torch.randn(N, K, generator=torch.Generator().manual_seed(0)))
+    g = torch.Generator().manual_seed(0)
+    q, scale = quantize_per_channel(torch.randn(N, K, generator=g))
     buf = torch.zeros(N * K + 64, dtype=torch.int8)
     view = buf[offset:offset + N * K].view(N, K)
     view.copy_(q)
     m = Int8Weight(view, scale, kernel="int8pack")
-    x = torch.randn(M, K)
-    torch.testing.assert_close(m(x), x @ m.dequantize().T, atol=0.05, rtol=0.02)
+    x = torch.randn(M, K, generator=g)
+    assert torch.equal(m(x), Int8Weight(q.clone(), scale, kernel="int8pack")(x))
+    want = x @ m.dequantize().T  # bf16 activations: ~2^-9 relative per product, so a scale-relative bound
+    torch.testing.assert_close(m(x), want, atol=0.02 * want.abs().max().item(), rtol=0.02)
 
 
 def test_export_quantized_command_writes_a_checkpoint_the_engine_loads(make_checkpoint, tmp_path, capsys):
