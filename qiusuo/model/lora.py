@@ -158,6 +158,14 @@ def resolve_targets(model: nn.Module, targets: str = ALL_LINEAR) -> list[str]:
     return found
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> tuple[nn.Module, str]:
+    """Put `new` in the place of `model`'s submodule `name` (dotted); returns (parent, attribute name)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, child, new)
+    return parent, child
+
+
 def apply_lora(model: nn.Module, r: int, alpha: float, targets: str = ALL_LINEAR) -> LoraSpec:
     """Freeze every parameter of `model` and wrap the target linears in `LoRALinear` (in place).
     Returns the spec, also kept as `model.lora_spec`."""
@@ -168,9 +176,7 @@ def apply_lora(model: nn.Module, r: int, alpha: float, targets: str = ALL_LINEAR
     names = resolve_targets(model, targets)
     model.requires_grad_(False)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha))
+        replace_module(model, name, LoRALinear(model.get_submodule(name), r, alpha))
     spec = LoraSpec(r, alpha, sorted({n.rsplit(".", 1)[-1] for n in names}), names)
     model.lora_spec = spec
     return spec
@@ -347,12 +353,9 @@ def _merge_into_plain_linears(model: nn.Module) -> list[tuple[nn.Module, str, "L
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
             m.merge()
-            parent_name, _, child = name.rpartition(".")
             plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             plain.weight, plain.bias = m.weight, m.bias
-            parent = model.get_submodule(parent_name)
-            setattr(parent, child, plain)
-            swapped.append((parent, child, m))
+            swapped.append((*replace_module(model, name, plain), m))
     return swapped
 
 
@@ -387,7 +390,6 @@ def merge_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, o
     merge_and_unload(model)
     meta = {**read_metadata(base_dir), "parent": str(base_dir), "merged_adapter": str(adapter_dir)}
     return save_model(model, tokenizer, out_dir, metadata=meta)
-
 
 
 # ---------------------------------------------------------------------- many adapters on one base (serving)
@@ -489,9 +491,8 @@ class ServingAdapters:
         m = self.model.get_submodule(name)
         if isinstance(m, MultiLoRALinear):
             return m
-        parent_name, _, child = name.rpartition(".")
         layer = MultiLoRALinear(m, self.batch)
-        setattr(self.model.get_submodule(parent_name), child, layer)
+        replace_module(self.model, name, layer)
         return layer
 
     def id_of(self, name: str) -> int:
