@@ -450,9 +450,17 @@ print(json.dumps({"growth": peak - before, "weights": weights, "kernel_copies": 
 """
 
 
+_BIG = {"tiny-dense": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8,
+                          num_key_value_heads=2),
+        # routed experts dominate; they were stacked in float (all of them) before being quantized
+        "tiny-moe": dict(hidden_size=512, moe_intermediate_size=512, n_routed_experts=16, n_group=2,
+                         num_hidden_layers=4)}
+
+
 @pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED"), reason="needs madvise (Linux)")
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantizing_load_peak_rss_is_the_quantized_weights(mode, make_checkpoint, tmp_path):
+def test_quantizing_load_peak_rss_is_the_quantized_weights(mode, preset, make_checkpoint, tmp_path):
     """Issue 15's memory rule when a float checkpoint is quantized as it loads: peak RSS growth within
     1.2x the quantized weights (+ int4's kernel copy), where the float file is 4x the int8 weights
     (loading it whole first, as LLM(path, quantization=) did, grew by ~5.8x at the SmolLM2-135M shape).
@@ -464,9 +472,8 @@ def test_quantizing_load_peak_rss_is_the_quantized_weights(mode, make_checkpoint
     import subprocess
     import sys
 
-    src = make_checkpoint("tiny-dense", hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
-                          num_attention_heads=8, num_key_value_heads=2)
-    warm = make_checkpoint("tiny-dense")
+    src = make_checkpoint(preset, **_BIG[preset])
+    warm = make_checkpoint(preset)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
     proc = subprocess.run([sys.executable, "-c", _QUANTIZING_PEAK_RSS_CHILD, str(src), str(warm), mode],
                           capture_output=True, text=True, timeout=300, env=env)

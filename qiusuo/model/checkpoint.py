@@ -69,7 +69,16 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
-def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+ExpertParts = dict[str, tuple[list[list[torch.Tensor]], list[torch.Tensor]]]
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig,
+                       expert_parts: ExpertParts | None = None) -> dict[str, torch.Tensor]:
+    """HF tensor names -> ours; each layer's routed experts stacked into `gate_up_proj` (E, 2I, D) and
+    `down_proj` (E, D, I). With `expert_parts` (a dict to fill), the experts are not stacked (stacking
+    copies them all in float): their stacked entries are meta tensors of the right shape, and
+    `expert_parts[prefix]` holds each expert's [gate, up] and down tensors as they were given (for
+    loading straight into quantized experts)."""
     L = cfg.num_hidden_layers
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
@@ -97,6 +106,14 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         extra = [f"{prefix}.{e}.*" for e in by_index if not 0 <= e < E]
         if missing or extra:
             raise ValueError(_key_error(missing, extra))
+        if expert_parts is not None:
+            gate, down = by_index[0]["gate_proj"], by_index[0]["down_proj"]
+            out[f"{prefix}.gate_up_proj"] = torch.empty((E, 2 * gate.shape[0], gate.shape[1]), dtype=gate.dtype,
+                                                        device="meta")
+            out[f"{prefix}.down_proj"] = torch.empty((E, *down.shape), dtype=down.dtype, device="meta")
+            expert_parts[prefix] = ([[by_index[e]["gate_proj"], by_index[e]["up_proj"]] for e in range(E)],
+                                    [by_index[e]["down_proj"] for e in range(E)])
+            continue
         out[f"{prefix}.gate_up_proj"] = torch.stack(
             [torch.cat((by_index[e]["gate_proj"], by_index[e]["up_proj"])) for e in range(E)]
         )
@@ -432,8 +449,9 @@ def _load_float_quantized(path: Path, cfg: ModelConfig, device: torch.device, dt
     (memory-mapped views, any float dtype), each matrix is quantized in row chunks and its pages
     released as soon as they are read (`FileMap.release`), then the float parts left (norms, biases,
     what quantize_model keeps in float) are cast to float32. Peak RSS is the quantized weights plus
-    one chunk, not the float weights plus the quantized ones (tests/test_quantize.py)."""
-    from .quantize import MODES, Int4Weight, Int8Weight, quantize_model
+    one chunk, not the float weights plus the quantized ones (tests/test_quantize.py). Routed experts
+    are quantized from the file's per-expert tensors, never stacked in float first."""
+    from .quantize import MODES, Int4Weight, Int8Weight, QuantizedExperts, quantize_model
 
     if mode not in MODES:
         raise ValueError(f"quantization {mode!r}: use one of {MODES}")
@@ -442,13 +460,21 @@ def _load_float_quantized(path: Path, cfg: ModelConfig, device: torch.device, dt
     if dtype != torch.float32:
         raise ValueError(f"dtype={dtype}: a quantized model computes in float32; use dtype='float32' (or 'auto')")
     maps: list[FileMap] = []
-    state = from_hf_state_dict(read_safetensors(path, maps), cfg)
+    experts: ExpertParts = {}
+    state = from_hf_state_dict(read_safetensors(path, maps), cfg, experts)
     model = _assign_state(cfg, state, device, cast=False)
     del state
     small = [t for t in model.parameters() if t.dim() == 1 and t.dtype != torch.float32]
     for t in small:  # norms and biases first: the quantized embedding's rows take the norm's dtype
         t.data = t.data.float()
-    quantize_model(model, mode, group_size, release=release_pages(maps))
+    release = release_pages(maps)
+    for prefix, (gate_up, down) in experts.items():  # on meta in the model; built from the file's tensors
+        parent, _, child = prefix.rpartition(".")
+        stacked = model.get_submodule(prefix)
+        setattr(model.get_submodule(parent), child,
+                QuantizedExperts(stacked, mode, group_size, release, parts=(gate_up, down)))
+    del experts
+    quantize_model(model, mode, group_size, release=release)
     for module in model.modules():  # what stays in float (kv_b_proj, routers), in the file's dtype so far
         if isinstance(module, (Int8Weight, Int4Weight)):
             continue  # scales made in float32 by quantizing; the kernels' own bf16 copies are bf16 by design
@@ -486,7 +512,8 @@ def _assign_state(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torc
             )
     # The checkpoint's tensors become the parameters (assign=True: no second copy; on the CPU they
     # stay views of the file's memory map until written), cast only where the dtype differs.
-    state = {k: v.to(device=device, dtype=expected[k].dtype if cast else v.dtype) for k, v in state.items()}
+    state = {k: v if v.is_meta else v.to(device=device, dtype=expected[k].dtype if cast else v.dtype)
+             for k, v in state.items()}  # (meta: experts from_hf_state_dict left unstacked, built later)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 

@@ -339,15 +339,20 @@ class QuantizedEmbedding(nn.Module):
 
 
 class QuantizedExperts(Experts):
-    """Stacked routed experts with int8/int4 weights; routing and grouping are `Experts`'."""
+    """Stacked routed experts with int8/int4 weights; routing and grouping are `Experts`'.
+
+    `parts`, when given, holds the float weights instead of `experts`' stacked ones: each expert's
+    [gate (I, D), up (I, D)] and down (D, I), e.g. a checkpoint's tensors as they lie in the file
+    (a loader never stacks them in float then)."""
 
     def __init__(self, experts: Experts, mode: str = "int8", group_size: int = DEFAULT_INT4_GROUP_SIZE,
-                 release: Release | None = None):
+                 release: Release | None = None,
+                 parts: tuple[list[list[torch.Tensor]], list[torch.Tensor]] | None = None):
         nn.Module.__init__(self)
         self.num_experts = experts.num_experts
-        self.gate_up = nn.ModuleList(make_weight(w, mode, group_size, release)
-                                     for w in experts.gate_up_proj)  # (2I, D) each
-        self.down = nn.ModuleList(make_weight(w, mode, group_size, release) for w in experts.down_proj)  # (D, I) each
+        gate_up, down = parts if parts is not None else (list(experts.gate_up_proj), list(experts.down_proj))
+        self.gate_up = nn.ModuleList(make_weight(w, mode, group_size, release) for w in gate_up)  # (2I, D) each
+        self.down = nn.ModuleList(make_weight(w, mode, group_size, release) for w in down)  # (D, I) each
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up[e](x).chunk(2, -1)
