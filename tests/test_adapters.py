@@ -240,6 +240,12 @@ def test_serve_lora_modules_through_the_openai_client(chain, merged_dirs, tmp_pa
         assert len({m.digest for m in tags.values()}) == 3
         assert tags["tiny:sql"].size == sql.size > 0 and tags["poet:latest"].size == 0  # poet: not in the registry
         assert o.chat(model="poet:latest", messages=msg, options=opts).message.content == chat["poet"]
+        # /api/ps: the adapters are loaded on the base; /api/show: an adapter's Modelfile is FROM + ADAPTER
+        assert [m.model for m in o.ps().models] == list(tags)
+        shown = o.show("tiny:sql")
+        assert shown.modelfile == "FROM tiny:latest\nADAPTER tiny:sql\n"
+        assert shown.details.parent_model == "tiny:latest"
+        assert o.show("tiny").modelfile == "FROM tiny:latest\n" and o.show("tiny").details.parent_model == ""
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0

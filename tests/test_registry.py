@@ -421,15 +421,23 @@ def test_models_list_escapes_markup_and_control_characters(home, tmp_path, qiusu
 
 
 def test_a_deployment_replica_leases_the_materialized_directory_it_was_given(home, tmp_path):
-    """Replicas get a path, not a name (the deploying CLI exits): they lease by path."""
+    """Replicas get a path, not a name (the deploying CLI exits): they lease by path, for the model
+    and for each adapter (--lora-modules), nested names included."""
     from qiusuo.registry import lease_materialized
 
     reg = Registry()
     reg.import_dir(fake_checkpoint(tmp_path / "c", 0), "m:v1")
-    path = reg.materialize("m:v1")
-    assert lease_materialized("m:v1", tmp_path / "c", "x") is None  # a plain directory: nothing to lease
-    lease = lease_materialized("m:v1", path, "deployment m-v1 (Ray Serve replica)")
-    with pytest.raises(RegistryError, match=r"in use by pid \d+: deployment m-v1 \(Ray Serve replica\)"):
-        reg.remove("m:v1")
-    lease.release()
+    reg.import_dir(fake_checkpoint(tmp_path / "d", 1), "team/sql:v2")
+    path, nested = reg.materialize("m:v1"), reg.materialize("team/sql:v2")
+    assert lease_materialized(tmp_path / "c", "x") is None  # a plain directory: nothing to lease
+    fake = tmp_path / "models" / "m@v1"
+    fake.mkdir(parents=True)
+    assert lease_materialized(fake, "x") is None  # named like one, but no registry's
+    leases = [lease_materialized(p, "deployment m-v1 (Ray Serve replica)") for p in (path, nested)]
+    for ref in ("m:v1", "team/sql:v2"):
+        with pytest.raises(RegistryError, match=r"in use by pid \d+: deployment m-v1 \(Ray Serve replica\)"):
+            reg.remove(ref)
+    for lease in leases:
+        lease.release()
     reg.remove("m:v1")
+    reg.remove("team/sql:v2")

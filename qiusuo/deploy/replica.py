@@ -61,9 +61,11 @@ class ModelServer:
 
         self.config = DeployConfig(**config)
         # held for the replica's life (released by the kernel when it dies): `qiusuo models rm`
-        # of the model under it is refused, naming this deployment
-        self._lease = lease_materialized(self.config.model, self.config.model_path,
-                                         f"deployment {self.config.app_name} (Ray Serve replica)")
+        # of the model or of an adapter under it is refused, naming this deployment
+        holder = f"deployment {self.config.app_name} (Ray Serve replica)"
+        adapters = (self.config.engine_options.get("lora_modules") or {}).values()
+        self._leases = [lease for path in (self.config.model_path, *adapters)
+                        if (lease := lease_materialized(path, holder)) is not None]
         api_key = read_api_key(self.config.api_key_file) if self.config.api_key_file else None
         engine = await asyncio.to_thread(load_engine, self.config)
         self.server_app = create_app(engine, served_model_name=self.config.served_model_name, api_key=api_key,

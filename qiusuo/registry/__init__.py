@@ -99,17 +99,25 @@ def _materialize_leased(registry: Registry, ref: str) -> Path:
         raise
 
 
-def lease_materialized(ref: str, path: str | os.PathLike, holder: str) -> Lease | None:
-    """A lease on registry model `ref` when `path` is its materialized directory (for processes
-    that receive the path, not the name: a deployment's replicas), else None. While held, `models
-    rm`/`tag`/re-import of `ref` are refused naming `holder`."""
-    path = Path(path)
-    if path.parent.name != "models":
-        return None
-    registry = Registry(path.parent.parent)
-    try:
-        if registry.materialized_path(ref) != path:
+def lease_materialized(path: str | os.PathLike, holder: str) -> Lease | None:
+    """A lease on the registry model whose materialized directory `path` is (for processes that
+    receive paths, not names: a deployment's replicas, for its model and each --lora-modules
+    adapter), else None (a plain checkpoint directory). The name is read off the path, which is
+    `<QIUSUO_HOME>/models/<name>@<tag>` ('/'-separated names nest), and checked against the
+    registry. While held, `models rm`/`tag`/re-import of the model are refused naming `holder`."""
+    path = Path(path).absolute()
+    for models in path.parents:
+        if models.name != "models":
+            continue
+        name, at, tag = path.relative_to(models).as_posix().rpartition("@")
+        if not at:
             return None
-    except RegistryError:
-        return None  # not a registry name: a plain checkpoint directory
-    return registry.lease(ref, holder=holder)
+        registry = Registry(models.parent)
+        try:
+            if not registry.db_path.is_file() or registry.materialized_path(f"{name}:{tag}") != path:
+                continue
+            registry.show(f"{name}:{tag}")
+        except RegistryError:
+            continue  # not a registry name: a plain checkpoint directory
+        return registry.lease(f"{name}:{tag}", holder=holder)
+    return None

@@ -135,23 +135,28 @@ def tags(state: ServerState) -> dict[str, Any]:
 def show(state: ServerState, req: ShowRequest) -> dict[str, Any]:
     """POST /api/show: the model's details, model_info and capabilities."""
     state.ready()
-    resolve_name(state, req.model or req.name or "")
+    served = resolve_name(state, req.model or req.name or "")
     entry = model_entry(state)
     arch = entry["_architecture"]
     info = {"general.architecture": arch, "general.parameter_count": entry["_parameters"],
             f"{arch}.context_length": state.max_model_len}
-    return {"modelfile": f"FROM {entry['name']}\n", "parameters": "", "license": "",
-            "template": getattr(state.tokenizer, "chat_template", None) or "", "details": entry["details"],
-            "model_info": info, "capabilities": capabilities(state), "modified_at": entry["modified_at"]}
+    modelfile, details, modified = f"FROM {entry['name']}\n", entry["details"], entry["modified_at"]
+    if served != state.config.served_model_name:  # an adapter: a Modelfile FROM the base with an ADAPTER
+        adapter = adapter_entry(state, served, entry)
+        modelfile += f"ADAPTER {adapter['name']}\n"
+        details, modified = adapter["details"], adapter["modified_at"]
+    return {"modelfile": modelfile, "parameters": "", "license": "",
+            "template": getattr(state.tokenizer, "chat_template", None) or "", "details": details,
+            "model_info": info, "capabilities": capabilities(state), "modified_at": modified}
 
 
 def ps(state: ServerState) -> dict[str, Any]:
-    """GET /api/ps: the loaded model (none while loading)."""
+    """GET /api/ps: the loaded model, then each adapter loaded on it (none while loading)."""
     if state.engine is None:
         return {"models": []}
-    entry = _listed(state)
-    entry.update(expires_at="9999-12-31T23:59:59Z", size_vram=0, context_length=state.max_model_len)
-    return {"models": [entry]}
+    base = _listed(state)
+    loaded = dict(expires_at="9999-12-31T23:59:59Z", size_vram=0, context_length=state.max_model_len)
+    return {"models": [{**m, **loaded} for m in (base, *(adapter_entry(state, a, base) for a in state.lora_names))]}
 
 
 def version() -> dict[str, str]:
