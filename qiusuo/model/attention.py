@@ -59,15 +59,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape
         H, Hk, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split((H * hd, Hk * hd, Hk * hd), dim=-1)
+        if self.qkv_proj is not None:  # fused: q and k are adjacent, so one RoPE call rotates both
+            qk, v = self.qkv_proj(x).split(((H + Hk) * hd, Hk * hd), dim=-1)
+            q, k = apply_rope(qk.view(B, T, H + Hk, hd), cos, sin, interleaved=False).split((H, Hk), dim=2)
+            v = v.view(B, T, Hk, hd)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, H, hd)  # (B, T, H, hd)
-        k = k.view(B, T, Hk, hd)  # (B, T, Hk, hd)
-        v = v.view(B, T, Hk, hd)
-        q = apply_rope(q, cos, sin, interleaved=False)
-        k = apply_rope(k, cos, sin, interleaved=False)
+            q = apply_rope(self.q_proj(x).view(B, T, H, hd), cos, sin, interleaved=False)  # (B, T, H, hd)
+            k = apply_rope(self.k_proj(x).view(B, T, Hk, hd), cos, sin, interleaved=False)  # (B, T, Hk, hd)
+            v = self.v_proj(x).view(B, T, Hk, hd)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, S, Hk, hd)
         if T == 1 and self.num_kv_heads != self.num_heads:
