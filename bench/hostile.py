@@ -2,8 +2,10 @@
 
 The server is `python -m qiusuo serve` on a saved tiny-dense checkpoint (engine process, as
 shipped), in a subprocess. A "victim" thread sends small chat requests (max_tokens=8) one after
-another and records their latency; first alone (idle), then while attacker threads repeat one
-hostile request (each attack bounded in attempts and seconds):
+another and records their latency; first alone (idle), then while attackers repeat one hostile
+request (each attack bounded in attempts and seconds). Attackers and honest readers are processes
+of their own, so their client-side work (megabytes built, sent and parsed in Python) never holds the
+victim's GIL: the victim measures the server, not its own process.
 
 - stop:       400k stop strings in a ~3.6 MiB body (the engine scanned them all on every token);
 - logprobs:   n=64, top_logprobs=20, max_tokens=400 in 152 bytes (31 MiB out, +450 MB RSS before);
@@ -28,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -157,8 +161,11 @@ ATTACKS = {
 }
 
 
-def attack(url: str, path: str, body: bytes, stop: threading.Event, deadline: float, max_attempts: int,
-           records: list) -> None:
+def attack(url: str, name: str, stop, deadline: float, max_attempts: int, out) -> None:
+    """One attacker (its own process): repeat attack `name` until stopped, the deadline or
+    `max_attempts`; its records go to the queue `out` at the end."""
+    path, make = ATTACKS[name]
+    body, records = make(), []
     with httpx.Client(timeout=120) as c:
         while not stop.is_set() and time.monotonic() < deadline and len(records) < max_attempts:
             t0 = time.monotonic()
@@ -167,6 +174,7 @@ def attack(url: str, path: str, body: bytes, stop: threading.Event, deadline: fl
                 records.append({"status": r.status_code, "bytes": len(r.content), "s": time.monotonic() - t0})
             except httpx.HTTPError as e:
                 records.append({"status": type(e).__name__, "bytes": 0, "s": time.monotonic() - t0})
+    out.put(records)
 
 
 def stream_body(max_tokens: int) -> bytes:
@@ -174,12 +182,13 @@ def stream_body(max_tokens: int) -> bytes:
                        "ignore_eos": True, "stream": True, "n": 3, "logprobs": True, "top_logprobs": 20}).encode()
 
 
-def honest_reader(url: str, max_tokens: int, records: list) -> None:
+def honest_reader(url: str, max_tokens: int, out) -> None:
+    """One honest streaming client (its own process); its record goes to the queue `out`."""
     t0 = time.monotonic()
     with httpx.Client(timeout=300) as c, c.stream("POST", url + "/v1/chat/completions", content=stream_body(
             max_tokens), headers={"content-type": "application/json"}) as r:
         n = sum(len(chunk) for chunk in r.iter_bytes())
-    records.append({"status": r.status_code, "bytes": n, "s": time.monotonic() - t0})
+    out.put([{"status": r.status_code, "bytes": n, "s": time.monotonic() - t0}])
 
 
 def stalled_readers(url: str, count: int, max_tokens: int) -> list[socket.socket]:
@@ -198,37 +207,45 @@ def stalled_readers(url: str, count: int, max_tokens: int) -> list[socket.socket
 
 
 def run_attack(srv: Server, name: str, args) -> dict:
-    stop, records = threading.Event(), []
+    """One attack phase. Attacking and reading clients run in processes of their own (spawned), so
+    that their client-side work (building, sending and parsing megabytes in Python) never holds the
+    victim's GIL: the victim's latency is the server's."""
+    ctx = multiprocessing.get_context("spawn")
+    stop, out = ctx.Event(), ctx.Queue()
     rss_before = srv.rss()
     socks: list[socket.socket] = []
-    threads = []
+    procs = []
     if name == "stalled":
         socks = stalled_readers(srv.url, args.attackers, args.stalled_tokens)
     elif name == "readers":
-        threads = [threading.Thread(target=honest_reader, args=(srv.url, args.stalled_tokens, records), daemon=True)
-                   for _ in range(args.attackers)]
-        for t in threads:
-            t.start()
+        procs = [ctx.Process(target=honest_reader, args=(srv.url, args.stalled_tokens, out), daemon=True)
+                 for _ in range(args.attackers)]
     else:
-        path, make = ATTACKS[name]
-        body = make()
-        deadline = time.monotonic() + args.attack_seconds
-        threads = [threading.Thread(target=attack, args=(srv.url, path, body, stop, deadline, args.max_attempts,
-                                                         records), daemon=True) for _ in range(args.attackers)]
-        for t in threads:
-            t.start()
-    time.sleep(0.5)  # the attack is under way
+        deadline = time.monotonic() + 5 + args.attack_seconds  # (+ a spawned child's start-up)
+        procs = [ctx.Process(target=attack, args=(srv.url, name, stop, deadline, args.max_attempts, out),
+                             daemon=True) for _ in range(args.attackers)]
+    for proc in procs:
+        proc.start()
+    time.sleep(0.5 if not procs else 3.0)  # the attack is under way (spawned children import httpx first)
     lat = victim(srv.url, args.victims)
     rss_during = srv.rss()
     stop.set()
-    for t in threads:
-        t.join(150 if name != "readers" else 300)
+    records = []
+    for _ in procs:
+        try:
+            records += out.get(timeout=150 if name != "readers" else 300)
+        except queue.Empty:
+            records.append({"status": "no report", "bytes": 0, "s": float("nan")})
+    for proc in procs:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
     for s in socks:
         s.close()
     statuses: dict[str, int] = {}
     for r in records:
         statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
-    return {"attack": name, "attempts": len(socks) if name == "stalled" else len(threads) if name == "readers"
+    return {"attack": name, "attempts": len(socks) if name == "stalled" else len(procs) if name == "readers"
             else len(records), "statuses": statuses,
             "max_response_bytes": max((r["bytes"] for r in records), default=0),
             "attack_s_median": median([r["s"] for r in records]), "victim_s": lat,
