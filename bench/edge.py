@@ -1,10 +1,17 @@
-"""Edge benchmark: qiusuo's engine in fp32, int8, int8-dynamic and int4 against llama.cpp measured with its own tools.
+"""Edge benchmark: qiusuo's engine in fp32, bf16, int8, int8-dynamic and int4 against llama.cpp measured with its own tools.
 
     python bench/edge.py [--shapes smollm2-135m qwen2.5-0.5b] [--repeats 3] [--batches 8 16 32] [--threads 1] [--new-tokens 32]
+        [--variants fp32 bf16 int8 int4+compile ...] [--gguf f32 f16 q8_0 q4_0]
+
+A qiusuo variant is a precision (fp32, bf16, int8, int8-dynamic, int4), with "+compile" for
+`compile=True` (its compile time is in the load time; later repeats reuse inductor's on-disk cache,
+as a user's second start does). By default bf16 and the f16 GGUF run only where the CPU has native
+bf16 (AVX512-BF16 / AMX, `cpu_has_native_bf16`); on AMX-BF16 qiusuo's bf16 runs on prepacked oneDNN
+weights (qiusuo/model/packed.py).
 
 Model shapes are the config.json values of SmolLM2-135M and Qwen2.5-0.5B (bench/engine.py's
 REAL_SHAPES) with random weights, saved by qiusuo and exported to GGUF by qiusuo's exporter
-(f32, q8_0, q4_0; bf16/f16 only where the CPU has native bf16 - not on AVX2 machines).
+(f32, q8_0, q4_0; f16 only where the CPU has native bf16 - not on AVX2 machines).
 
 llama.cpp is measured as its users measure it, by its own tools built from the source that the
 installed llama-cpp-python vendors (same version, so the GGUF files are read by the same loader):
@@ -43,7 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import REAL_SHAPES, RESULT  # noqa: E402
+from engine import REAL_SHAPES, RESULT, qiusuo_side_options  # noqa: E402
 from results import Run, alternating, hwm_mb, median  # noqa: E402
 
 from qiusuo.export import export_gguf  # noqa: E402
@@ -52,9 +59,17 @@ from qiusuo.model.quantize import cpu_has_native_bf16  # noqa: E402
 from qiusuo.tokenizer import Tokenizer  # noqa: E402
 
 CHECKED = 16
-QIUSUO = ("fp32", "int8", "int8-dynamic", "int4")
+QIUSUO = ("fp32", "int8", "int8-dynamic", "int4")  # on every CPU
+QIUSUO_BF16 = ("bf16",)  # where the CPU has native bf16
 GGUF = ("f32", "q8_0", "q4_0")
-PAIRS = (("fp32", "f32"), ("int8", "q8_0"), ("int8-dynamic", "q8_0"), ("int4", "q4_0"))  # matched precision
+GGUF_BF16 = ("f16",)  # llama.cpp's half-precision file, paired with qiusuo bf16
+# matched precision: a qiusuo precision (eager or +compile) / a GGUF type
+PAIRS = (("fp32", "f32"), ("bf16", "f16"), ("int8", "q8_0"), ("int8-dynamic", "q8_0"), ("int4", "q4_0"))
+
+
+def precision(variant: str) -> str:
+    """A variant's precision: "int4+compile" -> "int4" (the pair it is judged in)."""
+    return variant.removesuffix("+compile")
 TOOLS = ("llama-bench", "llama-batched-bench")
 ENGINE = Path(__file__).resolve().parent / "engine.py"
 
@@ -176,13 +191,13 @@ def greedy_reference(res: dict) -> tuple[list[int], list[int]]:
     return prompt, row[:CHECKED]
 
 
-def build_shape(shape: str, directory: Path, seed: int) -> tuple[Path, dict[str, Path], int]:
+def build_shape(shape: str, directory: Path, seed: int, gguf_types) -> tuple[Path, dict[str, Path], int]:
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(**REAL_SHAPES[shape])).eval()
     model.reset_parameters(seed=seed)
     tok = Tokenizer.builtin()  # GGUF carries a tokenizer; the bench feeds token ids, so any fits
     ckpt = save_model(model, tok, directory / shape)
-    ggufs = {dt: export_gguf(model, tok, directory / f"{shape}-{dt}.gguf", dtype=dt) for dt in GGUF}
+    ggufs = {dt: export_gguf(model, tok, directory / f"{shape}-{dt}.gguf", dtype=dt) for dt in gguf_types}
     return ckpt, ggufs, model.num_parameters()
 
 
@@ -192,12 +207,12 @@ def build_shape(shape: str, directory: Path, seed: int) -> tuple[Path, dict[str,
 def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
     KEYS = ["load_s", "prefill_tok_s", "decode_tok_s"] + [f"batch{b}_tok_s" for b in args.batches] + ["peak_rss_mb"]
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        ckpt, ggufs, params = build_shape(shape, Path(tmp), args.seed)
+        ckpt, ggufs, params = build_shape(shape, Path(tmp), args.seed, args.gguf)
         print(f"{shape}: {params / 1e6:.1f} M parameters; GGUF sizes "
               + ", ".join(f"{dt} {p.stat().st_size / 2**20:.0f} MiB" for dt, p in ggufs.items()), flush=True)
         sides = [f"qiusuo {v}" for v in args.variants]
         if bin_dir is not None:
-            sides += [f"llama.cpp {dt} fa{fa}" for dt in GGUF for fa in (0, 1)]
+            sides += [f"llama.cpp {dt} fa{fa}" for dt in args.gguf for fa in (0, 1)]
         got: dict[str, list[dict]] = {s: [] for s in sides}
         loads: dict[str, float] = {}
         reference = None
@@ -245,9 +260,9 @@ def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
         ratio_rows = []
         ratio_keys = ["prefill_tok_s", "decode_tok_s"] + [f"batch{b}_tok_s" for b in args.batches]
         for q, g in PAIRS + (("best", "best"),):
-            qs = [f"qiusuo {q}"] if q != "best" else [f"qiusuo {v}" for v in args.variants]
+            qs = [f"qiusuo {v}" for v in args.variants if q in ("best", precision(v))]
             ls = [f"llama.cpp {g} fa{fa}" for fa in (0, 1)] if g != "best" else \
-                [f"llama.cpp {d} fa{fa}" for d in GGUF for fa in (0, 1)]
+                [f"llama.cpp {d} fa{fa}" for d in args.gguf for fa in (0, 1)]
             qs, ls = [s for s in qs if s in med], [s for s in ls if s in med]
             if not qs or not ls:
                 continue
@@ -257,7 +272,9 @@ def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
             ratio_rows.append(row)
         run.table(f"edge {shape}: qiusuo / llama.cpp (best flash-attention setting), higher is better",
                   ["pair", "prefill", "B=1 decode"] + [f"B={b}" for b in args.batches], ratio_rows,
-                  note="issue 15's targets: int8 / q8_0 >= 1.0, int4 / q4_0 >= 0.8 at B=1 and B=16.")
+                  note="each figure: the best qiusuo variant of the precision (eager or +compile) over "
+                       "the better llama.cpp flash-attention setting; issue 15's targets: int8 / q8_0 >= 1.0, "
+                       "int4 / q4_0 >= 0.8 at B=1 and B=16.")
         run.save()  # after every shape: a later shape that runs out of time keeps the earlier ones
         # asserted after saving, so the figures of a failing run stay on file for the diagnosis
         assert agree is not False, f"{shape}: llama.cpp f32 greedy tokens {theirs} != qiusuo fp32 {reference[1]}"
@@ -267,7 +284,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b"],
                     choices=["smollm2-135m", "qwen2.5-0.5b"])
-    ap.add_argument("--variants", nargs="+", default=list(QIUSUO), choices=list(QIUSUO))
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="qiusuo variants: fp32, bf16, int8, int8-dynamic, int4, any with +compile "
+                         f"(default: {' '.join(QIUSUO)}, and {' '.join(QIUSUO_BF16)} where the CPU has native bf16)")
+    ap.add_argument("--gguf", nargs="+", default=None, choices=list(GGUF + GGUF_BF16),
+                    help=f"llama.cpp files (default: {' '.join(GGUF)}, and {' '.join(GGUF_BF16)} with native bf16)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="threads on both sides")
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -284,6 +305,15 @@ def main() -> None:
     ap.add_argument("--llama", action=argparse.BooleanOptionalAction, default=True,
                     help="run the llama.cpp sides (--no-llama: qiusuo's only, e.g. while the tools build)")
     args = ap.parse_args()
+    native = cpu_has_native_bf16()
+    if args.variants is None:
+        args.variants = list(QIUSUO[:1] + (QIUSUO_BF16 if native else ()) + QIUSUO[1:])
+    if args.gguf is None:
+        args.gguf = list(GGUF[:1] + (GGUF_BF16 if native else ()) + GGUF[1:])
+    for v in args.variants:
+        qiusuo_side_options(f"qiusuo {v}")  # a ValueError naming the variant before anything is built
+    if "f32" not in args.gguf:
+        args.gguf.insert(0, "f32")  # the greedy check's reference
     bin_dir = build_llama_cpp(args.llama_build, args.llama_sdist) if args.llama else None
     print(f"llama.cpp tools: {bin_dir}; native bf16: {cpu_has_native_bf16()} (bf16 pairs run only where it is)",
           flush=True)

@@ -55,3 +55,18 @@ def test_greedy_reference_is_the_single_streams_tokens():
     prompt, tokens = edge.greedy_reference(res)
     assert prompt == [5, 6] and tokens == list(range(edge.CHECKED))  # was [[0..39]]: never equal to llama.cpp's
     assert res == {"x": 1.0}
+
+
+def test_variant_names_give_the_engine_options_and_the_pair():
+    from engine import qiusuo_side_options
+
+    assert qiusuo_side_options("qiusuo fp32") == ("float32", None, False)
+    assert qiusuo_side_options("qiusuo bf16") == ("bfloat16", None, False)
+    assert qiusuo_side_options("qiusuo int8-dynamic") == ("float32", "int8-dynamic", False)
+    assert qiusuo_side_options("qiusuo int4+compile") == ("float32", "int4", True)
+    assert qiusuo_side_options("qiusuo bf16+compile") == ("bfloat16", None, True)
+    for bad in ("qiusuo fp16", "qiusuo int4-bf16", "qiusuo int4+bf16"):
+        with pytest.raises(ValueError, match="precision"):
+            qiusuo_side_options(bad)
+    assert [edge.precision(v) for v in ("fp32", "bf16+compile", "int8-dynamic", "int4+compile")] == \
+        ["fp32", "bf16", "int8-dynamic", "int4"]
