@@ -131,11 +131,22 @@ def run_tool(cmd: list[str], timeout: float) -> tuple[str, float]:
     return text, peak if peak is not None else usage.ru_maxrss / 1024
 
 
+SEGFAULT = "(-11)"  # run_tool's error for a tool killed by SIGSEGV
+
+
 def llama_side(bin_dir: Path, gguf: Path, threads: int, prefill_len: int, new_tokens: int, fa: int,
-               timeout: float, batches: list[int]) -> dict:
-    """llama-bench's pp/tg rates and llama-batched-bench's batch rates for one file, flash attention fa."""
+               timeout: float, batches: list[int], repack: bool = True) -> dict:
+    """llama-bench's pp/tg rates and llama-batched-bench's batch rates for one file, flash attention fa.
+
+    repack=False runs the tools with `--repack 0` / `--no-repack`: the weights stay in the file's
+    layout instead of going to llama.cpp's extra CPU buffer types (AMX, interleaved repacks). On a
+    Sapphire Rapids class Xeon the AMX one segfaults in `ggml_backend_amx_mul_mat` (q8_0 and q4_0,
+    llama.cpp of llama-cpp-python 0.3.36; upstream ggml-org/llama.cpp#20824, closed unfixed), so
+    `with_repack_fallback` retries a segfaulting file this way and the result records it."""
+    no_repack_bench, no_repack_batched = ([], []) if repack else (["--repack", "0"], ["--no-repack"])
     text, rss1 = run_tool([str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", str(prefill_len), "-n", str(new_tokens),
-                           "-t", str(threads), "-fa", str(fa), "-r", "1", "-ngl", "0", "-o", "json"], timeout)
+                           "-t", str(threads), "-fa", str(fa), "-r", "1", "-ngl", "0", "-o", "json", *no_repack_bench],
+                          timeout)
     rows = json.loads(text)
     out = {"prefill_tok_s": next(r["avg_ts"] for r in rows if r["n_prompt"] and not r["n_gen"]),
            "decode_tok_s": next(r["avg_ts"] for r in rows if r["n_gen"] and not r["n_prompt"])}
@@ -143,14 +154,30 @@ def llama_side(bin_dir: Path, gguf: Path, threads: int, prefill_len: int, new_to
     text, rss2 = run_tool([str(bin_dir / "llama-batched-bench"), "-m", str(gguf), "-c", str(ctx), "-b", "2048",
                            "-ub", "512", "-npp", "16", "-ntg", str(new_tokens), "-npl", ",".join(map(str, batches)),
                            "-t", str(threads), "-tb", str(threads), "-fa", "on" if fa else "off", "-ngl", "0",
-                           "--output-format", "jsonl"], timeout)
+                           "--output-format", "jsonl", *no_repack_batched], timeout)
     for line in text.splitlines():
         if line.startswith("{"):
             r = json.loads(line)
             out[f"batch{r['pl']}_tok_s"] = r["pl"] * r["tg"] / r["t"]  # generated tokens over prefill + decode
             out[f"batch{r['pl']}_decode_only_tok_s"] = r["speed_tg"]
     out["peak_rss_mb"] = max(rss1, rss2)
+    out["repack"] = repack
     return out
+
+
+def with_repack_fallback(side, no_repack: set[str], dtype: str) -> dict:
+    """`side(repack)` with llama.cpp's default repacking; a GGUF type whose tools segfault with it (the
+    AMX buffer type, see `llama_side`) is rerun without, and stays without for the rest of the run."""
+    if dtype not in no_repack:
+        try:
+            return side(True)
+        except RuntimeError as e:
+            if SEGFAULT not in str(e):
+                raise
+            print(f"llama.cpp {dtype}: segfault with weight repacking (AMX buffer type); rerun with --repack 0",
+                  flush=True)
+            no_repack.add(dtype)
+    return side(False)
 
 
 def llama_load_and_greedy(gguf: Path, prompt: list[int], threads: int) -> tuple[float, list[int]]:
@@ -207,7 +234,8 @@ def build_shape(shape: str, directory: Path, seed: int, gguf_types) -> tuple[Pat
 def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
     KEYS = ["load_s", "prefill_tok_s", "decode_tok_s"] + [f"batch{b}_tok_s" for b in args.batches] + ["peak_rss_mb"]
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        ckpt, ggufs, params = build_shape(shape, Path(tmp), args.seed, args.gguf)
+        # f32 always: the greedy check's reference, also when its speed is not measured (--gguf without f32)
+        ckpt, ggufs, params = build_shape(shape, Path(tmp), args.seed, dict.fromkeys(["f32", *args.gguf]))
         print(f"{shape}: {params / 1e6:.1f} M parameters; GGUF sizes "
               + ", ".join(f"{dt} {p.stat().st_size / 2**20:.0f} MiB" for dt, p in ggufs.items()), flush=True)
         sides = [f"qiusuo {v}" for v in args.variants]
@@ -215,6 +243,7 @@ def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
             sides += [f"llama.cpp {dt} fa{fa}" for dt in args.gguf for fa in (0, 1)]
         got: dict[str, list[dict]] = {s: [] for s in sides}
         loads: dict[str, float] = {}
+        no_repack: set[str] = set()  # GGUF types whose llama.cpp tools run with --repack 0 (with_repack_fallback)
         reference = None
         for r, side in alternating(sides, args.repeats):
             engine, name = side.split(" ", 1)
@@ -227,8 +256,9 @@ def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
                         reference = single
                 else:
                     dt, fa = name.split(" fa")
-                    res = llama_side(bin_dir, ggufs[dt], args.threads, args.prefill_len, args.new_tokens, int(fa),
-                                     args.side_timeout, args.batches)
+                    res = with_repack_fallback(
+                        lambda repack: llama_side(bin_dir, ggufs[dt], args.threads, args.prefill_len, args.new_tokens,
+                                                  int(fa), args.side_timeout, args.batches, repack), no_repack, dt)
                     if dt not in loads:
                         loads[dt] = llama_load_and_greedy(ggufs[dt], [1], args.threads)[0]
                     res["load_s"] = loads[dt]
@@ -256,7 +286,9 @@ def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
                        f"excluded (llama-bench tg{args.new_tokens}); B={'/'.join(map(str, args.batches))}: 16-token prompts + {args.new_tokens} new "
                        "tokens each, generated tokens / wall time with prefill included (llama-batched-bench pl*tg/t); "
                        "no prefix cache on either side; faN = llama.cpp flash attention off/on. "
-                       f"Greedy tokens qiusuo fp32 == llama.cpp f32 for the first {CHECKED}: {agree}.")
+                       + (f"llama.cpp {', '.join(sorted(no_repack))} ran with --repack 0 (weight repacking into its "
+                          "AMX buffer segfaulted, ggml-org/llama.cpp#20824). " if no_repack else "")
+                       + f"Greedy tokens qiusuo fp32 == llama.cpp f32 for the first {CHECKED}: {agree}.")
         ratio_rows = []
         ratio_keys = ["prefill_tok_s", "decode_tok_s"] + [f"batch{b}_tok_s" for b in args.batches]
         for q, g in PAIRS + (("best", "best"),):
@@ -312,8 +344,6 @@ def main() -> None:
         args.gguf = list(GGUF[:1] + (GGUF_BF16 if native else ()) + GGUF[1:])
     for v in args.variants:
         qiusuo_side_options(f"qiusuo {v}")  # a ValueError naming the variant before anything is built
-    if "f32" not in args.gguf:
-        args.gguf.insert(0, "f32")  # the greedy check's reference
     bin_dir = build_llama_cpp(args.llama_build, args.llama_sdist) if args.llama else None
     print(f"llama.cpp tools: {bin_dir}; native bf16: {cpu_has_native_bf16()} (bf16 pairs run only where it is)",
           flush=True)

@@ -70,3 +70,19 @@ def test_variant_names_give_the_engine_options_and_the_pair():
             qiusuo_side_options(bad)
     assert [edge.precision(v) for v in ("fp32", "bf16+compile", "int8-dynamic", "int4+compile")] == \
         ["fp32", "bf16", "int8-dynamic", "int4"]
+
+
+def test_a_segfault_with_repacking_reruns_without_it_for_the_rest_of_the_run():
+    calls, no_repack = [], set()
+
+    def side(repack):
+        calls.append(repack)
+        if repack:
+            raise RuntimeError("llama-bench -m x.gguf failed (-11): ")
+        return {"repack": repack}
+
+    assert edge.with_repack_fallback(side, no_repack, "q8_0") == {"repack": False}
+    assert edge.with_repack_fallback(side, no_repack, "q8_0") == {"repack": False}
+    assert calls == [True, False, False] and no_repack == {"q8_0"}
+    with pytest.raises(RuntimeError, match="failed \\(3\\)"):  # other failures are not retried
+        edge.with_repack_fallback(lambda repack: (_ for _ in ()).throw(RuntimeError("failed (3)")), set(), "f16")
