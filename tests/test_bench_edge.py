@@ -86,3 +86,19 @@ def test_a_segfault_with_repacking_reruns_without_it_for_the_rest_of_the_run():
     assert calls == [True, False, False] and no_repack == {"q8_0"}
     with pytest.raises(RuntimeError, match="failed \\(3\\)"):  # other failures are not retried
         edge.with_repack_fallback(lambda repack: (_ for _ in ()).throw(RuntimeError("failed (3)")), set(), "f16")
+
+
+def test_every_kernel_of_bench_kernels_computes_the_matmul():
+    import kernels
+    import torch
+
+    w, x = torch.randn(64, 128) * 0.05, torch.randn(3, 128)
+    ref = x @ w.T
+    for kernel in kernels.KERNELS:
+        if kernel.startswith("bf16") and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            continue
+        if kernel.startswith("int8-dynamic") and "fbgemm" not in torch.backends.quantized.supported_engines:
+            continue
+        for head in (False, True):
+            y = kernels.build(kernel, w, head)(x).float()
+            assert (y - ref).abs().max() < 0.2 * ref.abs().max(), kernel  # int4 groups of 32: ~0.1 of the largest
