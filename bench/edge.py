@@ -240,7 +240,7 @@ def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
               + ", ".join(f"{dt} {p.stat().st_size / 2**20:.0f} MiB" for dt, p in ggufs.items()), flush=True)
         sides = [f"qiusuo {v}" for v in args.variants]
         if bin_dir is not None:
-            sides += [f"llama.cpp {dt} fa{fa}" for dt in args.gguf for fa in (0, 1)]
+            sides += [f"llama.cpp {dt} fa{fa}" for dt in args.gguf for fa in args.flash_attn]
         got: dict[str, list[dict]] = {s: [] for s in sides}
         loads: dict[str, float] = {}
         no_repack: set[str] = set()  # GGUF types whose llama.cpp tools run with --repack 0 (with_repack_fallback)
@@ -293,8 +293,8 @@ def bench_shape(shape: str, args, run: Run, bin_dir: Path | None) -> None:
         ratio_keys = ["prefill_tok_s", "decode_tok_s"] + [f"batch{b}_tok_s" for b in args.batches]
         for q, g in PAIRS + (("best", "best"),):
             qs = [f"qiusuo {v}" for v in args.variants if q in ("best", precision(v))]
-            ls = [f"llama.cpp {g} fa{fa}" for fa in (0, 1)] if g != "best" else \
-                [f"llama.cpp {d} fa{fa}" for d in args.gguf for fa in (0, 1)]
+            ls = [f"llama.cpp {g} fa{fa}" for fa in args.flash_attn] if g != "best" else \
+                [f"llama.cpp {d} fa{fa}" for d in args.gguf for fa in args.flash_attn]
             qs, ls = [s for s in qs if s in med], [s for s in ls if s in med]
             if not qs or not ls:
                 continue
@@ -326,6 +326,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32],
                     help="parallel sequences of the batch measurements (B=1 is always measured)")
+    ap.add_argument("--flash-attn", type=int, nargs="+", default=[0, 1], choices=[0, 1],
+                    help="llama.cpp flash attention settings measured (the ratios take the better one)")
     ap.add_argument("--prefill-len", type=int, default=128)
     ap.add_argument("--side-timeout", type=float, default=1200, help="seconds one side's process may take")
     ap.add_argument("--llama-build", type=Path, default=Path.home() / ".cache" / "qiusuo-bench" / "llama.cpp-build",
