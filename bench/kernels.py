@@ -94,7 +94,7 @@ def onednn_isa() -> str:
             "F.linear(torch.randn(4, 64, dtype=torch.bfloat16), torch.randn(64, 64, dtype=torch.bfloat16))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "ONEDNN_VERBOSE": "1"}).stdout
-    return next((x.split(",")[5] for x in out.splitlines() if ",exec,cpu,matmul," in x), "no oneDNN matmul")
+    return next((x.split(",")[6] for x in out.splitlines() if ",exec,cpu,matmul," in x), "no oneDNN matmul")
 
 
 def main() -> None:
