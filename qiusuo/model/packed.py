@@ -4,8 +4,8 @@ On a CPU with AMX-BF16 PyTorch runs a bf16 `F.linear` on oneDNN's AMX matmul (`b
 in ONEDNN_VERBOSE), but from a plain row-major weight, which the kernel reorders into its tile layout
 on every call. Reordering each weight once (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's
 `weight_prepack` does) and calling `torch.ops.mkldnn._linear_pointwise` on it took the matmuls of one
-decode step from 46.3 to 30.5 ms of CPU time at batch 1 and from 48.5 to 33.6 ms at batch 16 at the
-SmolLM2-135M shape, 128.1 -> 88.3 and 134.3 -> 91.7 ms at the Qwen2.5-0.5B shape (bench/kernels.py,
+decode step from 40.0 to 28.6 ms of CPU time at batch 1 and from 44.3 to 30.3 ms at batch 16 at the
+SmolLM2-135M shape, 114.3 -> 86.4 and 122.8 -> 88.5 ms at the Qwen2.5-0.5B shape (bench/kernels.py,
 one thread, Sapphire Rapids class Xeon, weights cold); the engine's bf16 decode step at the
 SmolLM2-135M shape went from 59.5 to 46.9 ms (B=1) and 74.7 to 59.7 ms (B=16) of CPU time.
 
