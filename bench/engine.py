@@ -321,6 +321,21 @@ def save_tiny(run: Run, args, n: int, out_max: int, peak: float, summary_rows: l
 
 
 # ---------------------------------------------------------------------- real shapes: one process per side and repeat
+QUANT_MODES = ("int8", "int8-dynamic", "int4")
+
+
+def qiusuo_side_options(side: str) -> tuple[str, str | None, bool]:
+    """(dtype, quantization, compile) of a side named "qiusuo <precision>[+compile]": precision fp32,
+    bf16 or a quantization mode (bench/edge.py's variants); "+compile" is `compile=True`. (A quantized
+    model computes in float32: the loader refuses bf16 with quantization.)"""
+    name = side.split(" ", 1)[1]
+    compile_ = name.endswith("+compile")
+    name = name.removesuffix("+compile")
+    if name not in ("fp32", "bf16") + QUANT_MODES:
+        raise ValueError(f"qiusuo side {side!r}: precision fp32, bf16 or {'/'.join(QUANT_MODES)}, optionally +compile")
+    return "bfloat16" if name == "bf16" else "float32", name if name in QUANT_MODES else None, compile_
+
+
 def real_worker(shape: str, side: str, ckpt: str, threads: int, new_tokens: int, prefill_len: int,
                 batches: list[int], seed: int) -> dict:
     torch.set_num_threads(threads)
@@ -331,10 +346,10 @@ def real_worker(shape: str, side: str, ckpt: str, threads: int, new_tokens: int,
     out: dict = {"shape": shape, "side": side}
     t0 = time.perf_counter()
     if side.startswith("qiusuo"):
-        dtype = "bfloat16" if side.endswith("bf16") else "float32"
-        quant = side.split()[-1] if side.split()[-1] in ("int8", "int8-dynamic", "int4") else None  # bench/edge.py's sides
+        dtype, quant, compile_ = qiusuo_side_options(side)
         llm = LLM(ckpt, dtype=dtype, num_threads=threads, max_num_seqs=max(batches), enable_prefix_caching=False,
-                  max_model_len=max(prefill_len, 16 + new_tokens) + 1, kv_cache_bytes=None, quantization=quant)
+                  max_model_len=max(prefill_len, 16 + new_tokens) + 1, kv_cache_bytes=None, quantization=quant,
+                  compile=compile_)
         out["load_s"] = time.perf_counter() - t0
 
         def gen(prompts, n):

@@ -35,7 +35,8 @@ NAME = re.compile(r"^(?P<bench>[a-z0-9_]+(?:-[a-z0-9_]+)*?)-(?P<date>\d{8})-(?P<
 # The argument naming what a run of a bench covered (its model shapes, presets, workloads): a newer
 # file replaces an older one only where they cover the same things, so a run of one shape does not
 # hide the table of another shape measured earlier.
-SCOPE = {"edge": "shapes", "engine_real": "shapes", "engine": "presets", "grpo": "workloads", "hostile": "label"}
+SCOPE = {"edge": "shapes", "engine_real": "shapes", "engine": "presets", "grpo": "workloads", "hostile": "label",
+         "kernels": "shape"}
 
 
 def scope(bench: str, data: dict[str, Any]) -> set[str]:

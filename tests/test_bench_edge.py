@@ -55,3 +55,50 @@ def test_greedy_reference_is_the_single_streams_tokens():
     prompt, tokens = edge.greedy_reference(res)
     assert prompt == [5, 6] and tokens == list(range(edge.CHECKED))  # was [[0..39]]: never equal to llama.cpp's
     assert res == {"x": 1.0}
+
+
+def test_variant_names_give_the_engine_options_and_the_pair():
+    from engine import qiusuo_side_options
+
+    assert qiusuo_side_options("qiusuo fp32") == ("float32", None, False)
+    assert qiusuo_side_options("qiusuo bf16") == ("bfloat16", None, False)
+    assert qiusuo_side_options("qiusuo int8-dynamic") == ("float32", "int8-dynamic", False)
+    assert qiusuo_side_options("qiusuo int4+compile") == ("float32", "int4", True)
+    assert qiusuo_side_options("qiusuo bf16+compile") == ("bfloat16", None, True)
+    for bad in ("qiusuo fp16", "qiusuo int4-bf16", "qiusuo int4+bf16"):
+        with pytest.raises(ValueError, match="precision"):
+            qiusuo_side_options(bad)
+    assert [edge.precision(v) for v in ("fp32", "bf16+compile", "int8-dynamic", "int4+compile")] == \
+        ["fp32", "bf16", "int8-dynamic", "int4"]
+
+
+def test_a_segfault_with_repacking_reruns_without_it_for_the_rest_of_the_run():
+    calls, no_repack = [], set()
+
+    def side(repack):
+        calls.append(repack)
+        if repack:
+            raise RuntimeError("llama-bench -m x.gguf failed (-11): ")
+        return {"repack": repack}
+
+    assert edge.with_repack_fallback(side, no_repack, "q8_0") == {"repack": False}
+    assert edge.with_repack_fallback(side, no_repack, "q8_0") == {"repack": False}
+    assert calls == [True, False, False] and no_repack == {"q8_0"}
+    with pytest.raises(RuntimeError, match="failed \\(3\\)"):  # other failures are not retried
+        edge.with_repack_fallback(lambda repack: (_ for _ in ()).throw(RuntimeError("failed (3)")), set(), "f16")
+
+
+def test_every_kernel_of_bench_kernels_computes_the_matmul():
+    import kernels
+    import torch
+
+    w, x = torch.randn(64, 128) * 0.05, torch.randn(3, 128)
+    ref = x @ w.T
+    for kernel in kernels.KERNELS:
+        if kernel.startswith("bf16") and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            continue
+        if kernel.startswith("int8-dynamic") and "fbgemm" not in torch.backends.quantized.supported_engines:
+            continue
+        for head in (False, True):
+            y = kernels.build(kernel, w, head)(x).float()
+            assert (y - ref).abs().max() < 0.2 * ref.abs().max(), kernel  # int4 groups of 32: ~0.1 of the largest

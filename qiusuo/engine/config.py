@@ -59,8 +59,9 @@ class SpeculativeConfig:
 class EngineConfig:
     # How `LLM` loads a checkpoint. `LLMEngine` runs the module it is given as it is.
     device: str = option("cpu", "torch device: cpu, cuda, cuda:1, ... (a live module: its own)")
-    dtype: DType = option("auto", "weights and compute dtype; auto: float32 for a checkpoint (bfloat16 decodes "
-                                  "slower on most CPUs), a live module's own dtype")
+    dtype: DType = option("auto", "weights and compute dtype; auto: float32 for a checkpoint (bfloat16 is faster "
+                                  "on CPUs with AMX-BF16, where its linears are prepacked, slower on most others), "
+                                  "a live module's own dtype")
     quantization: Quantization | None = option(
         None, "low-bit weights (qiusuo/model/quantize.py): int8 per channel, int8-dynamic (8-bit activations "
               "too, faster on x86, less exact), int4 in groups of --int4-group-size", flag="--quantize")

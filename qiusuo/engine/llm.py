@@ -26,6 +26,16 @@ Messages = Sequence[Mapping[str, Any]]
 LoRA = LoRARequest | str | None
 
 
+def _packs_bf16(model: nn.Module, config: EngineConfig) -> bool:
+    """Whether a checkpoint `LLM` loaded runs its bf16 linears on prepacked oneDNN weights: bf16 on a CPU
+    with AMX-BF16 (detected), eager (compile packs, or not, its own way) and no LoRA serving (which
+    wraps the float linears)."""
+    from qiusuo.model.packed import cpu_has_amx_bf16
+
+    return (model.dtype == torch.bfloat16 and model.device.type == "cpu" and not config.quantization
+            and not config.compile and not config.lora_modules and cpu_has_amx_bf16())
+
+
 class LLM:
     def __init__(self, model: str | Path | nn.Module, tokenizer: Any | None = None, *,
                  device: str | torch.device | None = None, dtype: str = "auto",
@@ -50,6 +60,10 @@ class LLM:
                                                  dtype="float32" if dtype == "auto" else dtype,
                                                  quantization=quantization, int4_group_size=int4_group_size)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+            if _packs_bf16(model, config):
+                from qiusuo.model.packed import pack_bf16_linears
+
+                pack_bf16_linears(model)  # oneDNN's AMX layout once, not per call (qiusuo/model/packed.py)
         elif engine_kwargs.get("lora_modules"):
             raise ValueError("lora_modules apply to checkpoints LLM loads itself (serving adapters rewires the "
                              "model's linear layers); a live module trains its own adapter (qiusuo.model.lora)")

@@ -138,6 +138,12 @@ class LLMEngine:
             raise ValueError("LoRA adapters do not combine with compile or speculative decoding yet; merge the adapter "
                              "into a checkpoint (qiusuo export merged) and serve that")
         if self.loras is None:
+            from qiusuo.model.packed import is_packed
+
+            if is_packed(self.model):
+                raise ValueError("LoRA adapters wrap the model's float linear layers, and this engine's bf16 "
+                                 "linears are prepacked for AMX (qiusuo/model/packed.py); start it with the adapter "
+                                 "in lora_modules, which loads the layers unpacked")
             self.loras = ServingAdapters(self.model)
             self.runner.loras = self.loras
         self.loras.add(lora_request.lora_name, lora_request.lora_path)
