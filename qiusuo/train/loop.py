@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from qiusuo.model import lora
-from qiusuo.runtime import ThreadTuner, fresh_measurement
+from qiusuo.runtime import ThreadTuner, fresh_measurement, pin_mmap_threshold
 
 from .config import TrainConfig
 from .data import pad_rows
@@ -73,6 +73,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 def setup_torch(cfg: TrainConfig) -> None:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    pin_mmap_threshold()  # large transients are mmapped and returned: no heap fragmentation (peak RSS)
 
 
 def thread_tuner(cfg: TrainConfig) -> ThreadTuner | None:
