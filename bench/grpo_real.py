@@ -258,8 +258,10 @@ def save(run: Run, results: dict[str, dict], args: argparse.Namespace, versions:
     trl = [c for c in results if c.startswith("trl")]
     if trl:
         peer = max(trl, key=lambda c: results[c]["completions_per_s"])
+        cpu = {c: median([s["cpu_s"] for s in r["steps"]]) for c, r in results.items()}
         for c in (c for c in results if not c.startswith("trl")):
             ratios.append([c, peer, round(results[c]["completions_per_s"] / results[peer]["completions_per_s"], 2),
+                           round(cpu[peer] / cpu[c], 2),
                            round(results[c]["peak_rss_mb"] / results[peer]["peak_rss_mb"], 2)])
     print("\n".join(json.dumps(x) for x in rows + ratios), flush=True)
     shape = "Qwen2.5-0.5B shape" if args.layers == QWEN25_05B["num_hidden_layers"] else f"{args.layers}-layer smoke"
@@ -274,7 +276,10 @@ def save(run: Run, results: dict[str, dict], args: argparse.Namespace, versions:
                    "random weights, so every completion runs to the token limit" + pinned)
     if ratios:
         run.table("qiusuo over the faster TRL configuration, same run (issue 18 targets: completions/s >= 3x, "
-                  "peak RSS <= 0.7x)", ["qiusuo config", "TRL config", "completions/s ratio", "peak RSS ratio"], ratios)
+                  "peak RSS <= 0.7x)",
+                  ["qiusuo config", "TRL config", "completions/s ratio", "completions/CPU-s ratio", "peak RSS ratio"],
+                  ratios, note="completions/CPU-s: the ratio of CPU seconds per step, which a load average that changes "
+                               "between the configurations (each runs minutes after the last) moves less than wall time")
     run.save(summary={"configs": {c: {"trainable_params": r["trainable_params"],
                                       "peak_rss_gib": round(r["peak_rss_mb"] / 1024, 2),
                                       "completions_per_s": r["completions_per_s"]} for c, r in results.items()},
