@@ -36,7 +36,6 @@ the sides; per-step medians are pooled over the repeats. Results go to bench/res
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import resource
@@ -44,37 +43,23 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import Run, alternating, median  # noqa: E402
+from trl_side import PINNED, check_versions, prompt_dataset, step_timer  # noqa: E402
 
 G, COMPLETIONS_PER_STEP, LR, SEED = 8, 64, 1e-4, 0
 PROMPTS_PER_STEP = COMPLETIONS_PER_STEP // G
 RESULT = "RESULT "  # prefix of a worker's one result line on stdout
-# The versions these figures were measured with; another version runs, with a warning in the output.
-PINNED = {"trl": "1.16.0", "transformers": "5.24.0"}
 WORKLOADS = {
     # name: (task, max new tokens, pretrain steps of the base, share of direct answers in its corpus)
     "short": ("arithmetic", 128, 80, 0.6),
     "reasoning": ("countdown", 256, 30, 0.0),
 }
 SIDES = ("qiusuo drop", "qiusuo keep", "trl generate", "trl continuous batching")
-
-
-def check_versions() -> dict[str, str | None]:
-    found = {}
-    for name, want in PINNED.items():
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            raise SystemExit(f"{name} is not installed; install the dev extra: pip install -e '.[dev]'") from None
-        if found[name] != want:
-            print(f"WARNING: {name} {found[name]} installed; these figures were pinned at {want}")
-    return found
 
 
 def base_checkpoint(workload: str, model: str | None, tmp: Path, threads: int) -> str:
@@ -137,9 +122,7 @@ def run_qiusuo(ckpt: str, workload: str, steps: int, tmp: Path, threads: int, ke
 
 def run_trl(ckpt: str, workload: str, steps: int, tmp: Path, threads: int, continuous_batching: bool,
             gradient_checkpointing: bool = False, **_) -> dict:
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from qiusuo.train.data import load_task
@@ -149,30 +132,14 @@ def run_trl(ckpt: str, workload: str, steps: int, tmp: Path, threads: int, conti
     task = load_task(task_name)
     problems = [p for s in range(steps + 1) for p in step_problems(task, s)]  # qiusuo's, in qiusuo's order
     by_prompt = {p.prompt: p for p in problems}
-    # An explicit fingerprint: Dataset.from_list's own hashing of the Arrow table fails with datasets 5.2
-    # and pyarrow 26 ("Can't pickle <class 'MonthDayNano'>"); the rows are the same either way.
-    data = Dataset(InMemoryTable.from_pylist([{"prompt": p.prompt} for p in problems]), fingerprint=f"bench-{workload}")
+    data = prompt_dataset([p.prompt for p in problems], fingerprint=f"bench-{workload}")
     scored: list[int] = []  # completions the reward saw, per call (one call per step)
 
     def reward(prompts, completions, **_):
         scored.append(len(completions))
         return [s.reward for s in task.score_many([by_prompt[p] for p in prompts], completions)]
 
-    wall: list[float] = []
-    cpu: list[float] = []
-    seen_threads: set[int] = set()
-
-    class StepTimer(TrainerCallback):
-        # on_step_begin .. on_step_end spans generation, scoring, loss, backward and the optimizer step;
-        # the trainer's logging runs after on_step_end, as qiusuo's metrics line is written after step_fn.
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0, self.c0 = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, args, state, control, **kw):
-            wall.append(time.perf_counter() - self.t0)
-            cpu.append(time.process_time() - self.c0)
-            seen_threads.add(torch.get_num_threads())
-
+    timer = step_timer()
     tok = AutoTokenizer.from_pretrained(ckpt)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     cfg = GRPOConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=COMPLETIONS_PER_STEP,
@@ -182,7 +149,7 @@ def run_trl(ckpt: str, workload: str, steps: int, tmp: Path, threads: int, conti
                      shuffle_dataset=False, gradient_checkpointing=gradient_checkpointing, disable_tqdm=True,
                      use_transformers_continuous_batching=continuous_batching)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
-                          callbacks=[StepTimer()])
+                          callbacks=[timer])
     first_prompts: list[list[int]] = []
     tokenize = trainer._tokenize_prompts
 
@@ -195,10 +162,10 @@ def run_trl(ckpt: str, workload: str, steps: int, tmp: Path, threads: int, conti
     trainer._tokenize_prompts = spy
     trainer.train()
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h][1:]
-    return {"wall": wall[1:], "cpu": cpu[1:], "completion_len": [h["completions/mean_length"] for h in logs],
+    return {"wall": timer.wall[1:], "cpu": timer.cpu[1:], "completion_len": [h["completions/mean_length"] for h in logs],
             "completions": scored[1:], "rows_trained": scored[1:],
             "zero_variance_frac": [h.get("frac_reward_zero_std", 0.0) for h in logs],
-            "step0_prompt_ids": first_prompts, "threads": sorted(seen_threads)}
+            "step0_prompt_ids": first_prompts, "threads": sorted(timer.threads)}
 
 
 def worker(side: str, args: argparse.Namespace) -> None:
