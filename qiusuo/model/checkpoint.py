@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
+from torch import nn
 
 from .config import ModelConfig
 from .transformer import Transformer
@@ -486,9 +487,44 @@ def _load_float_quantized(path: Path, cfg: ModelConfig, device: torch.device, dt
 
 
 def _load_float(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
-    model = _assign_state(cfg, from_hf_state_dict(read_safetensors(path), cfg), device, cast=True)
+    """A float checkpoint in `dtype`. Loaded into another dtype on the CPU, each matrix is cast on its
+    own and the file's pages under it dropped right after (`release_pages`), so the load never holds
+    the file's weights and the cast ones whole at once (it did: 2.3x the fp32 weights' peak RSS when
+    loading as bf16; tests/test_quantize.py). Routers stay as `to_dtype` keeps them (fp32, from the file)."""
+    maps: list[FileMap] = []
+    casting = device.type == "cpu" and dtype != torch.float32
+    experts: ExpertParts | None = {} if casting else None  # (unstacked: stacking copies them all in fp32)
+    model = _assign_state(cfg, from_hf_state_dict(read_safetensors(path, maps), cfg, experts), device, cast=True)
     _materialize_buffers(model, device)
+    if casting:
+        release = release_pages(maps)
+        for prefix, (gate_up, down) in experts.items():  # stacked in `dtype`, an expert at a time
+            module = model.get_submodule(prefix)
+            module.gate_up_proj = nn.Parameter(_stack_cast(gate_up, dtype, release))
+            module.down_proj = nn.Parameter(_stack_cast([[d] for d in down], dtype, release))
+        del experts
+        routers = {id(m.gate.weight) for m in model.moe_layers()}  # to_dtype keeps these in fp32
+        for p in model.parameters():
+            if id(p) not in routers and p.dtype != dtype:
+                old = p.data
+                p.data = old.to(dtype)
+                release(old)
+                del old
     return model.to_dtype(dtype).eval()
+
+
+def _stack_cast(parts: list[list[torch.Tensor]], dtype: torch.dtype, release: Callable[[torch.Tensor], None]
+                ) -> torch.Tensor:
+    """torch.stack([torch.cat(p) for p in parts]) in `dtype`, each part copied in (cast) and released."""
+    rows = sum(t.shape[0] for t in parts[0])
+    out = torch.empty((len(parts), rows, *parts[0][0].shape[1:]), dtype=dtype)
+    for e, pieces in enumerate(parts):
+        at = 0
+        for t in pieces:
+            out[e, at:at + t.shape[0]].copy_(t)
+            at += t.shape[0]
+            release(t)
+    return out
 
 
 def _assign_state(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device, cast: bool) -> Transformer:
