@@ -1,4 +1,5 @@
-"""Process-level runtime choices every command shares: how many torch threads to use.
+"""Process-level runtime facts and choices every command shares: how many torch threads to use (below),
+glibc's mmap threshold for training (`pin_mmap_threshold`), and the CPU's feature flags (`cpu_flags`).
 
 On a shared 2-core machine, 2 torch threads ran 1.7x faster than 1 when the machine was quiet
 but 4-10x *slower* under a busy neighbour (OpenMP barrier stalls: 0.55 s/step with 1 thread vs
@@ -16,10 +17,12 @@ here: 4 pretraining steps at 1 and at 2 threads gave bitwise-identical weights (
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import statistics
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, Callable
 
 # The most recent measured choice in this process (threads, when): later stages of the same
@@ -193,3 +196,15 @@ def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return mallopt(_M_MMAP_THRESHOLD, int(nbytes)) == 1
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (x86 `flags`, ARM `Features`): what
+    kernels a CPU has is read, never assumed. Empty where there is no such file (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(flag for line in text.splitlines() if line.startswith(("flags", "Features"))
+                     for flag in line.split(":", 1)[1].split())

@@ -25,24 +25,18 @@ read from /proc/cpuinfo, not assumed. Greedy tokens equal the unpacked bf16 mode
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from qiusuo.runtime import cpu_flags
+
 
 @functools.cache
 def cpu_has_amx_bf16() -> bool:
-    """AMX-BF16 (Sapphire Rapids and later Xeons), read from the CPU's flags; and a oneDNN build that runs bf16."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no way to tell here, so no
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    return "amx_bf16" in flags and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """AMX-BF16 (Sapphire Rapids and later Xeons), from the CPU's flags; and a oneDNN build that runs bf16."""
+    return "amx_bf16" in cpu_flags() and torch.backends.mkldnn.is_available() and \
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class PackedLinear(nn.Module):

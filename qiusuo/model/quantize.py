@@ -44,15 +44,15 @@ so loading peaks near the quantized size, not the float one.
 
 from __future__ import annotations
 
-import functools
 import platform
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from qiusuo.runtime import cpu_flags
 
 from .moe import Experts
 
@@ -64,30 +64,16 @@ _INT8PACK_ALIGN = 64  # bytes; it segfaults on weights at 8 mod 16 (Int8Weight.p
 _SKIP = ("kv_b_proj",)
 
 
-@functools.cache
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16 (x86) or the bf16 extension (ARM), read from the CPU's flags, not assumed."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no way to tell here, so no
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    """AVX512-BF16 or AMX-BF16 (x86) or the bf16 extension (ARM), from the CPU's flags, not assumed."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-@functools.cache
 def cpu_has_vnni() -> bool:
-    """AVX512-VNNI, read from the CPU's flags: fbgemm's int8 GEMM then accumulates u8 x s8 products in
+    """AVX512-VNNI, from the CPU's flags: fbgemm's int8 GEMM then accumulates u8 x s8 products in
     32 bits (vpdpbusd), so activations may use the full 8-bit range. Without it (AVX2) pairs of products
     are summed in saturating 16 bits (vpmaddubsw), and activations keep to 7 bits (reduce_range)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any("avx512_vnni" in line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
+    return "avx512_vnni" in cpu_flags()
 
 
 def int8_kernel(mode: str = "int8") -> str:
