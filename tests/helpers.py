@@ -145,3 +145,26 @@ def wait_healthy(proc, url: str, timeout: float = 120.0) -> None:
         except httpx.TransportError:
             pass
         time.sleep(0.2)
+
+
+def llama_cpp_model(path, **kwargs):
+    """llama_cpp.Llama(path, **kwargs) without llama.cpp's extra buffer types (its weight repacking; the
+    tools' `--no-repack`): on a CPU with AMX, repacking into its AMX buffer aborted the process, on a
+    tiny-moe f16 GGUF in its graph scheduler (`GGML_ASSERT(*cur_backend_id != -1)`, ggml-backend.cpp,
+    llama-cpp-python 0.3.36) and on q8_0/q4_0 in `ggml_backend_amx_mul_mat` (ggml-org/llama.cpp#20824).
+    Llama's constructor takes no such option, so its default model params are patched while it loads."""
+    import pytest
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params  # what Llama.__init__ reads
+    try:
+        return llama_cpp.Llama(str(path), **kwargs)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import randomize_, wait_healthy
+from helpers import llama_cpp_model, randomize_, wait_healthy
 
 from qiusuo.cli import main
 from qiusuo.model import build_model, load_model, save_model
@@ -364,8 +364,7 @@ def test_llama_cpp_applies_our_lora_gguf_on_the_exported_base(tmp_path, case, ca
     names = {t.name for t in r.tensors}
     assert "blk.0.attn_output.weight.lora_a" in names and "blk.1.attn_output.weight.lora_b" in names
     assert len(names) == 2 * len(model.lora_spec.module_names)
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "lora.gguf"), n_ctx=128,
+    llm = llama_cpp_model(tmp_path / "base.gguf", lora_path=str(tmp_path / "lora.gguf"), n_ctx=128,
                           n_threads=1, n_batch=128, logits_all=True, type_k=0, type_v=0, verbose=False, seed=0)
     ids = [tok.bos_token_id] + tok.encode("12+34=46. the cat sat")
     llm.eval(ids)

@@ -17,6 +17,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+from helpers import llama_cpp_model
 
 from qiusuo.model import ModelConfig, Transformer, build_model
 
@@ -70,8 +71,7 @@ def qiusuo_greedy(model, tok, prompt_ids, n=N_NEW) -> list[list[int]]:
 
 
 def llama(path, logits_all=False):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    return llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, n_batch=256, logits_all=logits_all,
+    return llama_cpp_model(path, n_ctx=256, n_threads=1, n_batch=256, logits_all=logits_all,
                            type_k=GGML_F32, type_v=GGML_F32, verbose=False, seed=0)
 
 
