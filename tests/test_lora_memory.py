@@ -148,40 +148,33 @@ def test_pretraining_and_sft_loss_chunked_equals_unchunked(name, monkeypatch):
             torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=0, msg=n)
 
 
-_FRAGMENTATION_CHILD = """
-import json, resource, sys, torch
-from qiusuo.model import Transformer, ModelConfig, lora
+_MMAP_CHILD = """
+import ctypes, json, sys, torch
 from qiusuo.runtime import pin_mmap_threshold
-from qiusuo.train.objectives import completion_token_logprobs
-torch.set_num_threads(1)
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
 if sys.argv[1] == "pinned":
     assert pin_mmap_threshold()
-model = Transformer(ModelConfig(model_type="qwen2", vocab_size=8192, hidden_size=512, intermediate_size=2048,
-                                num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2))
-model.reset_parameters(seed=0)
-lora.apply_lora(model, 16, 32.0)
-for n, p in model.named_parameters():
-    p.requires_grad_("lora_" in n)
-model.gradient_checkpointing = True
-model.train()
-ids = torch.randint(0, 8192, (16, 262), generator=torch.Generator().manual_seed(0))
-mask = torch.zeros(16, 262, dtype=torch.bool)
-mask[:, 6:] = True
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-for step in range(2):  # the second step is the one the first one's freed blocks fragment
-    before = peak()
-    logp, _ = completion_token_logprobs(model, ids, mask)
-    logp.sum().backward()
-    model.zero_grad(set_to_none=True)
-print(json.dumps({"growth": peak() - before}))
+mapped = []  # whether each large tensor got a mapping of its own (glibc's mmapped bytes grew by its size)
+for size in (4 << 20, 4 << 20, 2 << 20):
+    before = mallinfo2().hblkhd
+    t = torch.empty(size, dtype=torch.uint8)
+    mapped.append(mallinfo2().hblkhd - before >= size)
+    del t
+print(json.dumps(mapped))
 """
 
 
-def test_trainers_pin_the_mmap_threshold_so_a_step_does_not_fragment_the_heap():
-    """glibc's dynamic mmap threshold moved a training step's large transients onto the heap after the
-    first step, where they fragmented it (GRPO at the Qwen2.5-0.5B shape peaked at 8.5 GiB, 4.2 GiB
-    with the threshold pinned). Every trainer pins it (setup_torch); the second step of a LoRA forward
-    + backward then grows peak RSS by less than half as much as with glibc's default."""
+def test_trainers_pin_the_mmap_threshold_so_large_transients_are_always_mapped():
+    """glibc raises its mmap threshold when a large mapped block is freed, so a training step's next large
+    transients came from the heap and fragmented it (GRPO LoRA at the Qwen2.5-0.5B shape peaked at
+    8.5 GiB, 4.2 GiB with the threshold pinned; bench/grpo_real.py). Every trainer pins it (setup_torch).
+    The mechanism, read from glibc's own counters (mallinfo2) in a fresh process: by default a second
+    4 MiB tensor, after the first is freed, comes from the heap; pinned, every one gets its own mapping."""
+    import inspect
     import json
     import os
     import subprocess
@@ -190,14 +183,14 @@ def test_trainers_pin_the_mmap_threshold_so_a_step_does_not_fragment_the_heap():
     from qiusuo.runtime import pin_mmap_threshold
     from qiusuo.train import loop
 
+    assert "pin_mmap_threshold()" in inspect.getsource(loop.setup_torch)
     if not pin_mmap_threshold():
         pytest.skip("not glibc (no mallopt): nothing to pin")
-    assert "pin_mmap_threshold()" in __import__("inspect").getsource(loop.setup_torch)
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    growth = {}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    mapped = {}
     for how in ("default", "pinned"):
-        proc = subprocess.run([sys.executable, "-c", _FRAGMENTATION_CHILD, how], capture_output=True, text=True,
-                              timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run([sys.executable, "-c", _MMAP_CHILD, how], capture_output=True, text=True,
+                              timeout=120, env={**env, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-2000:]
-        growth[how] = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
-    assert growth["pinned"] < 0.5 * growth["default"], growth
+        mapped[how] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert mapped == {"default": [True, False, False], "pinned": [True, True, True]}, mapped
