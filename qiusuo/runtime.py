@@ -1,5 +1,5 @@
 """Process-level runtime facts and choices every command shares: how many torch threads to use (below),
-glibc's mmap threshold for training (`pin_mmap_threshold`), and the CPU's feature flags (`cpu_flags`).
+glibc's allocator (`pin_mmap_threshold` for training, `malloc_trim`), and the CPU's feature flags (`cpu_flags`).
 
 On a shared 2-core machine, 2 torch threads ran 1.7x faster than 1 when the machine was quiet
 but 4-10x *slower* under a busy neighbour (OpenMP barrier stalls: 0.55 s/step with 1 thread vs
@@ -170,6 +170,14 @@ class ThreadTuner:
         return {"threads": self.current, "candidates": list(self.candidates), "measured_first": self.measure_first,
                 "first_measurement": first and first["seconds_per_unit"], "rechecks": len(rechecks),
                 "switches": sum(d["changed"] for d in rechecks)}
+
+
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim (hand freed heap memory back to the OS), or None where there is none (macOS, musl)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 # glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD = -3).

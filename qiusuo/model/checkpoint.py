@@ -30,6 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
+from qiusuo.runtime import malloc_trim
+
 from .config import ModelConfig
 from .transformer import Transformer
 
@@ -300,7 +302,7 @@ def release_pages(maps: list[FileMap], trim_every: int = 4 << 20) -> Callable[[t
     after the first large free glibc serves chunk-sized transients from its heap and keeps the holes
     they leave between the quantized tensors, ~+25% of the weights at the SmolLM2-135M shape (peak
     RSS growth 172 MB for 129 MB of int8 weights without, measured; tests/test_quantize.py)."""
-    trim = _malloc_trim()
+    trim = malloc_trim()
     released = 0
 
     def release(t: torch.Tensor) -> None:
@@ -311,17 +313,6 @@ def release_pages(maps: list[FileMap], trim_every: int = 4 << 20) -> Callable[[t
                 trim(0)
                 released = 0
     return release
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None where there is none (macOS, musl)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def mmap_safetensors(fpath: Path, maps: list | None = None) -> dict[str, torch.Tensor]:
