@@ -25,15 +25,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import REAL_SHAPES  # noqa: E402
+from kernels import random_weights, time_matmuls  # noqa: E402
 from results import Run, median  # noqa: E402
 
 from qiusuo.engine import LLM, SamplingParams  # noqa: E402
 from qiusuo.model import ModelConfig, Transformer, save_model  # noqa: E402
-from qiusuo.model.quantize import make_weight  # noqa: E402
 
 PARTS = ("layers", "head", "sampler", "kv prepare", "step")
 
@@ -74,29 +73,15 @@ def engine_parts(ckpt: Path, variants: list[str], args) -> dict[str, list[dict]]
     return runs
 
 
+# decode_breakdown's precision -> bench/kernels.py's kernel that the engine runs for it
+KERNEL_OF = {"fp32": "fp32", "int8": "int8 weight-only", "int8-dynamic": "int8-dynamic fbgemm", "int4": "int4"}
+
+
 def matmuls_alone(cfg: dict, variant: str, repeats: int) -> float:
     """ms of one step's matmuls (M=1) on the model's matrix shapes, each layer its own weights."""
-    D, I, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    hd = D // cfg["num_attention_heads"]
-    shapes = [((cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * hd, D), (D, D), (2 * I, D), (D, I)]
-    torch.manual_seed(0)
-    if variant == "fp32":
-        mats = [[(lambda w: lambda x: F.linear(x, w))(torch.randn(N, K) * 0.02) for N, K in shapes] for _ in range(L)]
-        head = (lambda w: lambda x: F.linear(x, w))(torch.randn(cfg["vocab_size"], D) * 0.02)
-    else:
-        mats = [[make_weight(torch.randn(N, K) * 0.02, variant) for N, K in shapes] for _ in range(L)]
-        head = make_weight(torch.randn(cfg["vocab_size"], D) * 0.02, "int8" if variant == "int4" else variant)
-    xs = {K: torch.randn(1, K) for K in (D, I)}
-    times = []
-    for r in range(repeats + 1):  # the first pass warms up (first-call allocations), untimed
-        t = time.process_time()
-        for layer in mats:
-            for f, (N, K) in zip(layer, shapes):
-                f(xs[K])
-        head(xs[D])
-        if r:
-            times.append((time.process_time() - t) * 1e3)
-    return median(times)
+    g = torch.Generator().manual_seed(0)
+    weights, head_w = random_weights(cfg, g)
+    return median(time_matmuls(KERNEL_OF[variant], weights, head_w, cfg, [1], repeats, g)[1])
 
 
 def main() -> None:

@@ -88,6 +88,35 @@ def step_shapes(cfg: dict) -> list[tuple[int, int]]:
     return [((cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * hd, D), (D, D), (2 * I, D), (D, I)]
 
 
+def random_weights(cfg: dict, g: torch.Generator) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+    """fp32 random weights of one decode step's matrices, every layer its own, and the output head's."""
+    weights = [[torch.randn(N, K, generator=g) * 0.02 for N, K in step_shapes(cfg)]
+               for _ in range(cfg["num_hidden_layers"])]
+    return weights, torch.randn(cfg["vocab_size"], cfg["hidden_size"], generator=g) * 0.02
+
+
+def time_matmuls(kernel: str, weights: list[list[torch.Tensor]], head_w: torch.Tensor, cfg: dict,
+                 batches: list[int], repeats: int, g: torch.Generator) -> dict[int, list[float]]:
+    """Process CPU ms of one step's matmuls (every layer's, then the head) with `kernel`, `repeats` times
+    per batch size M after an untimed warm-up pass (first-call allocations)."""
+    shapes, D = step_shapes(cfg), cfg["hidden_size"]
+    layers = [[build(kernel, w, False) for w in lw] for lw in weights]
+    head = build(kernel, head_w, True)
+    times: dict[int, list[float]] = {}
+    for M in batches:
+        xs = {K: torch.randn(M, K, generator=g) for K in (D, cfg["intermediate_size"])}
+        times[M] = []
+        for r in range(repeats + 1):
+            t = time.process_time()
+            for layer in layers:
+                for f, (N, K) in zip(layer, shapes):
+                    f(xs[K])
+            head(xs[D])
+            if r:
+                times[M].append((time.process_time() - t) * 1e3)
+    return times
+
+
 def onednn_isa() -> str:
     """The ISA line oneDNN prints for a bf16 matmul here (ONEDNN_VERBOSE), e.g. brg_matmul:avx10_1_512_amx."""
     code = ("import torch, torch.nn.functional as F; torch.set_num_threads(1); "
@@ -107,30 +136,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = REAL_SHAPES[args.shape]
-    shapes, L, D = step_shapes(cfg), cfg["num_hidden_layers"], cfg["hidden_size"]
     isa = onednn_isa()
     run = Run("kernels", threads=args.threads, args=vars(args))
     g = torch.Generator().manual_seed(0)
-    weights = [[torch.randn(N, K, generator=g) * 0.02 for N, K in shapes] for _ in range(L)]
-    head_w = torch.randn(cfg["vocab_size"], D, generator=g) * 0.02
-    times: dict[tuple[str, int], list[float]] = {(k, M): [] for k in args.kernels for M in args.batches}
+    weights, head_w = random_weights(cfg, g)
+    times: dict[tuple[str, int], list[float]] = {}
     for kernel in args.kernels:  # built one at a time (the Qwen2.5-0.5B shape's weights are 2 GB in fp32)
-        layers = [[build(kernel, w, False) for w in lw] for lw in weights]
-        head = build(kernel, head_w, True)
-        for M in args.batches:
-            xs = {K: torch.randn(M, K, generator=g) for K in (D, cfg["intermediate_size"])}
-            for r in range(args.repeats + 1):  # the first pass warms up, untimed
-                t = time.process_time()
-                for layer in layers:
-                    for f, (N, K) in zip(layer, shapes):
-                        f(xs[K])
-                head(xs[D])
-                if r:
-                    times[(kernel, M)].append((time.process_time() - t) * 1e3)
-            run.add(kernel=kernel, batch=M, cpu_ms=times[(kernel, M)], load_avg=os.getloadavg()[0])
-            print(f"{kernel:<22} M={M:<3} {median(times[(kernel, M)]):8.1f} ms CPU per step "
-                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
-        del layers, head
+        for M, ms in time_matmuls(kernel, weights, head_w, cfg, args.batches, args.repeats, g).items():
+            times[(kernel, M)] = ms
+            run.add(kernel=kernel, batch=M, cpu_ms=ms, load_avg=os.getloadavg()[0])
+            print(f"{kernel:<22} M={M:<3} {median(ms):8.1f} ms CPU per step (load {os.getloadavg()[0]:.1f})", flush=True)
     base = {M: median(times[("fp32", M)]) for M in args.batches} if "fp32" in args.kernels else None
     rows = []
     for k in args.kernels:
