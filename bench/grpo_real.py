@@ -16,7 +16,7 @@ Configurations, each in its own child process (its peak RSS is its own: ru_maxrs
 - `trl`: TRL's GRPOTrainer + PEFT LoRA on the same checkpoint, loaded by transformers
   (AutoModelForCausalLM, fp32): r = 16, alpha = 32, target_modules="all-linear" (the same seven
   projections per layer, the same 8,798,208 trainable parameters), gradient checkpointing (TRL's default),
-  use_cpu, bf16 off (on with --bf16, TRL's own default), per-device batch 16 = 2 prompts x num_generations 8, max_completion_length, the
+  use_cpu, bf16 off (on with --precision bf16, TRL's own default), per-device batch 16 = 2 prompts x num_generations 8, max_completion_length, the
   same prompts in qiusuo's order (shuffle_dataset=False) and the same hash reward; generation with
   transformers' `generate` (padded static batch), TRL's default without vLLM;
 - `trl-cb`: the same with use_transformers_continuous_batching=True (transformers' paged continuous
@@ -35,7 +35,7 @@ The first step is timed too (no warm-up: a step is minutes, not milliseconds); m
 A second table gives qiusuo over the faster TRL configuration: completions/s (issue 18's target >= 3x)
 and peak RSS (target <= 0.7x).
 
-    python bench/grpo_real.py [--configs lora full trl] [--steps 2] [--max-tokens 256] [--threads 1] [--bf16]
+    python bench/grpo_real.py [--configs lora full trl] [--steps 2] [--max-tokens 256] [--threads 1] [--precision bf16]
     python bench/grpo_real.py --layers 2 --max-tokens 8 --steps 1   # a smoke run of the script itself
 """
 
@@ -114,7 +114,7 @@ def qiusuo_worker(config: str, args: argparse.Namespace) -> dict:
         cfg = GRPOConfig(model=args.model, out=d, prompts_per_step=PROMPTS, group_size=G, max_tokens=args.max_tokens,
                          steps=args.steps, lr=LR, threads=args.threads, progress=False, filter_zero_variance=False,
                          gradient_checkpointing=True, lora_rank=16 if config == "lora" else 0, lora_alpha=32.0,
-                         dtype="bfloat16" if args.bf16 else "float32")
+                         dtype="bfloat16" if args.precision == "bf16" else "float32")
         grpo = GRPO(cfg, task=HashRewardTask())
         loaded = rss_mb()
         sample, rollout_peak, generate_s = grpo.rollout.sample, [], []
@@ -167,7 +167,7 @@ def trl_worker(config: str, args: argparse.Namespace) -> dict:
         cfg = GRPOConfig(output_dir=d, per_device_train_batch_size=PROMPTS * G, num_generations=G,
                          max_completion_length=args.max_tokens, temperature=1.0, beta=0.0, learning_rate=LR,
                          max_steps=args.steps, gradient_accumulation_steps=1, gradient_checkpointing=True,
-                         use_cpu=True, bf16=args.bf16, seed=0, shuffle_dataset=False, dataloader_num_workers=0,
+                         use_cpu=True, bf16=args.precision == "bf16", seed=0, shuffle_dataset=False, dataloader_num_workers=0,
                          logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
                          use_transformers_continuous_batching=config == "trl-cb",
                          transformers_continuous_batching_config={"num_blocks": cb_blocks} if config == "trl-cb" else None)
@@ -207,7 +207,7 @@ def worker(config: str, args: argparse.Namespace) -> None:
 
 def spawn(config: str, ckpt: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--_worker", config, "--model", str(ckpt), "--steps", str(args.steps),
-           "--max-tokens", str(args.max_tokens), "--threads", str(args.threads)] + (["--bf16"] if args.bf16 else [])
+           "--max-tokens", str(args.max_tokens), "--threads", str(args.threads)] + ["--precision", args.precision]
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT)]
@@ -228,8 +228,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--layers", type=int, default=QWEN25_05B["num_hidden_layers"],
                     help="decoder layers (24: the real shape; fewer only to smoke-test the script)")
-    ap.add_argument("--bf16", action="store_true",
-                    help="bf16 mixed precision on both sides: qiusuo --dtype bfloat16 (autocast in the update; "
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: mixed precision on both sides: qiusuo --dtype bfloat16 (autocast in the update; "
                          "rollouts stay fp32 on the live weights), TRL bf16=True (its default; accelerate's autocast "
                          "around every forward, generation included)")
     ap.add_argument("--timeout", type=int, default=3 * 3600, help="seconds per configuration")
@@ -275,7 +275,7 @@ def save(run: Run, results: dict[str, dict], args: argparse.Namespace, versions:
     pinned = f"; trl {versions['trl']}, transformers {versions['transformers']}" if versions else ""
     run.data["tables"] = []
     run.table(f"GRPO on a {shape}, G={G}, {PROMPTS} prompts/step, completions {args.max_tokens} tokens, "
-              f"{args.threads} thread(s), {'bf16 mixed precision' if args.bf16 else 'fp32'}",
+              f"{args.threads} thread(s), {'bf16 mixed precision' if args.precision == 'bf16' else 'fp32'}",
               ["config", "trainable params", "peak RSS GiB", "RSS after load GiB", "generate s/step", "rollout s/step",
                "update s/step", "s/step", "CPU s/step", "completions/s", "mean len", "load avg"], rows,
               note="each configuration in its own process, one after another; medians over the steps (the first "

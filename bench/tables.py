@@ -36,11 +36,13 @@ NAME = re.compile(r"^(?P<bench>[a-z0-9_]+(?:-[a-z0-9_]+)*?)-(?P<date>\d{8})-(?P<
 # file replaces an older one only where they cover the same things, so a run of one shape does not
 # hide the table of another shape measured earlier.
 SCOPE = {"edge": "shapes", "engine_real": "shapes", "engine": "presets", "grpo": "workloads", "hostile": "label",
-         "kernels": "shape"}
+         "kernels": "shape", "grpo_real": "precision"}
+# What a result file written before its bench had the SCOPE argument covered.
+SCOPE_DEFAULT = {"grpo_real": "fp32"}
 
 
 def scope(bench: str, data: dict[str, Any]) -> set[str]:
-    value = (data.get("args") or {}).get(SCOPE.get(bench, ""))
+    value = (data.get("args") or {}).get(SCOPE.get(bench, ""), SCOPE_DEFAULT.get(bench))
     return set(value) if isinstance(value, list) else {value} if isinstance(value, str) and value else set()
 
 
