@@ -5,8 +5,9 @@ evaluate on held-out problems -> GRPO with answer-only rewards -> evaluate again
 problems -> before/after table, report.json, a PNG of the GRPO curves, the saved model and the
 command that serves it. A second held-out set one step harder than training (4-digit operands;
 `--transfer-difficulty`) is evaluated before and after with the same budget: does what RL selected
-carry beyond the trained length? (On the defaults it does not: the base's scratchpad reads digits by
-absolute position, and 4-digit problems score 0 before and after.)
+carry beyond the trained length? (It does not, on either scratchpad: "columns" reads digits by absolute
+position, and "rewrite" (--scratchpad rewrite, whose reads are local) still copies operand prefixes only as
+long as the ones it was trained on; 4-digit problems score 0 before and after: README, Transfer.)
 
 The base's headroom is a property of its data, not of pretraining luck. A blurted trace in the
 corpus (`<think></think><answer>N</answer>`) answers with another random problem's answer (the
