@@ -23,7 +23,7 @@ Addition has a second scratchpad, `scratchpad="rewrite"` (the default is "column
 scratchpad reads the k-th digit of each operand at a fixed distance back into the prompt, so a model
 trained on 3-digit sums has never read a 4th column and scores 0 on 4-digit ones. "rewrite" passes
 the state instead: after each column it rewrites what is left of the problem, so every read is local
-(the token before the most recent `+`, the most recent `=`) and nothing depends on the operand length,
+(the token before the most recent `+`, the most recent `=`) and no read depends on the operand length,
 the property that length-generalising formats share (RASP-L, Zhou et al. 2023, arXiv:2310.16028;
 a scratchpad that carries the state, Lee et al. 2023, arXiv:2307.03381 §4; index-free alternatives such
 as reversed outputs with index hints are Zhou et al. 2024, arXiv:2402.09371). Each column is an
@@ -32,7 +32,9 @@ remaining prefixes, the carry, the answer digits so far); the last column writes
 its sum then the digits so far, so the answer is a copy.
                                   347+285 → 7+5+0=12,34+28=1:2,4+8+1=13,3+2=1:32,3+2+1=6,632
 The prompt `347+285=` is the first state (carry 0, no digits yet). A slip propagates through the state:
-its carry and digit are written into every later state and the answer.
+its carry and digit are written into every later state and the answer. Measured (README, Transfer): the
+copies of the prefixes do grow with the operands, and a base pretrained on 1-3 digits writes them no longer
+than 2 digits, so 4-digit sums stay at 0% before and after RL.
 """
 
 from __future__ import annotations

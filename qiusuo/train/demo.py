@@ -92,8 +92,8 @@ class DemoConfig:
                 "target <= 100; its worked solutions write failed tries before the DFS's solution)"})
     scratchpad: Literal["columns", "rewrite"] = field(default="columns", metadata={
         "help": "arithmetic's worked solutions: columns (one equation per column, digits read by position in the "
-                "prompt) or rewrite (each column also rewrites what is left of the problem, so every read is local "
-                "and the routine does not depend on the operand length; tasks/arithmetic.py)"})
+                "prompt) or rewrite (each column also rewrites what is left of the problem, so every read is local; "
+                "its copies of the operands still grow with them: README, Transfer; tasks/arithmetic.py)"})
     pretrain_steps: int | None = field(default=None, metadata={
         "help": "pretraining steps (default: arithmetic 700, ~0.2-0.5 s each at 1 thread; countdown 800)"})
     pretrain_batch: int = field(default=68, metadata={"help": "pretraining sequences per step"})
@@ -102,7 +102,8 @@ class DemoConfig:
                 "(pretrain --blurt-rows; 68 rows at 0.25 hold the 51 scratchpads of 128 unweighted rows)"})
     grpo_steps: int | None = field(default=None, metadata={"help": "GRPO steps (default: arithmetic 70, countdown 200)"})
     max_tokens: int | None = field(default=None, metadata={
-        "help": "most new tokens per completion, in GRPO and both evaluations (default: arithmetic 48, countdown 128)"})
+        "help": "most new tokens per completion, in GRPO and both evaluations (default: arithmetic 48, 80 with "
+                "--scratchpad rewrite; countdown 128)"})
     p_slip: float | None = field(default=None, metadata={
         "help": "share of worked solutions with a slip (pretrain --p-slip; default: arithmetic 0.3, countdown 0: "
                 "a slip claims the target after a miss, which teaches a searcher to stop where it should retry)"})
@@ -125,8 +126,8 @@ class DemoConfig:
                 "RL to measure transfer; 0: off"})
     transfer_problems: int = field(default=300, metadata={"help": "problems in the harder held-out set"})
     transfer_max_tokens: int | None = field(default=None, metadata={
-        "help": "most new tokens per completion on the harder set (default: arithmetic 64, countdown 192: its "
-                "solutions are longer)"})
+        "help": "most new tokens per completion on the harder set (default: arithmetic 64, 112 with --scratchpad "
+                "rewrite; countdown 192: its solutions are longer)"})
     quick: bool = field(default=False, metadata={"help": "a few steps of each stage (CI smoke run, no real gain)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
