@@ -108,6 +108,21 @@ def test_demo_budgets_default_per_task_and_explicit_flags_win():
         DemoConfig(task="countdown", max_tokens=0)
 
 
+def test_demo_rewrite_scratchpad_flag_builds_its_task_and_longer_budgets():
+    from qiusuo.cli import build_parser
+    from qiusuo.cli.flags import config_from_args
+    from qiusuo.train.demo import DemoConfig, demo_task
+
+    args = build_parser().parse_args(["demo", "--scratchpad", "rewrite", "--difficulty", "1,2,3"])
+    cfg = config_from_args(DemoConfig, args)
+    assert (cfg.scratchpad, cfg.max_tokens, cfg.transfer_max_tokens, cfg.pretrain_steps) == ("rewrite", 80, 112, 700)
+    assert demo_task(cfg).scratchpad == "rewrite" and demo_task(DemoConfig()).scratchpad == "columns"
+    assert (DemoConfig().max_tokens, DemoConfig().transfer_max_tokens) == (48, 64)  # the default demo: unchanged
+    assert DemoConfig(scratchpad="rewrite", max_tokens=96).max_tokens == 96  # an explicit flag wins
+    with pytest.raises(ValueError, match="--scratchpad rewrite is an arithmetic format"):
+        DemoConfig(task="countdown", scratchpad="rewrite")
+
+
 def test_demo_countdown_flags_from_the_command_line():
     from qiusuo.cli import build_parser
     from qiusuo.cli.flags import config_from_args

@@ -158,6 +158,59 @@ def test_arithmetic_slips_are_consistent_and_wrong(ops):
                 assert has_carry == (prev >= 10 if ops == "+" else prev < 0), (p.question, slip)
 
 
+def rewrite_trace_errors(question: str, think: str) -> tuple[int, str]:
+    """Replays a "rewrite" scratchpad by its rule: each equation `x+y+c=s` reads x, y from the last digit of
+    what is left of each operand (0 when none is) and c from the state, each state `A+B=c:D` drops those
+    digits and carries s's tens and units on, the last line is s then D. Returns (equations whose s is not
+    x+y+c, the final line), and asserts every other rule."""
+    a, b = question.split("+")
+    carry, done, lines, wrong = 0, "", think.split(","), 0
+    for i in range(0, len(lines) - 1, 2):
+        lhs, s = lines[i].split("=")
+        x, y, c = map(int, lhs.split("+"))
+        assert (x, y, c) == (int(a[-1:] or 0), int(b[-1:] or 0), carry), (question, think, lines[i])
+        wrong += int(s) != x + y + c
+        a, b = a[:-1], b[:-1]
+        if not a and not b:
+            assert i + 2 == len(lines), (question, think)  # the answer line ends the trace
+            return wrong, lines[i + 1]
+        carry, done = int(s) // 10, f"{int(s) % 10}{done}"
+        assert lines[i + 1] == f"{a}+{b}={carry}:{done}", (question, think, lines[i + 1])
+    raise AssertionError(f"{question}: the trace {think!r} ends before the operands do")
+
+
+def test_rewrite_scratchpad_format():
+    task = tasks.get("arithmetic", template="compact", scratchpad="rewrite")
+    p = task.make_problem("347+285", "632", {"op": "+", "a": 347, "b": 285, "difficulty": 3})
+    assert task.solution(p, random.Random(0), "scratchpad") == c("7+5+0=12,34+28=1:2,4+8+1=13,3+2=1:32,3+2+1=6,632",
+                                                                  "632")
+    p = task.make_problem("947+285", "1232", {"op": "+", "a": 947, "b": 285, "difficulty": 3})
+    assert task.solution(p, random.Random(0), "scratchpad").endswith("9+2+1=12,1232</think><answer>1232</answer>")
+    p = task.make_problem("5+123", "128", {"op": "+", "a": 5, "b": 123, "difficulty": 3})  # a shorter operand reads 0
+    assert task.solution(p, random.Random(0), "scratchpad") == c("5+3+0=8,+12=0:8,0+2+0=2,+1=0:28,0+1+0=1,128", "128")
+    assert tasks.get("arithmetic").scratchpad == "columns"  # the demo's default is unchanged
+    with pytest.raises(ValueError, match="addition only"):
+        tasks.get("arithmetic", ops="+-", scratchpad="rewrite")
+    with pytest.raises(ValueError, match="scratchpad must be one of"):
+        tasks.get("arithmetic", scratchpad="diagonal")
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 4, 6])
+def test_rewrite_scratchpads_follow_the_rule_and_slips_propagate(difficulty):
+    task = tasks.get("arithmetic", template="compact", scratchpad="rewrite")
+    rng = random.Random(difficulty)
+    for p in task.generate(150, seed=5, difficulty=difficulty):
+        right = task.solution(p, rng, "scratchpad")
+        think, answer = right[len("<think>"):-len("</answer>")].split("</think><answer>")
+        assert rewrite_trace_errors(p.question, think) == (0, answer) and answer == p.answer
+        assert len(think.split(",")) == 2 * len(str(p.metadata["a"])) and task.score(p, right).accuracy == 1.0
+        slip = task.solution(p, rng, "slip")
+        think, answer = slip[len("<think>"):-len("</answer>")].split("</think><answer>")
+        # one equation off by one; every later state and the answer follow from its value
+        assert rewrite_trace_errors(p.question, think) == (1, answer), (p.question, slip)
+        assert task.score(p, slip) == Score(0.1, 1.0, 0.0, answer)
+
+
 def test_corpus_mix_and_determinism():
     task = tasks.get("arithmetic", template="compact")
     corpus = task.corpus(2000, seed=0)

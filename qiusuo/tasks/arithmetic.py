@@ -18,6 +18,23 @@ sum_s P(s)^2 = 0.074% (`guess_chance`), so that is the accuracy of blurting in a
 this corpus. A "slip" solution is a scratchpad with one step off by one unit of its column, propagated
 consistently: every later step and the answer follow from the wrong value, as a model that
 slipped would write it. The answer is then a + b + δ·10^k, never the right one.
+
+Addition has a second scratchpad, `scratchpad="rewrite"` (the default is "columns", above). The columns
+scratchpad reads the k-th digit of each operand at a fixed distance back into the prompt, so a model
+trained on 3-digit sums has never read a 4th column and scores 0 on 4-digit ones. "rewrite" passes
+the state instead: after each column it rewrites what is left of the problem, so every read is local
+(the token before the most recent `+`, the most recent `=`) and no read depends on the operand length,
+the property that length-generalising formats share (RASP-L, Zhou et al. 2023, arXiv:2310.16028;
+a scratchpad that carries the state, Lee et al. 2023, arXiv:2307.03381 §4; index-free alternatives such
+as reversed outputs with index hints are Zhou et al. 2024, arXiv:2402.09371). Each column is an
+equation `x+y+c=s` whose digits are read from the state, then the new state `A+B=c:S` (the operands'
+remaining prefixes, the carry, the answer digits so far); the last column writes the answer itself,
+its sum then the digits so far, so the answer is a copy.
+                                  347+285 → 7+5+0=12,34+28=1:2,4+8+1=13,3+2=1:32,3+2+1=6,632
+The prompt `347+285=` is the first state (carry 0, no digits yet). A slip propagates through the state:
+its carry and digit are written into every later state and the answer. Measured (README, Transfer): the
+copies of the prefixes do grow with the operands, and a base pretrained on 1-3 digits writes them no longer
+than 2 digits, so 4-digit sums stay at 0% before and after RL.
 """
 
 from __future__ import annotations
@@ -29,6 +46,7 @@ from qiusuo.tasks.base import Problem, Task
 from qiusuo.tasks.registry import register
 
 OPS = "+-*"
+SCRATCHPADS = ("columns", "rewrite")
 
 
 def _digits(n: int) -> list[int]:
@@ -99,6 +117,28 @@ def mul_steps(a: int, b: int, slip_at: int | None = None, rng: random.Random | N
     return steps, total
 
 
+def add_rewrite_steps(a: int, b: int, slip_at: int | None = None,
+                      rng: random.Random | None = None) -> tuple[list[str], int]:
+    """The "rewrite" scratchpad (module docstring): per column an equation and the state it leaves,
+    the last column's equation followed by the answer. A missing digit of a shorter operand reads 0."""
+    rest_a, rest_b = str(a), str(b)  # what is left of each operand; the last digit is the next column's
+    steps, carry, done = [], 0, ""  # `done`: the answer's digits so far, most significant first
+    column = 0
+    while True:
+        x, y = int(rest_a[-1:] or 0), int(rest_b[-1:] or 0)
+        rest_a, rest_b = rest_a[:-1], rest_b[:-1]
+        s = x + y + carry
+        if column == slip_at:
+            s = _slipped(s, rng, 0, 19)  # ≤ 19 keeps the carry a single 1
+        steps.append(f"{x}+{y}+{carry}={s}")
+        if not rest_a and not rest_b:
+            steps.append(f"{s}{done}")
+            return steps, int(steps[-1])
+        carry, done = s // 10, f"{s % 10}{done}"
+        steps.append(f"{rest_a}+{rest_b}={carry}:{done}")
+        column += 1
+
+
 STEP_FNS = {"+": add_steps, "-": sub_steps, "*": mul_steps}
 
 
@@ -117,17 +157,24 @@ def guess_chance(op: str, digits: int) -> float:
 
 @register
 class Arithmetic(Task):
-    """Options: `digits` (default difficulty, 3), `ops` (any of "+-*", default "+": the demo)."""
+    """Options: `digits` (default difficulty, 3), `ops` (any of "+-*", default "+": the demo), `scratchpad`
+    ("columns", the default, or "rewrite": the state-passing scratchpad of the module docstring, addition only)."""
 
     name = "arithmetic"
     difficulty_range = (1, 12)
     solution_styles = ("direct", "scratchpad", "slip")  # and "guess" (Task.guess)
 
-    def __init__(self, digits: int = 3, ops: str = "+", **options):
+    def __init__(self, digits: int = 3, ops: str = "+", scratchpad: str = "columns", **options):
         super().__init__(**options)
         if not ops or any(op not in OPS for op in ops):
             raise ValueError(f"ops must be a non-empty string of characters from {OPS!r}, got {ops!r}")
         self.ops = "".join(dict.fromkeys(ops))
+        if scratchpad not in SCRATCHPADS:
+            raise ValueError(f"scratchpad must be one of {SCRATCHPADS}, got {scratchpad!r}")
+        if scratchpad == "rewrite" and self.ops != "+":
+            raise ValueError(f"scratchpad 'rewrite' is written for addition only; use ops='+' (got {ops!r}) "
+                             f"or scratchpad 'columns'")
+        self.scratchpad = scratchpad
         lo, hi = self.difficulty_range
         if not lo <= digits <= hi:
             raise ValueError(f"digits must be in [{lo}, {hi}], got {digits}")
@@ -167,7 +214,8 @@ class Arithmetic(Task):
               rng: random.Random | None = None) -> tuple[list[str], int]:
         """The scratchpad steps and the answer they lead to (with a slip at step `slip_at`)."""
         meta = problem.metadata
-        return STEP_FNS[meta["op"]](meta["a"], meta["b"], slip_at, rng)
+        fn = add_rewrite_steps if self.scratchpad == "rewrite" else STEP_FNS[meta["op"]]
+        return fn(meta["a"], meta["b"], slip_at, rng)
 
     def solution(self, problem: Problem, rng: random.Random, style: str) -> str:
         if style == "direct":
@@ -177,7 +225,8 @@ class Arithmetic(Task):
         elif style == "slip":
             # "*" slips in a partial product; its last step (the sum) follows from them
             meta = problem.metadata
-            n_slippable = len(_digits(meta["b"])) if meta["op"] == "*" else len(self.steps(problem)[0])
+            n_slippable = (len(_digits(meta["b"])) if meta["op"] == "*" else
+                           max(len(_digits(meta["a"])), len(_digits(meta["b"]))))  # one step per column
             steps, answer = self.steps(problem, slip_at=rng.randrange(n_slippable), rng=rng)
         else:
             raise ValueError(f"style must be one of {self.solution_styles}, got {style!r}")

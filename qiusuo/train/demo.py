@@ -5,8 +5,9 @@ evaluate on held-out problems -> GRPO with answer-only rewards -> evaluate again
 problems -> before/after table, report.json, a PNG of the GRPO curves, the saved model and the
 command that serves it. A second held-out set one step harder than training (4-digit operands;
 `--transfer-difficulty`) is evaluated before and after with the same budget: does what RL selected
-carry beyond the trained length? (On the defaults it does not: the base's scratchpad reads digits by
-absolute position, and 4-digit problems score 0 before and after.)
+carry beyond the trained length? (It does not, on either scratchpad: "columns" reads digits by absolute
+position, and "rewrite" (--scratchpad rewrite, whose reads are local) still copies operand prefixes only as
+long as the ones it was trained on; 4-digit problems score 0 before and after: README, Transfer.)
 
 The base's headroom is a property of its data, not of pretraining luck. A blurted trace in the
 corpus (`<think></think><answer>N</answer>`) answers with another random problem's answer (the
@@ -71,6 +72,11 @@ TASK_OPTIONS: dict[str, dict[str, Any]] = {
     "arithmetic": {},
     "countdown": dict(operands=3, max_number=10, max_target=100, tries=3, verify=0.25),
 }
+# Budgets that follow the arithmetic scratchpad (--scratchpad) when left unset: "rewrite" traces are ~2x
+# longer (the longest right or slipped 3-digit trace is 58 tokens, 4-digit 83; columns: 32 and 42).
+SCRATCHPAD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "columns": {}, "rewrite": dict(max_tokens=80, transfer_max_tokens=112),
+}
 
 
 @dataclass
@@ -84,6 +90,10 @@ class DemoConfig:
     task: Literal["arithmetic", "countdown"] = field(default="arithmetic", metadata={
         "help": "arithmetic (3-digit addition) or countdown (TinyZero's task: 3 numbers from 1-10, + - * /, a "
                 "target <= 100; its worked solutions write failed tries before the DFS's solution)"})
+    scratchpad: Literal["columns", "rewrite"] = field(default="columns", metadata={
+        "help": "arithmetic's worked solutions: columns (one equation per column, digits read by position in the "
+                "prompt) or rewrite (each column also rewrites what is left of the problem, so every read is local; "
+                "its copies of the operands still grow with them: README, Transfer; tasks/arithmetic.py)"})
     pretrain_steps: int | None = field(default=None, metadata={
         "help": "pretraining steps (default: arithmetic 700, ~0.2-0.5 s each at 1 thread; countdown 800)"})
     pretrain_batch: int = field(default=68, metadata={"help": "pretraining sequences per step"})
@@ -92,7 +102,8 @@ class DemoConfig:
                 "(pretrain --blurt-rows; 68 rows at 0.25 hold the 51 scratchpads of 128 unweighted rows)"})
     grpo_steps: int | None = field(default=None, metadata={"help": "GRPO steps (default: arithmetic 70, countdown 200)"})
     max_tokens: int | None = field(default=None, metadata={
-        "help": "most new tokens per completion, in GRPO and both evaluations (default: arithmetic 48, countdown 128)"})
+        "help": "most new tokens per completion, in GRPO and both evaluations (default: arithmetic 48, 80 with "
+                "--scratchpad rewrite; countdown 128)"})
     p_slip: float | None = field(default=None, metadata={
         "help": "share of worked solutions with a slip (pretrain --p-slip; default: arithmetic 0.3, countdown 0: "
                 "a slip claims the target after a miss, which teaches a searcher to stop where it should retry)"})
@@ -115,15 +126,17 @@ class DemoConfig:
                 "RL to measure transfer; 0: off"})
     transfer_problems: int = field(default=300, metadata={"help": "problems in the harder held-out set"})
     transfer_max_tokens: int | None = field(default=None, metadata={
-        "help": "most new tokens per completion on the harder set (default: arithmetic 64, countdown 192: its "
-                "solutions are longer)"})
+        "help": "most new tokens per completion on the harder set (default: arithmetic 64, 112 with --scratchpad "
+                "rewrite; countdown 192: its solutions are longer)"})
     quick: bool = field(default=False, metadata={"help": "a few steps of each stage (CI smoke run, no real gain)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self):
         if self.task not in TASK_DEFAULTS:
             raise ValueError(f"--task must be one of {', '.join(TASK_DEFAULTS)}, got {self.task!r}")
-        for name, value in TASK_DEFAULTS[self.task].items():
+        if self.scratchpad != "columns" and self.task != "arithmetic":
+            raise ValueError(f"--scratchpad {self.scratchpad} is an arithmetic format; --task {self.task} has its own")
+        for name, value in {**TASK_DEFAULTS[self.task], **SCRATCHPAD_DEFAULTS.get(self.scratchpad, {})}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if self.quick:
@@ -234,7 +247,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     gain = 100 * (after["accuracy"] - before["accuracy"])
     report = {
-        "task": cfg.task, "task_options": TASK_OPTIONS[cfg.task], "seed": cfg.seed, "threads": thread_choice["pretrain"]["threads"], "thread_choice": thread_choice,
+        "task": cfg.task, "task_options": task_options(cfg), "seed": cfg.seed, "threads": thread_choice["pretrain"]["threads"], "thread_choice": thread_choice,
         "before": before, "after": after, "after_chat_api": served,
         "gain_points": {"accuracy": round(gain, 2), "pass1": round(100 * (after["pass1"] - before["pass1"]), 2)},
         "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
@@ -268,7 +281,12 @@ def demo_task(cfg: DemoConfig):
     """The task the demo pretrains and trains on: `cfg.task` with its TASK_OPTIONS, compact prompts."""
     from qiusuo.tasks import get
 
-    return get(cfg.task, template="compact", **TASK_OPTIONS[cfg.task])
+    return get(cfg.task, template="compact", **task_options(cfg))
+
+
+def task_options(cfg: DemoConfig) -> dict[str, Any]:
+    """TASK_OPTIONS of `cfg.task`, plus the arithmetic scratchpad when it is not the default."""
+    return {**TASK_OPTIONS[cfg.task], **({"scratchpad": cfg.scratchpad} if cfg.scratchpad != "columns" else {})}
 
 
 def thread_summary(trainer, configured: int) -> dict[str, Any]:
@@ -392,7 +410,10 @@ def print_summary(report: dict[str, Any]) -> None:
         tb, ta = t["before"], t["after"]
         rows += [(f"harder set (difficulty {t['difficulty']}, not trained on): greedy", f"{tb['accuracy']:.1%}",
                   f"{ta['accuracy']:.1%}"),
-                 ("  T=1 pass@1", f"{tb['pass1']:.1%}", f"{ta['pass1']:.1%}")]
+                 ("  T=1 pass@1", f"{tb['pass1']:.1%}", f"{ta['pass1']:.1%}"),
+                 ("  empty-think rate (T=1)", f"{tb['empty_think_rate']:.1%}", f"{ta['empty_think_rate']:.1%}"),
+                 ("  accuracy when working (T=1)", f"{tb['scratchpad_accuracy']:.0%}",
+                  f"{ta['scratchpad_accuracy']:.0%}")]
     width = max(len(r[0]) for r in rows)
     print(f"\n{'':{width}}  {'before RL':>12}  {'after RL':>12}")
     for name, x, y in rows:
