@@ -98,7 +98,7 @@ def test_demo_budgets_default_per_task_and_explicit_flags_win():
             arithmetic.p_slip) == ("arithmetic", 700, 70, 48, 0.3)
     countdown = DemoConfig(task="countdown")
     assert (countdown.pretrain_steps, countdown.grpo_steps, countdown.max_tokens, countdown.p_slip) == \
-        (800, 200, 128, 0.0)
+        (800, 300, 128, 0.0)
     assert countdown.pretrain_batch == arithmetic.pretrain_batch  # not per task: the shared default
     explicit = DemoConfig(task="countdown", pretrain_steps=500, grpo_steps=70, max_tokens=48, p_slip=0.3)
     assert (explicit.pretrain_steps, explicit.grpo_steps, explicit.max_tokens, explicit.p_slip) == (500, 70, 48, 0.3)
