@@ -95,7 +95,7 @@ def test_demo_budgets_default_per_task_and_explicit_flags_win():
 
     arithmetic = DemoConfig()  # the arithmetic recipe's figures, unchanged
     assert (arithmetic.task, arithmetic.pretrain_steps, arithmetic.grpo_steps, arithmetic.max_tokens,
-            arithmetic.p_slip) == ("arithmetic", 700, 70, 48, 0.3)
+            arithmetic.p_slip) == ("arithmetic", 900, 70, 48, 0.3)
     countdown = DemoConfig(task="countdown")
     assert (countdown.pretrain_steps, countdown.grpo_steps, countdown.max_tokens, countdown.p_slip) == \
         (800, 300, 128, 0.0)
@@ -115,7 +115,7 @@ def test_demo_rewrite_scratchpad_flag_builds_its_task_and_longer_budgets():
 
     args = build_parser().parse_args(["demo", "--scratchpad", "rewrite", "--difficulty", "1,2,3"])
     cfg = config_from_args(DemoConfig, args)
-    assert (cfg.scratchpad, cfg.max_tokens, cfg.transfer_max_tokens, cfg.pretrain_steps) == ("rewrite", 80, 112, 700)
+    assert (cfg.scratchpad, cfg.max_tokens, cfg.transfer_max_tokens, cfg.pretrain_steps) == ("rewrite", 80, 112, 900)
     assert demo_task(cfg).scratchpad == "rewrite" and demo_task(DemoConfig()).scratchpad == "columns"
     assert (DemoConfig().max_tokens, DemoConfig().transfer_max_tokens) == (48, 64)  # the default demo: unchanged
     assert DemoConfig(scratchpad="rewrite", max_tokens=96).max_tokens == 96  # an explicit flag wins

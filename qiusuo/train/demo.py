@@ -55,15 +55,16 @@ from .config import GRPOConfig, ImportanceSamplingLevel, PretrainConfig
 EVAL_SEED = 1234  # the held-out problems: the same before and after RL
 
 # Per-task defaults of the budget fields left unset (None); an explicit flag wins. Arithmetic's are the
-# figures the module docstring describes; 700 pretraining steps, not 500: on an AVX512 machine 500 left
-# seed 2's scratchpads right 24% of the time and its T=1 gain at +25 (700: 66%, +57). Countdown
+# figures the module docstring describes; 900 pretraining steps: on an AVX512 machine 500 left seed 2's
+# scratchpads right 24% of the time and its T=1 gain at +25 (700: 66%, +57), and on an AMX Xeon at 2 threads
+# 700 left them right 6% (greedy +16, T=1 +6; 900: 65%, +70 / +57). Countdown
 # (TinyZero's task, 3 numbers from 1-10, target <= 100): its traces are ~2.5x longer (failed tries, a
 # verify line), so it pretrains on fewer, longer rows and gives completions room to retry. It runs 300 GRPO
 # steps: from the same three bases, held-out greedy gains (seeds 0/1/2) were +35.6/+11.2/+19.6 at 200 steps,
 # +35.4/+18.8/+25.0 at 300 and +40.0/+16.6/+25.8 at 400 (README, Countdown). 300 is where seed 2 clears +20
 # and seed 1 stops rising; 400 costs ~130 CPU s more per run (~880 in all) for no gain on seed 1.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "arithmetic": dict(pretrain_steps=700, grpo_steps=70, max_tokens=48, p_slip=0.3, transfer_max_tokens=64),
+    "arithmetic": dict(pretrain_steps=900, grpo_steps=70, max_tokens=48, p_slip=0.3, transfer_max_tokens=64),
     "countdown": dict(pretrain_steps=800, grpo_steps=300, max_tokens=128, p_slip=0.0, transfer_max_tokens=192),
 }
 # The task each demo builds (qiusuo.tasks.get options; template "compact" for all). Countdown's tries stay at 3:
@@ -96,7 +97,7 @@ class DemoConfig:
                 "prompt) or rewrite (each column also rewrites what is left of the problem, so every read is local; "
                 "its copies of the operands still grow with them: README, Transfer; tasks/arithmetic.py)"})
     pretrain_steps: int | None = field(default=None, metadata={
-        "help": "pretraining steps (default: arithmetic 700, ~0.2-0.5 s each at 1 thread; countdown 800)"})
+        "help": "pretraining steps (default: arithmetic 900, ~0.2-0.5 s each at 1 thread; countdown 800)"})
     pretrain_batch: int = field(default=68, metadata={"help": "pretraining sequences per step"})
     blurt_rows: float | None = field(default=0.25, metadata={
         "help": "share of pretraining rows drawn as blurts, importance-weighted to keep the 60% blurt objective "
