@@ -29,7 +29,7 @@ from qiusuo.eval import evaluate as sample_completions
 from qiusuo.model import load_model
 from qiusuo.tasks.arithmetic import Arithmetic
 from qiusuo.train.config import PretrainConfig
-from qiusuo.train.demo import EVAL_SEED
+from qiusuo.train.demo import EVAL_SEED, TASK_DEFAULTS
 from qiusuo.train.evaluate import evaluate
 from qiusuo.train.pretrain import Pretrain
 
@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--scratchpad", default="rewrite", choices=("columns", "rewrite"))
     ap.add_argument("--difficulty", default="1,2,3", help="pretraining levels, comma-separated")
     ap.add_argument("--independent-lengths", action="store_true")
-    ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--steps", type=int, default=TASK_DEFAULTS["arithmetic"]["pretrain_steps"],
+                    help="pretraining steps (default: the demo's; README's Transfer runs used 700)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="directory of the pretraining run")
     ap.add_argument("--eval-only", action="store_true", help="skip pretraining: evaluate --out's final model")
