@@ -16,7 +16,8 @@ Configurations, each in its own child process (its peak RSS is its own: ru_maxrs
 - `trl`: TRL's GRPOTrainer + PEFT LoRA on the same checkpoint, loaded by transformers
   (AutoModelForCausalLM, fp32): r = 16, alpha = 32, target_modules="all-linear" (the same seven
   projections per layer, the same 8,798,208 trainable parameters), gradient checkpointing (TRL's default),
-  use_cpu, bf16 off (on with --precision bf16, TRL's own default), per-device batch 16 = 2 prompts x num_generations 8, max_completion_length, the
+  use_cpu, bf16 off (on with --precision bf16, TRL's own default), per-device batch 16 = 2 prompts x
+  num_generations 8, max_completion_length, the
   same prompts in qiusuo's order (shuffle_dataset=False) and the same hash reward; generation with
   transformers' `generate` (padded static batch), TRL's default without vLLM;
 - `trl-cb`: the same with use_transformers_continuous_batching=True (transformers' paged continuous
@@ -207,7 +208,7 @@ def worker(config: str, args: argparse.Namespace) -> None:
 
 def spawn(config: str, ckpt: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--_worker", config, "--model", str(ckpt), "--steps", str(args.steps),
-           "--max-tokens", str(args.max_tokens), "--threads", str(args.threads)] + ["--precision", args.precision]
+           "--max-tokens", str(args.max_tokens), "--threads", str(args.threads), "--precision", args.precision]
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT)]
