@@ -28,8 +28,7 @@ from qiusuo.engine import LLM
 from qiusuo.eval import evaluate as sample_completions
 from qiusuo.model import load_model
 from qiusuo.tasks.arithmetic import Arithmetic
-from qiusuo.train.config import PretrainConfig
-from qiusuo.train.demo import EVAL_SEED, TASK_DEFAULTS
+from qiusuo.train.demo import EVAL_SEED, DemoConfig, demo_task, pretrain_config, task_options
 from qiusuo.train.evaluate import evaluate
 from qiusuo.train.pretrain import Pretrain
 
@@ -65,7 +64,7 @@ def main() -> None:
     ap.add_argument("--scratchpad", default="rewrite", choices=("columns", "rewrite"))
     ap.add_argument("--difficulty", default="1,2,3", help="pretraining levels, comma-separated")
     ap.add_argument("--independent-lengths", action="store_true")
-    ap.add_argument("--steps", type=int, default=TASK_DEFAULTS["arithmetic"]["pretrain_steps"],
+    ap.add_argument("--steps", type=int, default=None,
                     help="pretraining steps (default: the demo's; README's Transfer runs used 700)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="directory of the pretraining run")
@@ -74,17 +73,18 @@ def main() -> None:
                     help="held-out sets as digits:problems:max_tokens")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cls = IndependentLengths if args.independent_lengths else Arithmetic
-    cfg = PretrainConfig(out=args.out, preset="tiny-dense", task="arithmetic", steps=args.steps, batch_size=68,
-                         blurt_rows=0.25, difficulty=args.difficulty, p_slip=0.3,
-                         warmup_steps=min(50, args.steps // 10), seed=args.seed, threads=1, progress=False)
+    demo = DemoConfig(scratchpad=args.scratchpad, difficulty=args.difficulty, pretrain_steps=args.steps,
+                      seed=args.seed, threads=1, progress=False)
+    cfg = pretrain_config(demo, args.out)
+    task = demo_task(demo)  # the held-out sets' task: equal operand lengths
     wall, cpu = time.perf_counter(), time.process_time()
     if not args.eval_only:
-        Pretrain(cfg, task=cls(template="compact", scratchpad=args.scratchpad)).run()
+        corpus = IndependentLengths(template="compact", **task_options(demo)) if args.independent_lengths else task
+        Pretrain(cfg, task=corpus).run()
         print(f"pretrain: wall {time.perf_counter() - wall:.0f} s, CPU {time.process_time() - cpu:.0f} s")
 
     model, tokenizer = load_model(f"{args.out}/final", device="cpu")
-    llm, task = LLM(model=model, tokenizer=tokenizer), Arithmetic(template="compact", scratchpad=args.scratchpad)
+    llm = LLM(model=model, tokenizer=tokenizer)
     for spec in args.sets:
         digits, n, max_tokens = map(int, spec.split(":"))
         problems = task.generate(n, seed=EVAL_SEED, split="test", difficulty=digits)

@@ -183,10 +183,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     task = demo_task(cfg)
     trace_stats = getattr(task, "search_stats", None)  # Countdown's retry / verify counter
 
-    pre_cfg = PretrainConfig(out=str(out / "pretrain"), preset=cfg.preset, task=cfg.task, steps=cfg.pretrain_steps,
-                             batch_size=cfg.pretrain_batch, blurt_rows=cfg.blurt_rows, difficulty=cfg.difficulty,
-                             p_slip=cfg.p_slip,
-                             warmup_steps=min(50, max(0, cfg.pretrain_steps // 10)), **common)
+    pre_cfg = pretrain_config(cfg, out / "pretrain")
     print(f"[1/4] pretraining {cfg.preset} on {cfg.task}: {cfg.pretrain_steps} steps x {cfg.pretrain_batch} "
           f"({pre_cfg.p_direct:.0%} blurted guesses, right only by chance; {1 - pre_cfg.p_direct:.0%} scratchpads, "
           f"{pre_cfg.p_slip:.0%} of them with a slip)")
@@ -277,6 +274,14 @@ def transfer_problems(task, cfg: DemoConfig) -> list:
         raise ValueError(f"--transfer-difficulty {cfg.transfer_difficulty} is a level the pretraining corpus "
                          f"contains ({','.join(map(str, trained))}): it would not measure transfer")
     return task.generate(cfg.transfer_problems, seed=EVAL_SEED, split="test", difficulty=cfg.transfer_difficulty)
+
+
+def pretrain_config(cfg: DemoConfig, out: Path) -> PretrainConfig:
+    """The demo's pretraining stage: its budget, mix and seed, written to `out`."""
+    return PretrainConfig(out=str(out), preset=cfg.preset, task=cfg.task, steps=cfg.pretrain_steps,
+                          batch_size=cfg.pretrain_batch, blurt_rows=cfg.blurt_rows, difficulty=cfg.difficulty,
+                          p_slip=cfg.p_slip, warmup_steps=min(50, max(0, cfg.pretrain_steps // 10)), seed=cfg.seed,
+                          device=cfg.device, threads=cfg.threads, progress=cfg.progress)
 
 
 def demo_task(cfg: DemoConfig):
